@@ -1,0 +1,7 @@
+"""evomerge: evolutionary search for LLM merge recipes."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,1 @@
+"""Merging: pure tensor merge methods, resident sources and materialization."""

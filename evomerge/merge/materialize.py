@@ -1,0 +1,233 @@
+"""Materialization: the one place that walks a model's tensors and applies a recipe.
+
+Two paths share one per-tensor kernel (:func:`merge_tensor`) so they give identical bits:
+
+* :func:`materialize_to_disk` streams tensor by tensor from lazily opened source folders into a
+  sharded safetensors writer (peak memory: a few tensors times the number of sources);
+* :class:`InPlaceMerger` (with :class:`~evomerge.merge.sources.ResidentSources`) writes merged tensors
+  straight into a live ``torch.nn.Module``'s parameters — the hot path of every search.
+
+Task vectors are always formed the same way, ``delta = theta - reference`` in the compute dtype, so a
+worker that keeps them resident and a streaming merge produce the same tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import ConfigError, MaterializeError
+import evomerge.merge.methods  # noqa: F401  (registers every method)
+from evomerge.merge.methods.base import MergeMethod
+from evomerge.merge.methods.rng import tensor_generator
+from evomerge.merge.params import Role, delta_models, reference_model, tensor_params, validate_recipe_params
+from evomerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str | None, fallback: torch.dtype) -> torch.dtype:
+    return DTYPES[name] if name else fallback
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A recipe bound to a model layout: the method and the resolved parameters of every tensor."""
+
+    recipe: Recipe
+    method: MergeMethod
+    reference: str
+    order: tuple[str, ...]
+    num_layers: int
+
+    @classmethod
+    def build(cls, recipe: Recipe, num_layers: int) -> MergePlan:
+        method = validate_recipe_params(recipe)
+        return cls(recipe, method, reference_model(recipe), tuple(delta_models(recipe)), num_layers)
+
+
+def merge_tensor(
+    plan: MergePlan, name: str, role: Role, base: torch.Tensor, deltas: torch.Tensor
+) -> torch.Tensor:
+    """Merge one tensor. ``deltas`` is stacked ``(N, *base.shape)`` in ``plan.order``."""
+    if not base.is_floating_point():
+        return base
+    tp = tensor_params(plan.recipe, plan.method, role, plan.num_layers, plan.order)
+    gen = tensor_generator(plan.recipe.seed, name) if plan.method.randomized else None
+    try:
+        out = plan.method.fn(base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, generator=gen)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+    if not bool(torch.isfinite(out).all()):
+        raise MaterializeError(
+            f"{name}: merge method {plan.method.name!r} produced non-finite values (NaN/inf); "
+            "check the sources for NaN weights and the recipe's parameters"
+        )
+    return out
+
+
+def check_finite(name: str, model: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MaterializeError(f"source {model!r}, tensor {name}: contains NaN or inf weights")
+
+
+# --------------------------------------------------------------------------- to disk
+def _open_sources(recipe: Recipe, paths: Mapping[str, str | Path] | None):  # -> dict[str, ModelFolder]
+    from evomerge.io import ModelFolder, check_mergeable
+
+    paths = dict(recipe.sources) | dict(paths or {})
+    missing = [m for m in recipe.model_names if m not in paths]
+    if missing:
+        # a model named by path (mergekit style) binds to itself
+        for m in missing:
+            if Path(m).expanduser().is_dir():
+                paths[m] = m
+        missing = [m for m in recipe.model_names if m not in paths]
+    if missing:
+        raise ConfigError(f"sources: no folder given for model(s) {missing}; add them under 'sources:'")
+    folders = {m: ModelFolder.open(Path(paths[m]).expanduser()) for m in recipe.model_names}
+    check_mergeable(folders)
+    return folders
+
+
+def iter_merged(
+    recipe: Recipe, folders: Mapping[str, object], *, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` for every tensor of the reference model, streaming from disk."""
+    from evomerge.io import tensor_role
+
+    ref_name = reference_model(recipe)
+    ref = folders[ref_name]
+    plan = MergePlan.build(recipe, ref.num_layers)
+    others = [folders[m] for m in plan.order]
+    for name in ref.tensor_names:
+        dtype = torch_dtype(recipe.dtype, ref.dtype(name))
+        base = ref.get(name, device=device, dtype=dtype)
+        check_finite(name, ref_name, base)
+        role = tensor_role(name, ref.model_type)
+        if base.is_floating_point() and others:
+            deltas = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
+            for i, (mname, f) in enumerate(zip(plan.order, others)):
+                t = f.get(name, device=device, dtype=dtype)
+                check_finite(name, mname, t)
+                torch.sub(t, base, out=deltas[i])
+                del t
+        else:
+            deltas = base.new_empty((0, *base.shape))
+        yield name, merge_tensor(plan, name, Role(role.layer, role.kind), base, deltas)
+
+
+def model_card(recipe: Recipe, extra: str = "") -> str:
+    return (
+        "---\ntags: [merge, evomerge]\n---\n# Merged model\n\n"
+        f"Produced by evomerge from the recipe below (hash `{recipe.hash}`).\n\n"
+        f"```yaml\n{recipe.to_yaml()}```\n{extra}"
+    )
+
+
+def materialize_to_disk(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    paths: Mapping[str, str | Path] | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    overwrite: bool = False,
+    device: str = "cpu",
+    card_extra: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Merge ``recipe`` into an HF folder at ``out_dir`` (written atomically; streams tensor by tensor)."""
+    from evomerge.io import ModelWriter
+
+    folders = _open_sources(recipe, paths)
+    ref = folders[reference_model(recipe)]
+    tok_src = recipe.tokenizer_source or reference_model(recipe)
+    if tok_src in ("base", "union"):
+        if tok_src == "union":
+            raise ConfigError("tokenizer_source: 'union' is not supported; name one of the models")
+        tok_src = reference_model(recipe)
+    config = dict(ref.config)
+    if recipe.dtype:
+        config["torch_dtype"] = recipe.dtype
+        config["dtype"] = recipe.dtype
+    writer = ModelWriter(Path(out_dir), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if recipe.routing is not None:
+        from evomerge.merge.routing import export_routed
+
+        tensors, config = export_routed(recipe, folders, config, iter_merged_fn=iter_merged, device=device)
+    else:
+        tensors = iter_merged(recipe, folders, device=device)
+    total = len(ref.tensor_names)
+    t0 = time.perf_counter()
+    for i, (name, tensor) in enumerate(tensors):
+        writer.add(name, tensor.to("cpu"))
+        if progress:
+            progress(i + 1, total)
+    out = writer.finish(
+        config,
+        tokenizer_from=folders[tok_src].path,
+        generation_config_from=ref.path,
+        model_card=model_card(recipe, card_extra),
+    )
+    log.info("merged %s into %s in %.2fs", recipe.hash, out, time.perf_counter() - t0)
+    return Path(out)
+
+
+def materialize_state_dict(
+    recipe: Recipe, paths: Mapping[str, str | Path] | None = None, *, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The merged model as an in-memory state dict (small models, tests)."""
+    folders = _open_sources(recipe, paths)
+    return dict(iter_merged(recipe, folders, device=device))
+
+
+# --------------------------------------------------------------------------- in place
+class InPlaceMerger:
+    """Write a recipe's merged tensors straight into a live module's parameters.
+
+    ``sources`` holds the reference and the stacked task vectors resident on the module's device; the
+    module's parameters are overwritten in place (no second model, no disk).
+    """
+
+    def __init__(self, sources: ResidentSources, module: torch.nn.Module) -> None:  # noqa: F821
+        self.sources = sources
+        self.module = module
+        params = dict(module.named_parameters(remove_duplicate=False))
+        missing = [n for n in sources.names if n not in params]
+        if missing:
+            raise MaterializeError(f"live module has no parameter for tensor(s) {missing[:3]}")
+        self.targets = {n: params[n] for n in sources.names}
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> dict[str, float]:
+        """Merge ``recipe`` into the live module; return timings in seconds."""
+        t0 = time.perf_counter()
+        plan = MergePlan.build(recipe, self.sources.num_layers)
+        select = self.sources.row_index(plan)
+        for name in self.sources.names:
+            base, deltas = self.sources.group(name, select)
+            merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas)
+            self.targets[name].copy_(merged)
+        if self.sources.device.type == "cuda":
+            torch.cuda.synchronize(self.sources.device)
+        return {"merge": time.perf_counter() - t0}
+
+
+from evomerge.merge.sources import ResidentSources  # noqa: E402
+
+__all__ = [
+    "InPlaceMerger",
+    "MergePlan",
+    "ResidentSources",
+    "iter_merged",
+    "materialize_state_dict",
+    "materialize_to_disk",
+    "merge_tensor",
+]

@@ -1,0 +1,119 @@
+"""Resident sources: a worker loads its source models once and keeps them as reference + task vectors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from evomerge.errors import MaterializeError
+from evomerge.merge.params import Role
+
+if TYPE_CHECKING:
+    from evomerge.merge.materialize import MergePlan
+
+log = logging.getLogger(__name__)
+
+
+class ResidentSources:
+    """The reference model's tensors and the other models' task vectors, resident on one device.
+
+    For every floating-point tensor name: ``base[name]`` (shape S) and ``deltas[name]`` (shape (N, *S),
+    rows in ``order``), computed once as ``theta - reference`` in ``dtype``. Recipes whose delta models are a
+    subset or a permutation of ``order`` are served by selecting rows; a recipe with another reference model
+    needs another ``ResidentSources``.
+    """
+
+    def __init__(
+        self,
+        reference: str,
+        order: Sequence[str],
+        base: dict[str, torch.Tensor],
+        deltas: dict[str, torch.Tensor],
+        roles: dict[str, Role],
+        num_layers: int,
+        device: torch.device,
+    ) -> None:
+        self.reference = reference
+        self.order = tuple(order)
+        self.base = base
+        self.deltas = deltas
+        self.roles = roles
+        self.num_layers = num_layers
+        self.device = device
+        self.names = list(base)
+
+    @classmethod
+    def load(
+        cls,
+        paths: Mapping[str, str | Path],
+        reference: str,
+        order: Sequence[str] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> ResidentSources:
+        """Read every source once (lazily, tensor by tensor) and keep reference + task vectors resident."""
+        from evomerge.io import ModelFolder, check_mergeable, tensor_role
+
+        t0 = time.perf_counter()
+        device = torch.device(device)
+        order = [m for m in (order if order is not None else paths) if m != reference]
+        folders = {m: ModelFolder.open(Path(paths[m]).expanduser()) for m in [reference, *order]}
+        check_mergeable(folders)
+        ref = folders[reference]
+        base: dict[str, torch.Tensor] = {}
+        deltas: dict[str, torch.Tensor] = {}
+        roles: dict[str, Role] = {}
+        for name in ref.tensor_names:
+            dt = dtype or ref.dtype(name)
+            b = ref.get(name, device=device, dtype=dt)
+            if not b.is_floating_point():
+                continue
+            _finite(name, reference, b)
+            d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
+            for i, m in enumerate(order):
+                t = folders[m].get(name, device=device, dtype=dt)
+                _finite(name, m, t)
+                torch.sub(t, b, out=d[i])
+            r = tensor_role(name, ref.model_type)
+            base[name], deltas[name], roles[name] = b, d, Role(r.layer, r.kind)
+        self = cls(reference, order, base, deltas, roles, ref.num_layers, device)
+        for f in folders.values():
+            f.close()
+        log.info(
+            "resident sources: %d tensors, %d task vectors, %.1f MB on %s in %.2fs",
+            len(base), len(order), self.nbytes / 1e6, device, time.perf_counter() - t0,
+        )
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.base.values(), *self.deltas.values()))
+
+    def row_index(self, plan: MergePlan) -> torch.Tensor | None:
+        """Rows of the stacked deltas a plan needs (None = all rows in resident order)."""
+        if plan.reference != self.reference:
+            raise MaterializeError(
+                f"recipe's reference model is {plan.reference!r} but the worker holds task vectors relative to "
+                f"{self.reference!r}; set base_model: {self.reference}"
+            )
+        if plan.order == self.order:
+            return None
+        unknown = [m for m in plan.order if m not in self.order]
+        if unknown:
+            raise MaterializeError(f"recipe uses model(s) {unknown} that this worker does not hold")
+        return torch.tensor([self.order.index(m) for m in plan.order], device=self.device)
+
+    def group(self, name: str, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.deltas[name]
+        return self.base[name], (d if rows is None else d.index_select(0, rows))
+
+
+def _finite(name: str, model: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise MaterializeError(f"source {model!r}, tensor {name}: contains NaN or inf weights")

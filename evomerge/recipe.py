@@ -1,0 +1,154 @@
+"""The Recipe: the complete, serializable description of one merged model.
+
+Same recipe + same sources => the same tensors, bit for bit. A recipe has a stable content hash
+(``Recipe.hash``) used as the cache key everywhere; the hash covers everything that changes the
+tensors and nothing else (not the folder paths in ``sources``).
+
+Parameter values (``ParamValue``) are, per model or global:
+
+* a scalar: ``0.5``;
+* a per-layer list ("gradient", as in mergekit): ``[0.2, 0.8]`` interpolated linearly across the
+  layers (a list as long as the model has layers gives one value per layer);
+* overrides by module kind: ``{"attn": 0.3, "mlp": [0.1, 0.9], "default": 0.5}``; kinds are
+  ``embed, attn, mlp, norm, lm_head, other``; ``default`` applies to the rest.
+
+Layer routing (``routing``) describes a data-flow merge: which layer of which model runs at each
+position, with a scale applied to the residual stream entering that layer. A step may name the
+reserved model ``"@merge"``: the parameter-space merge that the rest of the recipe defines (hybrid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODULE_KINDS = ("embed", "attn", "mlp", "norm", "lm_head", "other")
+MERGED = "@merge"
+
+Scalar = Union[float, bool]
+LayerValue = Union[float, list[float]]
+ParamValue = Union[bool, float, list[float], dict[str, LayerValue]]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_param(name: str, value: Any) -> Any:
+    if isinstance(value, dict):
+        bad = sorted(set(value) - set(MODULE_KINDS) - {"default"})
+        if bad:
+            raise ValueError(
+                f"parameter {name!r}: unknown module kind(s) {bad}; use {', '.join(MODULE_KINDS)} or default"
+            )
+        for k, v in value.items():
+            if isinstance(v, list) and not v:
+                raise ValueError(f"parameter {name!r}[{k!r}]: empty per-layer list")
+    elif isinstance(value, list) and not value:
+        raise ValueError(f"parameter {name!r}: empty per-layer list")
+    return value
+
+
+class ModelEntry(BaseModel):
+    """One input model of a merge and its per-model parameters."""
+
+    model_config = _FROZEN
+    model: str = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, val in v.items():
+            _check_param(k, val)
+        return v
+
+
+class RouteStep(BaseModel):
+    """One position of a routed model: layer ``layer`` of ``model``, input residual scaled by ``scale``."""
+
+    model_config = _FROZEN
+    model: str = Field(min_length=1)
+    layer: int = Field(ge=0)
+    scale: float = 1.0
+
+
+class Routing(BaseModel):
+    """Layer routing: the ordered path of layers, and which model gives embeddings, final norm and head."""
+
+    model_config = _FROZEN
+    steps: tuple[RouteStep, ...] = Field(min_length=1)
+    frame: str = Field(min_length=1, description="model providing embed_tokens, the final norm and lm_head")
+
+
+class Recipe(BaseModel):
+    """A merge recipe (see the module docstring)."""
+
+    model_config = _FROZEN
+    schema_version: Literal[1] = 1
+    method: str = Field(min_length=1)
+    models: tuple[ModelEntry, ...] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    seed: int = 0
+    tokenizer_source: str | None = None
+    routing: Routing | None = None
+    #: Model name -> folder. Binding only: not part of the hash.
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, val in v.items():
+            _check_param(k, val)
+        return v
+
+    @model_validator(mode="after")
+    def _names(self) -> Recipe:
+        names = [m.model for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"models: listed more than once: {dup}")
+        known = set(names) | ({self.base_model} if self.base_model else set())
+        if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in known:
+            raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of the recipe's models")
+        if self.routing is not None:
+            known_r = known | {MERGED}
+            for i, step in enumerate(self.routing.steps):
+                if step.model not in known_r:
+                    raise ValueError(f"routing.steps[{i}].model {step.model!r} is not one of the recipe's models")
+            if self.routing.frame not in known_r:
+                raise ValueError(f"routing.frame {self.routing.frame!r} is not one of the recipe's models")
+        return self
+
+    # ----------------------------------------------------------------- identity
+    def canonical(self) -> dict[str, Any]:
+        """The JSON-able content that defines the tensors (no paths), with sorted keys."""
+        return self.model_dump(mode="json", exclude={"sources"})
+
+    @property
+    def hash(self) -> str:
+        """Stable content hash (hex, 16 chars) of :meth:`canonical`."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+    # ----------------------------------------------------------------- YAML
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data = {"method": data.pop("method"), **data}
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        return cls.model_validate(yaml.safe_load(text))
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model the recipe reads, base first when there is one."""
+        names = [m.model for m in self.models]
+        if self.base_model and self.base_model not in names:
+            names.insert(0, self.base_model)
+        return names

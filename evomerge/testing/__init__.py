@@ -1,0 +1,1 @@
+"""Tiny self-built models and data for tests, the demo and the benchmarks (no downloads)."""
