@@ -1,0 +1,36 @@
+"""Reading and writing Hugging Face model folders (safetensors only), tensor roles and merge preflight."""
+
+from __future__ import annotations
+
+from evomerge.io.arch import (
+    KINDS,
+    TensorKind,
+    TensorRole,
+    layer_index,
+    layer_prefix,
+    model_order_key,
+    rename_layer,
+    split_layer,
+    tensor_role,
+)
+from evomerge.io.check import check_mergeable
+from evomerge.io.folder import ModelFolder, TensorInfo, find_tokenizer_files, read_header
+from evomerge.io.writer import ModelWriter
+
+__all__ = [
+    "KINDS",
+    "ModelFolder",
+    "ModelWriter",
+    "TensorInfo",
+    "TensorKind",
+    "TensorRole",
+    "check_mergeable",
+    "find_tokenizer_files",
+    "layer_index",
+    "layer_prefix",
+    "model_order_key",
+    "read_header",
+    "rename_layer",
+    "split_layer",
+    "tensor_role",
+]
