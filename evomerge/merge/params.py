@@ -100,6 +100,8 @@ def validate_recipe_params(recipe: Recipe, method: MergeMethod | None = None) ->
     if method.needs_base and not recipe.base_model:
         raise ConfigError(f"base_model: method {method.name!r} needs a base model")
     n = len(delta_models(recipe))
+    if recipe.routing is not None and method.name == "passthrough":
+        return method  # a routed recipe lists every routed model; passthrough merges none of them
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         hi = "∞" if method.max_models is None else method.max_models
         raise ConfigError(
@@ -135,7 +137,8 @@ def tensor_params(
     sp: dict[str, list[float]] = {}
     gp: dict[str, float | bool] = {}
     ref = reference_model(recipe)
-    ref_entry = entries.get(ref) if not recipe.base_model else None
+    # the reference contributes its own weight (linear, nuslerp …) only when it is listed among the models
+    ref_entry = entries.get(ref)
     ref_sp: dict[str, float] | None = {} if ref_entry is not None else None
     for p in method.params:
         if p.scope == "global":

@@ -10,13 +10,20 @@ inputs for one tensor name:
 * ``gp``: global parameters (``normalize``, ``lambda``, ``t`` …) resolved for this tensor;
 * ``generator``: a CPU ``torch.Generator`` seeded from the recipe seed and the tensor name (random methods only).
 
-It returns the merged tensor, shape ``S``, in the dtype of ``base``. Methods that mix full weights
-(linear, slerp, model_stock …) rebuild ``theta_i = base + deltas[i]`` themselves; keeping one
-representation lets a worker hold the sources resident as base + task vectors.
+It returns the merged tensor, shape ``S``, in the dtype of ``base``, as a new tensor: a method never
+modifies its inputs and never returns a view of them. Methods that mix full weights (linear, slerp,
+model_stock …) rebuild ``theta_i = base + deltas[i]`` themselves; keeping one representation lets a
+worker hold the sources resident as base + task vectors. Half-precision inputs are computed in float32
+and rounded once (see :mod:`evomerge.merge.methods.arguments`). Bad parameter values raise
+:class:`~evomerge.errors.ConfigError` naming the method and parameter; tensors that cannot be merged
+(non-floating dtype, mismatched shapes) raise :class:`~evomerge.errors.MaterializeError`.
 
 Which model is the ``base`` is decided by the recipe: ``base_model`` when set; otherwise (linear,
-passthrough) the first listed model, whose own per-source parameters are then passed in
-``ref_sp`` (the reference contributes ``theta_ref = base`` with its own weight).
+passthrough, nuslerp) the first listed model, whose own per-source parameters are then passed in
+``ref_sp`` (the reference contributes ``theta_ref = base`` with its own weight). ``ref_sp=None``
+means the base only anchors the task vectors. ``min_models`` / ``max_models`` count the models besides
+that reference, i.e. ``deltas.shape[0]``; ``needs_base=False`` means a ``base_model`` is optional
+(nuslerp) or unused (linear, passthrough).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class MergeMethod:
     needs_base: bool = True
     #: True when ``generator`` is used (DARE, DELLA): outputs depend on the recipe seed.
     randomized: bool = False
-    #: Minimum and maximum number of non-base models (``None`` = unbounded).
+    #: Minimum and maximum number of models besides the reference, ``deltas.shape[0]`` (``None`` = unbounded).
     min_models: int = 1
     max_models: int | None = None
     #: Name of the same method in mergekit YAML (``None`` if mergekit has no equivalent).

@@ -1,0 +1,59 @@
+"""Linear merge (model soups, arXiv 2203.05482; mergekit ``linear``): a weighted average of full weights.
+
+``sum_i w_i theta_i / sum_i w_i`` (without ``normalize``: the plain weighted sum). With no
+``base_model`` the first listed model is the reference: ``base`` is its tensor and ``ref_sp`` its
+parameters, so it contributes with its own weight; with ``ref_sp=None`` the base only anchors the
+task vectors and does not contribute. Computed as ``base + sum_i w_i d_i / W`` (``W base + sum_i w_i d_i``
+without ``normalize``), which equals mergekit's formula up to rounding. Weights that sum to 0 with
+``normalize`` raise :class:`~evomerge.errors.ConfigError` (mergekit would divide by zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.merge.methods.arguments import resolve, work_dtype
+from evomerge.merge.methods.base import ParamSpec, merge_method
+from evomerge.merge.methods.task_vectors import Rows, weighted_sum
+
+__all__ = ["linear"]
+
+
+@merge_method(
+    "linear",
+    params=[
+        ParamSpec("weight", "source", None, (0.0, 1.0), required=True, doc="weight of this model in the average"),
+        ParamSpec("normalize", "global", True, doc="divide by the sum of the weights"),
+    ],
+    needs_base=False,
+    min_models=0,
+)
+def linear(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    sp: Mapping[str, Sequence[float]],
+    gp: Mapping[str, float | bool],
+    *,
+    ref_sp: Mapping[str, float] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Linear: weighted average of the models' tensors."""
+    args = resolve("linear", base, deltas, sp, gp, ref_sp)
+    cd = work_dtype(base.dtype)
+    weights = args.floats("weight")
+    contributing = ([float(args.ref["weight"])] if args.ref is not None else []) + weights  # type: ignore[arg-type]
+    if not contributing:
+        raise ConfigError("linear: no model to merge")
+    total = float(torch.tensor(contributing, dtype=cd).sum())
+    normalize = args.flag("normalize")
+    if normalize and total == 0:
+        raise ConfigError(f"linear: the weights {contributing} sum to 0, cannot normalize")
+    mixed = weighted_sum(Rows(deltas, torch.tensor(weights, dtype=cd).tolist(), cd))
+    if normalize:
+        mixed.div_(total).add_(base)
+    else:
+        mixed.add_(base, alpha=total)
+    return mixed.to(base.dtype)

@@ -1,0 +1,224 @@
+"""Sparsification of stacked task vectors, shared by TIES, DARE, breadcrumbs and DELLA.
+
+Same rules as mergekit's ``sparsify.py``, applied to each row ``deltas[i]`` of a stack with its own
+density (and gamma / epsilon):
+
+* ``magnitude`` keeps the ``max(1, int(density * numel))`` largest magnitudes;
+* ``magnitude_outliers`` (breadcrumbs) sorts magnitudes ascending and keeps positions
+  ``[n_bot, n_bot + int(density * numel))`` with ``n_bot = max(0, numel - int(density * numel) -
+  int(gamma * numel))``: the ``gamma`` share of largest values goes first, then the smallest;
+* ``random`` (DARE) keeps each element with probability ``density``;
+* ``della_magprune`` keeps each element with probability ``density - epsilon + 2 * epsilon * r / (C - 1)``
+  where ``r`` is its ascending magnitude rank within its row (dimension 1 of the tensor; a 1-D tensor is
+  one row of ``C`` elements). A row of one element uses the midpoint, ``density``.
+
+A density ``>= 1`` leaves a row untouched (no mask, no rescale). With ``rescale`` the kept values are
+scaled so that the row keeps its L1 norm (mergekit's ``RescaleNorm.l1``), unless either norm is below
+``1e-7``.
+
+Ties: where mergekit's order among equal magnitudes is implementation-defined, ours is the order of a
+stable sort (equal magnitudes rank by flat index: the lower index is the smaller one ascending and comes
+first descending), so results never depend on the device or the sort algorithm.
+
+Speed: thresholds come from an exact selection (:func:`kth_smallest`: a sorted strided sample brackets
+the answer, one pass counts, and only the bracket is searched), not from a full sort; DELLA needs full
+per-row ranks and uses one stable sort per row (on the magnitudes' bit patterns, which order like the
+magnitudes). Random draws use only the given CPU generator, drawn as ``torch.rand(row shape)`` per
+sparsified row in row order, then moved to the tensor's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "SPARSIFICATIONS",
+    "kth_smallest",
+    "largest_mask",
+    "smallest_mask",
+    "sparsify",
+]
+
+SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+
+_DIRECT = 1 << 16  # below this many elements torch.kthvalue is used as is
+_SAMPLE = 1 << 14  # target size of the strided sample that brackets a threshold
+_EPS = 1e-7  # mergekit's rescale tolerance
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
+def _count(mask: torch.Tensor) -> int:
+    return int(torch.count_nonzero(mask))
+
+
+def kth_smallest(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``r``-th smallest value (1-based) of the 1-D tensor ``x``, exactly, as a 0-d tensor."""
+    m = x.numel()
+    if not 1 <= r <= m:
+        raise ValueError(f"rank {r} outside 1..{m}")
+    if m <= _DIRECT:
+        return torch.kthvalue(x, r).values
+    step = m // _SAMPLE
+    sample = torch.sort(x[::step]).values
+    s = sample.numel()
+    q = r / m
+    margin = 4.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
+    lo_i, hi_i = math.floor(q * s - margin), math.ceil(q * s + margin)
+    lo = sample[lo_i] if lo_i >= 0 else None
+    hi = sample[hi_i] if hi_i < s else None
+    if lo is None and hi is None:
+        return torch.kthvalue(x, r).values
+    below = x < lo if lo is not None else None
+    n_below = _count(below) if below is not None else 0
+    band = x <= hi if hi is not None else None
+    n_upto = _count(band) if band is not None else m
+    if not n_below < r <= n_upto:  # the sample missed: exact fallback
+        return torch.kthvalue(x, r).values
+    if lo is not None and hi is not None and bool(lo == hi):
+        return lo
+    if band is None:
+        assert below is not None
+        band = below.logical_not_()
+    elif below is not None:
+        band.logical_and_(below.logical_not_())
+    return kth_smallest(x[band], r - n_below)
+
+
+def _add_ties(mask: torch.Tensor, eq: torch.Tensor, need: int) -> None:
+    """Add the ``need`` lowest-index elements of ``eq`` to ``mask`` (all of them when that is all)."""
+    if need <= 0:
+        return
+    if _count(eq) > need:
+        mask.index_fill_(0, torch.nonzero(eq).view(-1)[:need], True)
+    else:
+        mask |= eq
+
+
+def smallest_mask(x: torch.Tensor, r: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the ``r`` smallest elements of 1-D ``x`` (equal values: lower index first)."""
+    m = x.numel()
+    if out is None:
+        out = torch.empty(m, dtype=torch.bool, device=x.device)
+    if r <= 0:
+        return out.fill_(False)
+    if r >= m:
+        return out.fill_(True)
+    thr = kth_smallest(x, r)
+    if _count(torch.le(x, thr, out=out)) == r:  # no tie at the threshold (the usual case)
+        return out
+    torch.lt(x, thr, out=out)
+    _add_ties(out, x == thr, r - _count(out))
+    return out
+
+
+def largest_mask(x: torch.Tensor, k: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest elements of 1-D ``x`` (equal values: lower index first)."""
+    m = x.numel()
+    if out is None:
+        out = torch.empty(m, dtype=torch.bool, device=x.device)
+    if k <= 0:
+        return out.fill_(False)
+    if k >= m:
+        return out.fill_(True)
+    thr = kth_smallest(x, m - k + 1)
+    if _count(torch.ge(x, thr, out=out)) == k:  # no tie at the threshold (the usual case)
+        return out
+    torch.gt(x, thr, out=out)
+    _add_ties(out, x == thr, k - _count(out))
+    return out
+
+
+def _della_probs(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities of DELLA's magnitude-ranked pruning for one row tensor (any shape)."""
+    x = magnitude.reshape(1, -1) if magnitude.dim() < 2 else magnitude
+    c = x.shape[1]
+    if c == 1:
+        return torch.full_like(x, density)
+    keys = x.view(_BITS[x.dtype]) if x.dtype in _BITS else x  # non-negative floats order like their bits
+    order = torch.sort(keys, dim=1, stable=True).indices
+    ranks = torch.empty_like(x)
+    shape = [1] * x.dim()
+    shape[1] = c
+    steps = torch.arange(c, dtype=x.dtype, device=x.device).view(shape).expand_as(x)
+    ranks.scatter_(1, order, steps)
+    del order
+    # Same operations and order as mergekit: (density - epsilon) + rank / (C - 1) * 2 * epsilon.
+    return ranks.div_(c - 1).mul_(2).mul_(epsilon).add_(density - epsilon)
+
+
+def _row_mask(
+    method: str, magnitude: torch.Tensor, shape: torch.Size, density: float, gamma: float, epsilon: float,
+    generator: torch.Generator | None, keep: torch.Tensor,
+) -> None:
+    """Write the boolean keep mask of one flattened row into ``keep``."""
+    m = magnitude.numel()
+    if method == "magnitude":
+        largest_mask(magnitude, max(1, int(density * m)), out=keep)
+    elif method == "magnitude_outliers":
+        target = int(density * m)
+        n_bot = max(0, m - target - int(gamma * m))
+        smallest_mask(magnitude, n_bot + target, out=keep)
+        if n_bot > 0:
+            keep.logical_and_(smallest_mask(magnitude, n_bot).logical_not_())
+    elif method == "random":
+        assert generator is not None
+        draw = torch.rand(shape, generator=generator, dtype=torch.float32).reshape(-1)
+        keep.copy_(draw < density)
+    else:
+        assert generator is not None
+        probs = _della_probs(magnitude.view(shape), density, epsilon)
+        draw = torch.rand(probs.shape, generator=generator, dtype=torch.float32)
+        keep.copy_((draw.to(device=probs.device, dtype=probs.dtype) < probs).reshape(-1))
+
+
+def sparsify(
+    deltas: torch.Tensor,
+    method: str,
+    densities: Sequence[float],
+    *,
+    dtype: torch.dtype | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparsified copy of ``deltas`` (``(N, *S)``, left unchanged) and its per-row L1 rescale factors.
+
+    Returns ``(masked, factors)``: ``masked`` a new ``(N, *S)`` tensor in ``dtype`` (default: the
+    dtype of ``deltas``) with the dropped entries zeroed and *not* yet rescaled; ``factors`` an ``(N,)``
+    tensor in that dtype (ones without ``rescale`` and for rows with density ``>= 1``). Densities must
+    lie in ``(0, 1]``.
+    """
+    if method not in SPARSIFICATIONS:
+        raise ValueError(f"unknown sparsification {method!r}; valid: {', '.join(SPARSIFICATIONS)}")
+    dtype = dtype or deltas.dtype
+    n, shape = deltas.shape[0], deltas.shape[1:]
+    if method in ("random", "della_magprune") and generator is None and any(d < 1 for d in densities):
+        raise ValueError(f"{method} sparsification needs a generator")
+    masked = torch.empty(deltas.shape, dtype=dtype, device=deltas.device).copy_(deltas)
+    flat = masked.view(n, -1)
+    factors = torch.ones(n, dtype=dtype, device=deltas.device)
+    m = flat.shape[1]
+    magnitude = torch.empty(m, dtype=dtype, device=deltas.device)
+    keep = torch.empty(m, dtype=torch.bool, device=deltas.device)
+    keep_f = torch.empty(m, dtype=dtype, device=deltas.device)
+    for i in range(n):
+        density = float(densities[i])
+        if density >= 1.0:
+            continue
+        torch.abs(flat[i], out=magnitude)
+        gamma = float(gammas[i]) if gammas is not None else 0.0
+        epsilon = float(epsilons[i]) if epsilons is not None else 0.0
+        _row_mask(method, magnitude, shape, density, gamma, epsilon, generator, keep)
+        keep_f.copy_(keep)
+        flat[i].mul_(keep_f)
+        if rescale:
+            before = magnitude.sum()
+            after = magnitude.mul_(keep_f).sum()
+            if before >= _EPS and after >= _EPS:
+                factors[i] = before / after
+    return masked, factors

@@ -1,0 +1,174 @@
+"""The shared core of the task-vector methods (mergekit's "generalized task arithmetic").
+
+For task vectors ``d_i`` with weights ``w_i``: sparsify each ``d_i`` (optional, per-row density),
+weight it (``w_i * d_i``), then either sum (no consensus) or keep only the entries that agree with
+the elected sign (TIES consensus), optionally divide by the weights that contributed
+(``normalize``), scale by ``lambda`` and add to the base:
+
+* no consensus: ``mixed = sum_i w_i d_i``, divided by ``sum_i w_i`` (1 when ``|sum| < 1e-8``);
+* consensus: ``mixed = sum_i w_i d_i [agree_i]``, divided elementwise by ``sum_i w_i [agree_i]``
+  (1 where no source agrees); see :mod:`evomerge.merge.methods.ties`.
+
+Every method of this family is a thin registration over :func:`merge_task_vectors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.merge.methods.arguments import Arguments, check_range, work_dtype
+from evomerge.merge.methods.base import ParamSpec
+from evomerge.merge.methods.sparsify import sparsify
+
+__all__ = ["ConsensusMix", "Rows", "merge_task_vectors", "task_vector_params", "weighted_sum"]
+
+#: ``(rows, weights w_i, normalize) -> mixed task vector`` (a new tensor in the work dtype).
+ConsensusMix = Callable[["Rows", list[float], bool], torch.Tensor]
+
+
+def task_vector_params(
+    *, sparsification: str | None, normalize: bool, rescale: bool
+) -> list[ParamSpec]:
+    """The parameter declarations of a task-vector method, with mergekit's names and defaults."""
+    params = [
+        ParamSpec("weight", "source", None, (0.0, 1.0), required=True,
+                  doc="scale of this model's task vector"),
+    ]
+    if sparsification is not None:
+        params.append(ParamSpec("density", "source", 1.0, (0.1, 1.0),
+                                doc="share of the task vector's entries kept, in (0, 1]"))
+    if sparsification == "magnitude_outliers":
+        params.append(ParamSpec("gamma", "source", 0.01, (0.0, 0.1),
+                                doc="share of the largest-magnitude entries removed as outliers"))
+    if sparsification == "della_magprune":
+        params.append(ParamSpec("epsilon", "source", 0.15, (0.0, 0.2),
+                                doc="spread of keep probabilities around density by magnitude rank; "
+                                    "density +/- epsilon must stay inside (0, 1)"))
+    params.append(ParamSpec("normalize", "global", normalize,
+                            doc="divide by the sum of the weights that contributed"))
+    if sparsification is not None:
+        params.append(ParamSpec("rescale", "global", rescale,
+                                doc="rescale kept entries to preserve each task vector's L1 norm"))
+    params += [
+        ParamSpec("lambda", "global", 1.0, (0.5, 1.5), doc="scale of the merged task vector"),
+        ParamSpec("int8_mask", "global", False,
+                  doc="accepted for mergekit compatibility; a memory option there, no effect on values"),
+    ]
+    return params
+
+
+def _check(name: str, args: Arguments, sparsification: str | None) -> None:
+    if sparsification is None:
+        return
+    densities = args.floats("density")
+    check_range(name, "density", densities, 0.0, 1.0, low_open=True)
+    if sparsification == "magnitude_outliers":
+        check_range(name, "gamma", args.floats("gamma"), 0.0, 1.0)
+    if sparsification == "della_magprune":
+        epsilons = args.floats("epsilon")
+        check_range(name, "epsilon", epsilons, 0.0, 1.0)
+        for d, e in zip(densities, epsilons, strict=True):
+            if d < 1.0 and (d + e >= 1.0 or d - e <= 0.0):
+                raise ConfigError(
+                    f"{name}: epsilon {e} with density {d} puts density +/- epsilon outside (0, 1)"
+                )
+
+
+class Rows:
+    """The weighted task vectors ``w_i d_i`` of one merge, read one at a time as ``(tensor, scale)``.
+
+    ``get(i)`` returns ``(r, a)`` with ``w_i d_i = a * r``; ``r`` is a view of the inputs (never to be
+    written), the shared ``scratch`` buffer, or a row this object owns (then writable). ``writable(i)``
+    tells which. Rows in another dtype than the work dtype are converted into ``scratch``.
+    """
+
+    def __init__(self, deltas: torch.Tensor, scales: list[float], dtype: torch.dtype, *, owned: bool = False):
+        self.deltas = deltas
+        self.scales = scales
+        self.dtype = dtype
+        self.owned = owned
+        self.n = deltas.shape[0]
+        self.shape = deltas.shape[1:]
+        self._scratch: torch.Tensor | None = None
+
+    @property
+    def scratch(self) -> torch.Tensor:
+        """A work buffer of one row's shape, allocated on first use."""
+        if self._scratch is None:
+            self._scratch = torch.empty(self.shape, dtype=self.dtype, device=self.deltas.device)
+        return self._scratch
+
+    def writable(self, i: int) -> bool:
+        return self.owned or self.deltas.dtype != self.dtype
+
+    def get(self, i: int) -> tuple[torch.Tensor, float]:
+        row = self.deltas[i]
+        if row.dtype != self.dtype:
+            row = self.scratch.copy_(row)
+        return row, self.scales[i]
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.deltas.device)
+
+
+def weighted_sum(rows: Rows) -> torch.Tensor:
+    """``sum_i w_i d_i`` accumulated row by row (no ``(N, *S)`` temporary); zeros when there are no rows."""
+    if rows.n == 0:
+        return rows.zeros()
+    r, a = rows.get(0)
+    mixed = torch.mul(r, a)
+    for i in range(1, rows.n):
+        r, a = rows.get(i)
+        mixed.add_(r, alpha=a)
+    return mixed
+
+
+def merge_task_vectors(
+    name: str,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    args: Arguments,
+    *,
+    sparsification: str | None,
+    consensus: ConsensusMix | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Merge with the family's semantics (module docstring); returns a new tensor in ``base.dtype``."""
+    _check(name, args, sparsification)
+    n = deltas.shape[0]
+    if n == 0:
+        return base.clone()
+    cd = work_dtype(base.dtype)
+    weights = torch.tensor(args.floats("weight"), dtype=cd).tolist()
+    densities = args.floats("density") if sparsification is not None else [1.0] * n
+    if all(x >= 1.0 for x in densities):
+        rows = Rows(deltas, weights, cd)
+    else:
+        masked, factors = sparsify(
+            deltas,
+            sparsification,  # type: ignore[arg-type]
+            densities,
+            dtype=cd,
+            gammas=args.floats("gamma") if "gamma" in args.source else None,
+            epsilons=args.floats("epsilon") if "epsilon" in args.source else None,
+            rescale=args.flag("rescale"),
+            generator=generator,
+        )
+        scales = (torch.tensor(weights, dtype=cd) * factors.cpu()).tolist()
+        rows = Rows(masked, scales, cd, owned=True)
+    normalize = args.flag("normalize")
+    if consensus is not None:
+        mixed = consensus(rows, weights, normalize)
+    else:
+        mixed = weighted_sum(rows)
+        if normalize:
+            total = float(torch.tensor(weights, dtype=cd).sum())
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    lam = args.num("lambda")
+    if lam != 1:
+        mixed.mul_(lam)
+    mixed.add_(base)
+    return mixed.to(base.dtype)
