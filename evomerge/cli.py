@@ -32,6 +32,7 @@ def _main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,
     )
 
 
@@ -129,6 +130,158 @@ def manifest_table(manifest: Any) -> str:
 
     data = manifest if isinstance(manifest, dict) else getattr(manifest, "__dict__", {})
     return json.dumps(data, indent=2, default=str)
+
+
+space_app = typer.Typer(no_args_is_help=True, help="Search spaces.")
+app.add_typer(space_app, name="space")
+
+
+def _progress_printer(total: int | None) -> Any:
+    """A rich progress bar fed by the driver's per-evaluation callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[best]}"), console=console, transient=False)
+    task = prog.add_task("search", total=total, best="", start=False)
+
+    def update(info: dict[str, Any]) -> None:
+        if not prog.live.is_started:  # the bar appears with the first result, after the preflight
+            prog.start()
+            prog.start_task(task)
+        best = info.get("best")
+        prog.update(task, completed=info["told"], best=f"best {best:.3f}" if best is not None else "")
+
+    return prog, update
+
+
+def _finish(run_dir: Path, export: bool) -> None:
+    from evomerge.archive.report import write_report
+    from evomerge.results import RunResults
+
+    res = RunResults(run_dir)
+    write_report(run_dir)
+    if export and res.best() is not None:
+        from evomerge.export import export_run
+
+        export_run(run_dir, pick="best", overwrite=True)
+    typer.echo(f"\nrun folder: {run_dir}\n")
+    typer.echo("held-out test split (scores per task; 'rel. expert' = score / best source's score):\n")
+    typer.echo(res.markdown_table("test"))
+
+
+@app.command()
+@user_errors
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    name: Annotated[str | None, typer.Option(help="Override the run name.")] = None,
+    evaluations: Annotated[int | None, typer.Option(help="Override the evaluation budget.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster (ray backend).")] = None,
+    export: Annotated[bool, typer.Option(help="Export the best merge at the end.")] = True,
+) -> None:
+    """Start a search: preflight, baselines, search, test re-scoring, report, export."""
+    from evomerge.config import load_run_config
+    from evomerge.driver.run import start_run
+
+    overrides: dict[str, Any] = {}
+    if name:
+        overrides["name"] = name
+    if seed is not None:
+        overrides["seed"] = seed
+    if evaluations is not None:
+        overrides["budget"] = {"evaluations": evaluations}
+    if address:
+        overrides["resources"] = {"backend": "ray", "address": address}
+    cfg = load_run_config(config, overrides)
+    prog, update = _progress_printer(cfg.budget.evaluations)
+    try:
+        run_dir = start_run(cfg, on_progress=update)
+    finally:
+        prog.stop()
+    _finish(run_dir, export)
+
+
+@app.command()
+@user_errors
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder to continue.")],
+    export: Annotated[bool, typer.Option(help="Export the best merge at the end.")] = True,
+) -> None:
+    """Continue a stopped or killed run where it stopped (nothing lost, nothing repeated)."""
+    from evomerge.driver.run import load_run, resume_run
+
+    cfg = load_run(run_dir)
+    prog, update = _progress_printer(cfg.budget.evaluations)
+    try:
+        resume_run(run_dir, on_progress=update)
+    finally:
+        prog.stop()
+    _finish(run_dir, export)
+
+
+@app.command()
+@user_errors
+def status(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
+    """Progress, best per task, front size, hypervolume, failures."""
+    import json
+
+    from evomerge.results import RunResults
+
+    typer.echo(json.dumps(RunResults(run_dir).status(), indent=2))
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+    pick: Annotated[str, typer.Option(help="best, pareto, or a candidate id.")] = "best",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/export).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export.")] = False,
+) -> None:
+    """Write the merged model(s), recipe.yaml, mergekit.yaml and a model card."""
+    from evomerge.export import export_run
+
+    for path in export_run(run_dir, pick=pick, out=out, overwrite=overwrite):
+        typer.echo(f"exported {path}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/report).")] = None,
+) -> None:
+    """PNG plots (Pareto front, best and hypervolume over evaluations) and a markdown table."""
+    from evomerge.archive.report import write_report
+
+    typer.echo(f"report written to {write_report(run_dir, out)}")
+
+
+@space_app.command("describe")
+@user_errors
+def space_describe(
+    template: Annotated[str, typer.Argument(help="builtin:NAME or a search-space YAML.")],
+    models: Annotated[list[Path], typer.Option("--models", "-m", help="Source model folders (repeat).")],
+    base: Annotated[str | None, typer.Option(help="Name (folder name) of the base model.")] = None,
+) -> None:
+    """Print every gene of a search space for these models: what it controls, its range, its transform."""
+    from evomerge.io import ModelFolder
+    from evomerge.spaces.base import SpaceModels, build_space
+    from evomerge.spaces.template import load_template
+
+    folders = {p.name: ModelFolder.open(p) for p in models}
+    space = build_space(load_template(template), SpaceModels.from_folders(folders, base=base))
+    typer.echo(space.describe())
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the run config's JSON schema."""
+    import json
+
+    from evomerge.config import RunConfig
+
+    typer.echo(json.dumps(RunConfig.model_json_schema(), indent=2))
 
 
 def main() -> None:  # pragma: no cover

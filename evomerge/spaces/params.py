@@ -143,7 +143,7 @@ class ParamGenes:
                     f"{self._field(f'ranges.{name}')}: [{lo}, {hi}] goes below 0; add {name} to allow_negative"
                 )
             if natural is not None and (lo < natural[0] or hi > natural[1]):
-                logger.info(
+                logger.debug(
                     "%s: [%g, %g] reaches beyond the natural bounds [%g, %g] of %s.%s",
                     self._field(f"ranges.{name}"), lo, hi, natural[0], natural[1], self.method.name, name,
                 )

@@ -1,0 +1,68 @@
+"""Load a run config from YAML; relative paths are resolved against the config file's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from evomerge.config.models import RunConfig
+from evomerge.errors import ConfigError
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, each naming the YAML path (``fitness.suite``, ``sources.a``)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _resolve(base: Path, value: str) -> str:
+    if value.startswith("builtin:"):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    doc = _merge(doc, overrides or {})
+    base = path.parent.resolve()
+    try:
+        cfg = RunConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+    upd: dict[str, Any] = {
+        "sources": {k: _resolve(base, v) for k, v in cfg.sources.items()},
+        "output_dir": _resolve(base, cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir,
+        "space": cfg.space.model_copy(update={"template": _resolve(base, cfg.space.template)}),
+        "fitness": cfg.fitness.model_copy(update={"suite": _resolve(base, cfg.fitness.suite)}),
+    }
+    if cfg.zoo is not None:
+        upd["zoo"] = cfg.zoo.model_copy(update={"dir": _resolve(base, cfg.zoo.dir)})
+    return cfg.model_copy(update=upd)
+
+
+def _merge(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(doc)
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out

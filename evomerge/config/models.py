@@ -1,0 +1,107 @@
+"""The run config: one YAML validated by pydantic (unknown keys refused, errors name the YAML path).
+
+``RunConfig.model_json_schema()`` is shipped as ``evomerge config schema``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ZooConfig(BaseModel):
+    """Build the built-in tiny zoo into ``dir`` if it is missing (demo configs)."""
+
+    model_config = _FROZEN
+    dir: str
+    size: Literal["test", "demo"] = "demo"
+    seed: int = 0
+
+
+class SpaceConfig(BaseModel):
+    model_config = _FROZEN
+    template: str = Field(description="builtin:NAME or a path to a search-space YAML")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="template fields to replace")
+
+
+class FitnessConfig(BaseModel):
+    model_config = _FROZEN
+    suite: str = Field(description="builtin:NAME or a path to a task-suite YAML")
+    scorer: str = "hf"
+    tasks: list[str] | None = Field(default=None, description="subset of the suite's tasks (default: all)")
+    batch_size: int = Field(default=64, ge=1)
+    normalize: Literal["none", "references"] = Field(
+        default="references",
+        description="report task scores relative to reference models (base = 0, best source = 1)",
+    )
+    allow_test_split: bool = Field(
+        default=False, description="explicit opt-in to optimize on a suite's test split (never by default)"
+    )
+
+
+class OptimizerConfig(BaseModel):
+    model_config = _FROZEN
+    name: str = "cma_es"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetConfig(BaseModel):
+    model_config = _FROZEN
+    evaluations: int | None = Field(default=64, ge=1)
+    wall_time_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetConfig:
+        if self.evaluations is None and self.wall_time_s is None:
+            raise ValueError("give evaluations and/or wall_time_s")
+        return self
+
+
+class ResourcesConfig(BaseModel):
+    model_config = _FROZEN
+    backend: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    address: str | None = Field(default=None, description="join this Ray cluster (ray backend)")
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
+    eval_timeout_s: float | None = Field(default=None, gt=0)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+
+
+class FidelityConfig(BaseModel):
+    """Multi-fidelity: score on a calibration subset, promote the best to the full calibration set."""
+
+    model_config = _FROZEN
+    subset: int | None = Field(default=None, ge=1, description="examples per task for the cheap evaluation")
+    promote_quantile: float = Field(default=0.25, gt=0, le=1, description="top share promoted to full")
+    rescore_test: bool = Field(default=True, description="re-score the Pareto set on the test split at the end")
+
+
+class RunConfig(BaseModel):
+    model_config = _FROZEN
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = Field(default="runs", description="the run folder is OUTPUT_DIR/NAME")
+    sources: dict[str, str] = Field(min_length=2, description="model name -> Hugging Face folder")
+    base_model: str | None = None
+    zoo: ZooConfig | None = None
+    space: SpaceConfig
+    fitness: FitnessConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    fidelity: FidelityConfig = FidelityConfig()
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.base_model is not None and self.base_model not in self.sources:
+            raise ValueError(f"base_model {self.base_model!r} is not one of sources ({', '.join(self.sources)})")
+        if self.trust_remote_code:
+            raise ValueError("trust_remote_code: models with custom code are not supported")
+        return self

@@ -1,0 +1,1 @@
+"""The search driver: evaluation pools, workers and the ask -> dispatch -> tell loop."""

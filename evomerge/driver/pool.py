@@ -1,0 +1,220 @@
+"""Evaluation pools: one interface for an in-process worker and for Ray actors.
+
+Results are handed back in completion order, never through an ordered ``map``: a slow candidate does not
+hold up the others. Only this module and ``worker.py`` know about Ray, and Ray is imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from evomerge.errors import BackendUnavailableError
+from evomerge.recipe import Recipe
+from evomerge.types import EvalResult
+
+log = logging.getLogger(__name__)
+
+#: A job whose worker died is resubmitted at most this many times.
+MAX_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation to run: a recipe at a fidelity on a split."""
+
+    key: int
+    candidate_id: int
+    recipe: Recipe
+    split: str = "calibration"
+    subset: int | None = None
+    attempt: int = 0
+
+    @property
+    def fidelity(self) -> str:
+        return "full" if self.subset is None else f"subset:{self.subset}"
+
+
+class Evaluator(Protocol):
+    def evaluate(self, job: Job) -> EvalResult: ...
+
+
+class Pool(Protocol):
+    """Where jobs run. ``wait`` returns finished ``(job, result)`` pairs in completion order."""
+
+    size: int
+
+    def free(self) -> int: ...
+    def submit(self, job: Job) -> None: ...
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, EvalResult]]: ...
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """One in-process worker; a submitted job runs when ``wait`` is called (deterministic order)."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.size = 1
+        self.evaluator = evaluator
+        self.queue: deque[Job] = deque()
+
+    def free(self) -> int:
+        return self.size - len(self.queue)
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+
+    def in_flight(self) -> list[Job]:
+        return list(self.queue)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, EvalResult]]:
+        if not self.queue:
+            return []
+        job = self.queue.popleft()
+        return [(job, self.evaluator.evaluate(job))]
+
+    def close(self) -> None:
+        self.queue.clear()
+
+
+def init_ray(*, address: str | None, num_cpus: int | None, num_gpus: int | None, temp_dir: str | None) -> Any:
+    """Start (or join) Ray with the dashboard off, auth tokens off, and nothing written to the home folder."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailableError("the ray backend needs Ray: pip install 'evomerge[ray]'") from exc
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return ray
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        if temp_dir:
+            kw["_temp_dir"] = temp_dir
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=300_000_000, **kw)
+    return ray
+
+
+class RayPool:
+    """``size`` Ray actors, each holding its sources resident; jobs go to free actors.
+
+    A job whose actor dies is resubmitted to a fresh actor (at most ``MAX_RETRIES`` times) and the actor is
+    replaced; a job running past ``timeout_s`` is reported failed and its actor replaced.
+    """
+
+    def __init__(
+        self,
+        make_evaluator: Callable[[], Evaluator],
+        size: int,
+        *,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        timeout_s: float | None = None,
+    ) -> None:
+        import ray
+
+        self.ray = ray
+        self.size = size
+        self.timeout_s = timeout_s
+        self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_ActorWorker)
+        self._make = make_evaluator
+        self.idle: list[Any] = [self._spawn(i) for i in range(size)]
+        self.running: dict[Any, tuple[Any, Job, float]] = {}
+        self.pending: deque[Job] = deque()
+        self._next_actor = size
+
+    def _spawn(self, index: int) -> Any:
+        return self._actor_cls.options(name=None).remote(self._make, f"worker-{index}")
+
+    def free(self) -> int:
+        return max(0, len(self.idle) - len(self.pending))
+
+    def submit(self, job: Job) -> None:
+        self.pending.append(job)
+        self._dispatch()
+
+    def in_flight(self) -> list[Job]:
+        return [j for _, j, _ in self.running.values()] + list(self.pending)
+
+    def _dispatch(self) -> None:
+        while self.idle and self.pending:
+            actor = self.idle.pop()
+            job = self.pending.popleft()
+            ref = actor.evaluate.remote(job)
+            self.running[ref] = (actor, job, time.monotonic())
+
+    def _replace(self, actor: Any) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            pass
+        self.idle.append(self._spawn(self._next_actor))
+        self._next_actor += 1
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, EvalResult]]:
+        from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+        if not self.running:
+            return []
+        step = 1.0 if self.timeout_s else timeout
+        done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=step)
+        out: list[tuple[Job, EvalResult]] = []
+        for ref in done:
+            actor, job, _ = self.running.pop(ref)
+            try:
+                result = self.ray.get(ref)
+                self.idle.append(actor)
+                out.append((job, result))
+            except (RayActorError, WorkerCrashedError, GetTimeoutError) as exc:
+                self._replace(actor)
+                if job.attempt < MAX_RETRIES:
+                    log.warning("worker died on candidate %d (%s); resubmitting", job.candidate_id, type(exc).__name__)
+                    self.pending.appendleft(replace(job, attempt=job.attempt + 1))
+                else:
+                    out.append((job, _failed(job, f"worker died {job.attempt + 1} times: {exc}")))
+        if self.timeout_s:
+            now = time.monotonic()
+            for ref, (actor, job, start) in list(self.running.items()):
+                if now - start > self.timeout_s:
+                    del self.running[ref]
+                    self._replace(actor)
+                    out.append((job, _failed(job, f"timed out after {self.timeout_s:.0f} s")))
+        self._dispatch()
+        return out
+
+    def kill_one(self) -> None:
+        """Kill a busy actor (fault-injection for tests and drills)."""
+        for actor, _, _ in self.running.values():
+            self.ray.kill(actor, no_restart=True)
+            return
+
+    def close(self) -> None:
+        for actor in self.idle + [a for a, _, _ in self.running.values()]:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.idle, self.running = [], {}
+
+
+def _failed(job: Job, error: str) -> EvalResult:
+    return EvalResult(candidate_id=job.candidate_id, status="failed", error=error, fidelity=job.fidelity)
+
+
+class _ActorWorker:
+    """Ray actor body: builds its evaluator once (sources resident), then evaluates jobs."""
+
+    def __init__(self, make_evaluator: Callable[[], Evaluator], name: str) -> None:
+        self.name = name
+        self.evaluator = make_evaluator()
+
+    def evaluate(self, job: Job) -> EvalResult:
+        res = self.evaluator.evaluate(job)
+        return replace(res, worker=self.name)

@@ -1,0 +1,240 @@
+"""Start and resume runs: preflight every input before any work, then hand over to the Driver.
+
+A run folder (``output_dir/name``) holds ``config.resolved.yaml``, ``space.txt``, ``archive.sqlite``,
+``checkpoint.json``, ``events.jsonl`` and, at the end, ``report/`` and ``export/``. It is created only after
+the preflight passed, atomically (written under a temporary name, then renamed), so a bad config, a missing
+model, mismatched sources or a bad task file never leave a half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.archive import Archive
+from evomerge.config import RunConfig, load_run_config
+from evomerge.config.load import format_validation_error
+from evomerge.driver.loop import Baseline, Driver
+from evomerge.driver.pool import LocalPool, Pool, RayPool, init_ray
+from evomerge.driver.worker import Worker, WorkerSpec
+from evomerge.errors import ConfigError
+from evomerge.events import EventLog
+from evomerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.resolved.yaml"
+
+
+@dataclass
+class Prepared:
+    """Everything validated by the preflight."""
+
+    cfg: RunConfig
+    space: Any
+    optimizer: Any
+    tasks: list[str]
+    spec: WorkerSpec
+    baselines: list[Baseline]
+    reference: str
+
+
+def _ensure_zoo(cfg: RunConfig) -> None:
+    if cfg.zoo is None:
+        return
+    zoo_dir = Path(cfg.zoo.dir)
+    if (zoo_dir / "zoo.json").is_file():
+        return
+    from evomerge.testing.zoo import build_zoo
+
+    log.info("building the %s zoo in %s (first run only)", cfg.zoo.size, zoo_dir)
+    build_zoo(zoo_dir, size=cfg.zoo.size, seed=cfg.zoo.seed)
+
+
+def baseline_recipes(reference: str, sources: list[str], base: str | None, seed: int) -> list[Baseline]:
+    """Each source alone, the base, and the usual hand-set merges (TA λ=1, TIES and DARE-TIES at density 0.5)."""
+    out: list[Baseline] = []
+    anchor = sources[0]
+
+    def ta(models: dict[str, float]) -> Recipe:
+        return Recipe(method="task_arithmetic", base_model=reference,
+                      models=tuple({"model": m, "parameters": {"weight": w}} for m, w in models.items()))
+
+    if base is not None:
+        out.append(Baseline(base, ta({anchor: 0.0}), "base"))
+        for s in sources:
+            out.append(Baseline(s, ta({s: 1.0}), "source"))
+        out.append(Baseline("task_arithmetic", ta(dict.fromkeys(sources, 1.0)), "handset"))
+        if len(sources) >= 1:
+            for method in ("ties", "dare_ties"):
+                out.append(Baseline(method, Recipe(
+                    method=method, base_model=reference, seed=seed,
+                    models=tuple({"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in sources),
+                ), "handset"))
+    else:
+        lin = lambda models: Recipe(method="linear", models=tuple(  # noqa: E731
+            {"model": m, "parameters": {"weight": w}} for m, w in models.items()))
+        for s in [reference, *sources]:
+            out.append(Baseline(s, lin({reference: 1.0, **{x: (1.0 if x == s else 0.0) for x in sources}})
+                                if s != reference else lin({reference: 1.0, sources[0]: 0.0}), "source"))
+        out.append(Baseline("linear", lin(dict.fromkeys([reference, *sources], 1.0)), "handset"))
+    return out
+
+
+def preflight(cfg: RunConfig) -> Prepared:
+    """Validate every input (models, suite, space, optimizer, scorer) without doing any work."""
+    from evomerge.io import ModelFolder, check_mergeable
+    from evomerge.merge.params import validate_recipe_params
+    from evomerge.optim import OPTIMIZERS
+    from evomerge.optim.base import Problem
+    from evomerge.scoring.base import SCORERS
+    from evomerge.scoring.suite import load_suite
+    from evomerge.spaces.base import SpaceModels, build_space
+    from evomerge.spaces.template import load_template, parse_template
+
+    _ensure_zoo(cfg)
+    folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
+    check_mergeable(folders)
+    suite = load_suite(cfg.fitness.suite).select(cfg.fitness.tasks)
+    tasks = list(suite.names)
+    SCORERS.get(cfg.fitness.scorer)
+    template = load_template(cfg.space.template)
+    if cfg.space.overrides:
+        data = template.model_dump(mode="json") | dict(cfg.space.overrides)
+        template = parse_template(data, source=f"{cfg.space.template} + space.overrides")
+    models = SpaceModels.from_folders(folders, base=cfg.base_model)
+    space = build_space(template, models)
+    x0_recipe = space.decode(space.x0)
+    validate_recipe_params(x0_recipe)
+    segments = None
+    if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) and hasattr(space, "attach_gram"):
+        space.attach_gram(folders)  # M2N2 over recipes: SLERP angles from the seeds' Gram matrices
+        segments = space.segment_structure()
+    problem = Problem(space.dim, space.lower, space.upper, space.x0, tuple(tasks), segments)
+    optimizer = OPTIMIZERS.get(cfg.optimizer.name)(problem, seed=cfg.seed, **cfg.optimizer.options)
+    reference = x0_recipe.base_model or x0_recipe.models[0].model
+    order = tuple(n for n in cfg.sources if n != reference)
+    spec = WorkerSpec(
+        sources=dict(cfg.sources), reference=reference, order=order, suite=str(cfg.fitness.suite),
+        tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size},
+        device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
+        seed=cfg.seed,
+    )
+    baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed)
+    for f in folders.values():
+        f.close()
+    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference)
+
+
+def make_pool(prep: Prepared, run_dir: Path) -> Pool:
+    res = prep.cfg.resources
+    if res.backend == "local":
+        return LocalPool(Worker(prep.spec))
+    init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
+             num_gpus=None, temp_dir=None)
+    return RayPool(functools.partial(Worker, prep.spec), res.workers, num_cpus=res.cpus_per_worker,
+                   num_gpus=res.gpus_per_worker, timeout_s=res.eval_timeout_s)
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def create_run_dir(prep: Prepared) -> Path:
+    """Create the run folder atomically with the resolved config and the space description."""
+    run_dir = run_dir_of(prep.cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
+                          "or choose another name")
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
+        (tmp / "space.txt").write_text(prep.space.describe() + "\n")
+        if run_dir.exists():
+            run_dir.rmdir()
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def build_driver(prep: Prepared, run_dir: Path, pool: Pool, on_progress: Callable[..., None] | None = None) -> Driver:
+    cfg = prep.cfg
+    return Driver(
+        run_dir=run_dir, space=prep.space, optimizer=prep.optimizer, pool=pool,
+        archive=Archive(run_dir / "archive.sqlite"), events=EventLog(run_dir / "events.jsonl"),
+        tasks=prep.tasks, baselines=prep.baselines, budget_evals=cfg.budget.evaluations,
+        budget_seconds=cfg.budget.wall_time_s, subset=cfg.fidelity.subset,
+        promote_quantile=cfg.fidelity.promote_quantile, rescore_test=cfg.fidelity.rescore_test,
+        on_progress=on_progress,
+    )
+
+
+PoolFactory = Callable[[Prepared, Path], Pool]
+
+
+def start_run(
+    config: str | Path | RunConfig, *, overrides: dict[str, Any] | None = None,
+    on_progress: Callable[..., None] | None = None, pool_factory: PoolFactory | None = None,
+) -> Path:
+    """Preflight, create the run folder, run the search; returns the run folder.
+
+    The local worker (which reads every source weight and refuses NaN/inf) is built before the run folder
+    exists, so unreadable or non-finite weights stop the run with nothing written.
+    """
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
+    prep = preflight(cfg)
+    run_dir = run_dir_of(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
+                          "or choose another name")
+    pool = (pool_factory or make_pool)(prep, run_dir)
+    try:
+        run_dir = create_run_dir(prep)
+        driver = build_driver(prep, run_dir, pool, on_progress)
+        driver.events.emit("start", name=cfg.name, dim=prep.space.dim, optimizer=cfg.optimizer.name)
+        driver.run()
+    finally:
+        pool.close()
+    return run_dir
+
+
+def load_run(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    from pydantic import ValidationError
+
+    try:
+        return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+def resume_run(
+    run_dir: str | Path, *, on_progress: Callable[..., None] | None = None, pool_factory: PoolFactory | None = None
+) -> Path:
+    """Continue a run from its checkpoint and archive (see :class:`~evomerge.driver.loop.Driver`)."""
+    run_dir = Path(run_dir)
+    cfg = load_run(run_dir)
+    prep = preflight(cfg)
+    pool = (pool_factory or make_pool)(prep, run_dir)
+    try:
+        driver = build_driver(prep, run_dir, pool, on_progress)
+        driver.restore()
+        driver.events.emit("resume", phase=driver.phase, told=driver.told)
+        driver.run()
+    finally:
+        pool.close()
+    return run_dir

@@ -1,0 +1,118 @@
+"""A worker: loads its sources once, then merges each recipe in place into a live model and scores it.
+
+Workers are stateless apart from their resident sources; no disk I/O happens per candidate. The same
+class runs in-process (``LocalPool``) and inside a Ray actor (``RayPool``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evomerge.driver.pool import Job
+from evomerge.errors import EvomergeError
+from evomerge.types import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself (picklable: it travels to Ray actors)."""
+
+    sources: dict[str, str]
+    reference: str
+    order: tuple[str, ...]
+    suite: str
+    tasks: tuple[str, ...] | None = None
+    scorer: str = "hf"
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+class Worker:
+    """Resident sources + one live model + a scorer (see the module docstring)."""
+
+    def __init__(self, spec: WorkerSpec, name: str = "local") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.merge.materialize import InPlaceMerger
+        from evomerge.merge.sources import ResidentSources
+        from evomerge.scoring.base import SCORERS, make_scorer
+        from evomerge.scoring.suite import load_suite
+
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.name = name
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype, self.device)
+        self.sources = ResidentSources.load(spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype)
+        ref_dir = spec.sources[spec.reference]
+        self.model = AutoModelForCausalLM.from_pretrained(
+            ref_dir, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        ).to(self.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(ref_dir, local_files_only=True, trust_remote_code=False)
+        self.merger = InPlaceMerger(self.sources, self.model)
+        self.suite = load_suite(spec.suite).select(spec.tasks)
+        self.scorer = make_scorer(spec.scorer, **spec.scorer_options)
+        self.wants_state_dict = "state_dict" in SCORERS.capabilities(spec.scorer)
+        if self.wants_state_dict and hasattr(self.scorer, "bind"):
+            self.scorer.bind(ref_dir)
+        self._routed: Any = None
+        log.info("worker %s ready on %s in %.1fs", name, self.device, time.perf_counter() - t0)
+
+    def _model_for(self, job: Job) -> tuple[Any, dict[str, float]]:
+        recipe = job.recipe
+        if recipe.routing is None:
+            return self.model, self.merger.apply(recipe)
+        from evomerge.merge.routing import live_routed_model
+
+        timings: dict[str, float] = {}
+        if any(s.model == "@merge" for s in recipe.routing.steps) or recipe.routing.frame == "@merge":
+            timings = self.merger.apply(recipe)
+        t0 = time.perf_counter()
+        model = live_routed_model(recipe, self.model, self.sources, device=self.device)
+        timings["route"] = time.perf_counter() - t0
+        return model, timings
+
+    def evaluate(self, job: Job) -> EvalResult:
+        t0 = time.perf_counter()
+        try:
+            model, timings = self._model_for(job)
+            target = dict(model.state_dict()) if self.wants_state_dict else model
+            out = self.scorer.score(
+                target, self.tokenizer, self.suite, split=job.split, subset=job.subset, seed=self.spec.seed
+            )
+            timings["total"] = time.perf_counter() - t0
+            return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=job.fidelity, timings=timings)
+        except (EvomergeError, RuntimeError, ValueError, FloatingPointError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, EvomergeError):
+                log.debug("candidate %d failed:\n%s", job.candidate_id, traceback.format_exc())
+            return EvalResult(
+                candidate_id=job.candidate_id, status="failed", error=detail,
+                timings={"total": time.perf_counter() - t0}, worker=self.name, fidelity=job.fidelity,
+            )

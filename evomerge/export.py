@@ -1,0 +1,64 @@
+"""Export a run's winner: merged HF folder, ``recipe.yaml``, ``mergekit.yaml`` (when expressible), model card."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from evomerge.errors import ConfigError
+from evomerge.results import RunResults
+
+log = logging.getLogger(__name__)
+
+
+def _card(res: RunResults, rec) -> str:  # noqa: ANN001
+    cal = rec.result.task_means()
+    test = res.test_scores(rec.recipe_hash)
+    lines = ["", "## Scores", "", "| task | calibration | held-out test | expert (calibration) |", "|---|---|---|---|"]
+    for t in res.tasks:
+        tv = f"{test[t]:.3f}" if test else "n/a"
+        lines.append(f"| {t} | {cal[t]:.3f} | {tv} | {res.high[t]:.3f} |")
+    lines += ["", f"Run `{res.cfg.name}`, candidate {rec.candidate_id}, optimizer `{res.cfg.optimizer.name}`."]
+    return "\n".join(lines) + "\n"
+
+
+def export_run(run_dir: str | Path, *, pick: str = "best", out: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+    """Export ``best``, every ``pareto`` member, or candidate ``ID``; returns the written folders."""
+    from evomerge.io import ModelFolder, tensor_role
+    from evomerge.merge.materialize import materialize_to_disk
+    from evomerge.merge.params import Role
+    from evomerge.mergekit_compat import to_mergekit_yaml
+
+    res = RunResults(run_dir)
+    if pick == "best":
+        best = res.best()
+        picked = [best] if best is not None else []
+    elif pick == "pareto":
+        picked = res.front()
+    else:
+        try:
+            picked = [res.by_candidate(int(pick))]
+        except ValueError:
+            raise ConfigError(f"--pick: expected best, pareto or a candidate id, got {pick!r}") from None
+    if not picked:
+        raise ConfigError(f"{run_dir}: no successful evaluation to export yet")
+    out_root = Path(out) if out is not None else res.run_dir / "export"
+    written = []
+    for rec in picked:
+        target = out_root if len(picked) == 1 else out_root / f"candidate-{rec.candidate_id}"
+        recipe = rec.recipe.model_copy(update={"sources": dict(res.cfg.sources)})
+        path = materialize_to_disk(recipe, target, overwrite=overwrite, card_extra=_card(res, rec))
+        (path / "recipe.yaml").write_text(recipe.to_yaml())
+        folder = ModelFolder.open(Path(res.cfg.sources[recipe.base_model or recipe.models[0].model]))
+        tensors = [(n, Role(tensor_role(n, folder.model_type).layer, tensor_role(n, folder.model_type).kind))
+                   for n in folder.tensor_names]
+        try:
+            mk = to_mergekit_yaml(recipe, tensors=tensors, num_layers=folder.num_layers,
+                                  model_type=folder.model_type)
+            (path / "mergekit.yaml").write_text(mk)
+        except ConfigError as exc:
+            (path / "mergekit.txt").write_text(f"not expressible as mergekit YAML: {exc}\n")
+            log.info("candidate %d: no mergekit.yaml (%s)", rec.candidate_id, exc)
+        folder.close()
+        written.append(path)
+    return written

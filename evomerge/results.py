@@ -1,0 +1,159 @@
+"""Read a run folder back: references, best recipe, Pareto front, baselines, test scores.
+
+Everything here is derived from the archive (and the run's config); nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.archive import Archive
+from evomerge.archive.pareto import hypervolume, pareto_front
+from evomerge.archive.store import Record
+from evomerge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model in a results table: calibration and test means per task, normalized mean and worst."""
+
+    name: str
+    kind: str  # base | source | handset | searched
+    candidate_id: int
+    recipe_hash: str
+    calibration: dict[str, float]
+    test: dict[str, float] | None
+
+
+class RunResults:
+    """A read-only view of a run (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        from evomerge.driver.run import load_run
+
+        self.run_dir = Path(run_dir)
+        self.cfg = load_run(self.run_dir)
+        path = self.run_dir / "archive.sqlite"
+        if not path.is_file():
+            raise ConfigError(f"{self.run_dir}: no archive.sqlite (the run has not evaluated anything yet)")
+        self.archive = Archive(path, readonly=True)
+        self.records = self.archive.records(split=None)
+        self.calib = [r for r in self.records if r.split == "calibration"]
+        self.full = [r for r in self.calib if r.result.fidelity == "full"]
+        self.tasks = self._tasks()
+        self.low, self.high = self._references()
+
+    def _tasks(self) -> list[str]:
+        for r in self.records:
+            if r.ok:
+                return list(r.result.tasks)
+        return list(self.cfg.fitness.tasks or [])
+
+    def _references(self) -> tuple[dict[str, float], dict[str, float]]:
+        base = [r for r in self.full if r.ok and r.meta.get("kind") == "base"]
+        srcs = [r for r in self.full if r.ok and r.meta.get("kind") == "source"]
+        low = {t: (base[0].result.tasks[t].mean if base else 0.0) for t in self.tasks}
+        high = {t: (max(r.result.tasks[t].mean for r in srcs) if srcs else 1.0) for t in self.tasks}
+        return low, high
+
+    # ------------------------------------------------------------------ scores
+    def normalize(self, means: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for t in self.tasks:
+            lo, hi = self.low[t], self.high[t]
+            out[t] = (means[t] - lo) / (hi - lo) if hi - lo > 1e-9 else means[t] - lo
+        return out
+
+    def relative_to_expert(self, means: dict[str, float]) -> dict[str, float]:
+        """Score / best source's score per task (1.0 = as good as the expert)."""
+        return {t: (means[t] / self.high[t] if self.high[t] > 0 else float("nan")) for t in self.tasks}
+
+    def scalar(self, record: Record) -> float:
+        return float(np.mean(list(self.normalize(record.result.task_means()).values())))
+
+    @property
+    def searched(self) -> list[Record]:
+        """Successful searched candidates at the highest fidelity available."""
+        full = [r for r in self.full if r.ok and r.candidate_id >= 0]
+        if full:
+            return full
+        return [r for r in self.calib if r.ok and r.candidate_id >= 0]
+
+    def best(self) -> Record | None:
+        rs = self.searched
+        return max(rs, key=self.scalar) if rs else None
+
+    def front(self) -> list[Record]:
+        rs = self.searched
+        return pareto_front(rs, self.tasks) if rs else []
+
+    def hypervolume(self) -> float:
+        pts = [list(self.normalize(r.result.task_means()).values()) for r in self.front()]
+        return hypervolume(np.array(pts), 0.0) if pts else 0.0
+
+    def by_candidate(self, candidate_id: int) -> Record:
+        rs = [r for r in self.full if r.candidate_id == candidate_id and r.ok] or [
+            r for r in self.calib if r.candidate_id == candidate_id and r.ok]
+        if not rs:
+            raise ConfigError(f"--pick {candidate_id}: no successful evaluation of candidate {candidate_id}")
+        return rs[-1]
+
+    def test_scores(self, recipe_hash: str) -> dict[str, float] | None:
+        for r in self.records:
+            if r.split == "test" and r.recipe_hash == recipe_hash and r.ok:
+                return r.result.task_means()
+        return None
+
+    # ------------------------------------------------------------------ tables
+    def rows(self, *, front: bool = True) -> list[Row]:
+        rows = []
+        for r in self.full:
+            if r.candidate_id < 0 and r.ok:
+                rows.append(Row(str(r.meta.get("baseline")), str(r.meta.get("kind")), r.candidate_id, r.recipe_hash,
+                                r.result.task_means(), self.test_scores(r.recipe_hash)))
+        best = self.best()
+        picked = self.front() if front else ([best] if best else [])
+        if best is not None and best not in picked:
+            picked.append(best)
+        for r in sorted(picked, key=self.scalar, reverse=True):
+            name = f"evolved #{r.candidate_id}" + (" (best)" if best is not None and r.seq == best.seq else "")
+            rows.append(Row(name, "searched", r.candidate_id, r.recipe_hash, r.result.task_means(),
+                            self.test_scores(r.recipe_hash)))
+        return rows
+
+    def markdown_table(self, split: str = "test") -> str:
+        """Per-task scores (split), mean and worst task relative to the best source, for every row."""
+        head = ["model", "kind", *self.tasks, "mean rel. expert", "worst rel. expert", "mean normalized"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.rows():
+            means = row.test if split == "test" else row.calibration
+            if means is None:
+                continue
+            rel = self.relative_to_expert(means)
+            norm = self.normalize(means)
+            cells = [row.name, row.kind, *(f"{means[t]:.3f}" for t in self.tasks),
+                     f"{np.mean(list(rel.values())):.3f}", f"{min(rel.values()):.3f}",
+                     f"{np.mean(list(norm.values())):.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def status(self) -> dict[str, Any]:
+        told = [r for r in self.calib if r.candidate_id >= 0 and (self.cfg.fidelity.subset is None
+                or r.result.fidelity != "full")]
+        best = self.best()
+        return {
+            "run": str(self.run_dir),
+            "evaluations": len(told),
+            "budget": self.cfg.budget.evaluations,
+            "failures": sum(1 for r in told if not r.ok),
+            "best": None if best is None else {
+                "candidate": best.candidate_id, "hash": best.recipe_hash,
+                "scores": best.result.task_means(), "normalized_mean": self.scalar(best)},
+            "front_size": len(self.front()),
+            "hypervolume": self.hypervolume(),
+            "tasks": self.tasks,
+        }

@@ -1,0 +1,162 @@
+"""End-to-end runs on a tiny model family: LocalPool and RayPool, exact resume after SIGKILL, worker death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from evomerge.archive import Archive
+from evomerge.cli import app
+from evomerge.driver.run import resume_run, start_run
+from evomerge.results import RunResults
+from evomerge.testing.family import build_family, write_perplexity_suite, write_run_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drv")
+    fam = build_family(root / "fam", 2)
+    suite = write_perplexity_suite(root / "suite")
+    return root, fam, suite
+
+
+def _rows(run_dir: Path) -> list[tuple]:
+    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+        return [(r.candidate_id, r.recipe_hash, r.split, r.result.fidelity, r.result.status,
+                 tuple((t, tuple(np.round(ts.scores, 12))) for t, ts in r.result.tasks.items()))
+                for r in a.records(split=None)]
+
+
+def test_local_run_end_to_end_with_cli(setup, tmp_path):
+    _, fam, suite = setup
+    cfg = write_run_config(tmp_path / "cfg.yaml", fam, suite, name="e2e", evals=10)
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "e2e"
+    for f in ("config.resolved.yaml", "space.txt", "archive.sqlite", "checkpoint.json", "events.jsonl",
+              "report/report.md", "report/pareto.png", "report/progress.png", "export/recipe.yaml",
+              "export/mergekit.yaml", "export/config.json", "export/README.md"):
+        assert (run_dir / f).is_file(), f
+    r = RunResults(run_dir)
+    searched = [x for x in r.calib if x.candidate_id >= 0]
+    assert len(searched) == 10 and all(x.ok for x in searched)
+    baselines = {x.meta["baseline"] for x in r.calib if x.candidate_id < 0}
+    assert baselines == {"base", "m1", "m2", "task_arithmetic", "ties", "dare_ties"}
+    # the Pareto set and the baselines were re-scored on the held-out split
+    test_rows = [x for x in r.records if x.split == "test"]
+    assert {x.recipe_hash for x in r.front()} <= {x.recipe_hash for x in test_rows}
+    assert "evolved" in res.output and "held-out" in res.output
+    st = runner.invoke(app, ["status", str(run_dir)])
+    assert st.exit_code == 0 and '"evaluations": 10' in st.output
+    # the export is a plain HF folder that transformers loads and that reproduces the best recipe
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.materialize import materialize_state_dict
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    best = r.best()
+    ref = materialize_state_dict(best.recipe, {k: str(v) for k, v in fam.items()})
+    for k, v in model.state_dict().items():
+        assert (v == ref[k]).all(), k
+    # a finished run resumes as a no-op and re-running the same config refuses to overwrite it
+    assert runner.invoke(app, ["resume", str(run_dir), "--no-export"]).exit_code == 0
+    again = runner.invoke(app, ["run", str(cfg)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "evomerge.cli", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_path, seed):
+    _, fam, suite = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    ref_cfg = write_run_config(tmp_path / "ref.yaml", fam, suite, name="ref", evals=14)
+    start_run(ref_cfg)
+    expected = _rows(tmp_path / "runs" / "ref")
+    cfg = write_run_config(tmp_path / "k.yaml", fam, suite, name="k", evals=14)
+    run_dir = tmp_path / "runs" / "k"
+    rng = np.random.default_rng(seed)
+    kills = 0
+    proc = subprocess.Popen(_cli("run", str(cfg), "--no-export"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(4):
+        time.sleep(float(rng.uniform(2.0, 5.0)))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if not (run_dir / "config.resolved.yaml").exists():  # killed before the folder existed
+            proc = subprocess.Popen(_cli("run", str(cfg), "--no-export"), env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            continue
+        proc = subprocess.Popen(_cli("resume", str(run_dir), "--no-export"), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=300) == 0
+    assert kills >= 1
+    assert _rows(run_dir) == expected
+
+
+def test_ctrl_c_stops_gracefully_and_resume_completes(setup, tmp_path):
+    _, fam, suite = setup
+    cfg = write_run_config(tmp_path / "c.yaml", fam, suite, name="c", evals=12)
+    ref = write_run_config(tmp_path / "r.yaml", fam, suite, name="r", evals=12)
+    start_run(ref)
+    seen: list[int] = []
+
+    def interrupt(info):
+        seen.append(info["told"])
+        if info["told"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run_dir = start_run(cfg, on_progress=interrupt)
+    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+        assert 5 <= len([r for r in a.records() if r.candidate_id >= 0]) < 12
+    resume_run(run_dir)
+    assert _rows(run_dir) == _rows(tmp_path / "runs" / "r")
+
+
+@pytest.mark.ray
+def test_ray_pool_run_survives_a_killed_worker(setup, tmp_path):
+    ray = pytest.importorskip("ray")
+    from evomerge.driver.pool import RayPool, init_ray
+    from evomerge.driver.worker import Worker
+
+    _, fam, suite = setup
+    marker = tmp_path / "killed-once"
+
+    class Dying(Worker):
+        def evaluate(self, job):
+            if job.candidate_id == 3 and not marker.exists():
+                marker.write_text("x")
+                os._exit(1)  # the worker process dies mid-evaluation
+            return super().evaluate(job)
+
+    def factory(prep, run_dir):
+        init_ray(address=None, num_cpus=2, num_gpus=None, temp_dir=None)
+        return RayPool(lambda: Dying(prep.spec), 2, num_cpus=1)
+
+    cfg = write_run_config(tmp_path / "ray.yaml", fam, suite, name="ray", evals=8,
+                           optimizer="random", options={})
+    try:
+        run_dir = start_run(cfg, pool_factory=factory)
+    finally:
+        ray.shutdown()
+    assert marker.exists()
+    r = RunResults(run_dir)
+    searched = [x for x in r.calib if x.candidate_id >= 0]
+    assert sorted(x.candidate_id for x in searched) == list(range(8))
+    assert all(x.ok for x in searched)
+    assert any(x.result.worker and x.result.worker.startswith("worker-") for x in searched)
