@@ -119,7 +119,14 @@ def preflight(cfg: RunConfig) -> Prepared:
         space.attach_gram(folders)  # M2N2 over recipes: SLERP angles from the seeds' Gram matrices
         segments = space.segment_structure()
     problem = Problem(space.dim, space.lower, space.upper, space.x0, tuple(tasks), segments)
-    optimizer = OPTIMIZERS.get(cfg.optimizer.name)(problem, seed=cfg.seed, **cfg.optimizer.options)
+    factory = OPTIMIZERS.get(cfg.optimizer.name)
+    options = dict(cfg.optimizer.options)
+    fields = getattr(getattr(factory, "Options", None), "model_fields", {})
+    if "num_workers" in fields:  # the run's parallelism, unless the config says otherwise
+        options.setdefault("num_workers", cfg.resources.workers)
+    if "budget" in fields and cfg.budget.evaluations:
+        options.setdefault("budget", cfg.budget.evaluations)
+    optimizer = factory(problem, seed=cfg.seed, **options)
     reference = x0_recipe.base_model or x0_recipe.models[0].model
     order = tuple(n for n in cfg.sources if n != reference)
     spec = WorkerSpec(

@@ -1,0 +1,224 @@
+"""Contract tests run over every registered optimizer, selected by declared capabilities."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+
+import moocore
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError, OptimizerError
+from evomerge.optim import BASELINE, BUDGET, MULTIOBJECTIVE, OPTIMIZERS, Observation, Problem
+from evomerge.types import Candidate
+
+ALL = OPTIMIZERS.names()
+SEARCHERS = [n for n in ALL if BASELINE not in OPTIMIZERS.capabilities(n)]
+DIM = 6
+CENTER = np.array([0.31, 0.72, 0.44, 0.63, 0.27, 0.58])
+
+
+def make(name: str, problem: Problem, seed: int, budget: int = 100, **options) -> object:
+    if BUDGET in OPTIMIZERS.capabilities(name):
+        options.setdefault("budget", budget)
+    return OPTIMIZERS.get(name)(problem, seed=seed, **options)
+
+
+def sphere_scores(x: np.ndarray) -> np.ndarray:
+    """Per-coordinate accuracies in [0, 1], best (all ones) at CENTER."""
+    return 1.0 - (x - CENTER) ** 2
+
+
+def rastrigin_scores(x: np.ndarray) -> np.ndarray:
+    """Per-coordinate Rastrigin terms mapped to (0, 1], many local optima, best at CENTER."""
+    z = 5.12 * (x - CENTER)
+    return 1.0 / (1.0 + z**2 - 10.0 * np.cos(2 * np.pi * z) + 10.0)
+
+
+def evaluator(
+    scores: Callable[[np.ndarray], np.ndarray], fail: Callable[[Candidate], bool] = lambda c: False
+):
+    def evaluate(c: Candidate) -> Observation:
+        if fail(c):
+            return Observation.failure(c.id)
+        s = scores(c.genome)
+        return Observation(c.id, objectives=np.array([s.mean()]), per_example=s)
+
+    return evaluate
+
+
+class Loop:
+    """A tiny asynchronous driver: keeps ``workers`` candidates out and tells one at random each step."""
+
+    def __init__(self, opt, evaluate, *, workers: int = 4, seed: int = 0) -> None:
+        self.opt, self.evaluate, self.workers = opt, evaluate, workers
+        self.rng = np.random.default_rng(seed)
+        self.pending: list[Candidate] = []
+        self.asked: list[Candidate] = []
+        self.told = 0
+
+    def fork(self, opt) -> Loop:
+        other = Loop(opt, self.evaluate, workers=self.workers)
+        other.rng, other.pending = copy.deepcopy(self.rng), list(self.pending)
+        return other
+
+    def run(self, n_tells: int) -> Loop:
+        for _ in range(n_tells):
+            free = self.workers - len(self.pending)
+            if free > 0:
+                new = self.opt.ask(free)
+                self.pending += new
+                self.asked += new
+            assert self.pending, "the optimizer proposes nothing while nothing is pending"
+            cand = self.pending.pop(int(self.rng.integers(len(self.pending))))
+            self.opt.tell(self.evaluate(cand))
+            self.told += 1
+        return self
+
+
+def best_score(opt) -> float:
+    rec = opt.recommend()
+    assert rec is not None
+    return float(rec.meta["score"])
+
+
+@pytest.mark.parametrize("scores", [sphere_scores, rastrigin_scores], ids=["sphere", "rastrigin"])
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_beats_random_search_at_equal_budget(name, scores):
+    problem, budget = Problem.unit_cube(DIM), 120
+    mine, rand = [], []
+    for seed in range(5):
+        mine.append(
+            best_score(Loop(make(name, problem, seed, budget), evaluator(scores), seed=seed).run(budget).opt)
+        )
+        rand.append(
+            best_score(Loop(make("random", problem, seed), evaluator(scores), seed=seed).run(budget).opt)
+        )
+    assert np.mean(mine) > np.mean(rand), (mine, rand)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_proposals_and_global_rng_untouched(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problem = Problem.unit_cube(DIM)
+    OPTIMIZERS.get(name)  # importing nevergrad itself draws from the global RNG; running must not
+    before = np.random.get_state()
+    runs = [
+        Loop(make(name, problem, seed), evaluator(sphere_scores), seed=7).run(40).asked for seed in (3, 3, 4)
+    ]
+    after = np.random.get_state()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and before[2:] == after[2:]
+    assert [c.id for c in runs[0]] == list(range(len(runs[0])))
+    assert [c.id for c in runs[0]] == [c.id for c in runs[1]]
+    assert all(np.array_equal(a.genome, b.genome) for a, b in zip(runs[0], runs[1], strict=True))
+    assert not all(np.array_equal(a.genome, b.genome) for a, b in zip(runs[0], runs[2], strict=False))
+    assert os.listdir(tmp_path) == []  # nothing written to the working directory (cma's outcmaes/)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_round_trip_into_fresh_optimizer_reproduces_the_run(name):
+    problem = Problem.unit_cube(DIM)
+    fail = lambda c: c.id % 7 == 5  # noqa: E731
+    loop = Loop(make(name, problem, seed=11), evaluator(sphere_scores, fail), seed=2).run(23)
+    assert loop.pending, "the round trip must happen with candidates still pending"
+    state = json.loads(json.dumps(loop.opt.state_dict()))
+    fresh = make(name, problem, seed=999)
+    fresh.load_state_dict(state)
+    assert fresh.pending_ids == loop.opt.pending_ids
+    twin = loop.fork(fresh)
+    n_before = len(loop.asked)
+    loop.run(30)
+    twin.run(30)
+    after = loop.asked[n_before:]
+    assert twin.asked and [c.id for c in after] == [c.id for c in twin.asked]
+    assert all(
+        np.array_equal(a.genome, b.genome) and a.meta == b.meta
+        for a, b in zip(after, twin.asked, strict=True)
+    )
+    assert loop.opt.state_dict()["rng"] == twin.opt.state_dict()["rng"]
+    assert loop.opt.recommend().id == twin.opt.recommend().id
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_out_of_order_failures_and_non_finite_scores(name):
+    problem = Problem.unit_cube(DIM)
+    opt = make(name, problem, seed=5)
+    told, n_failed = 0, 0
+    while told < 60:
+        batch = opt.ask(5)
+        assert batch
+        obs = []
+        for c in reversed(batch):
+            s = sphere_scores(c.genome)
+            if c.id % 5 == 1:
+                obs.append(Observation.failure(c.id))
+                n_failed += 1
+            elif c.id % 5 == 3 and c.id > 10:
+                obs.append(Observation(c.id, objectives=[float("nan")], per_example=s))
+                n_failed += 1
+            else:
+                obs.append(Observation(c.id, objectives=[s.mean()], per_example=s))
+        opt.tell(obs)
+        told += len(batch)
+    assert opt.n_failed == n_failed and opt.n_told == told and opt.n_pending == 0
+    rec = opt.recommend()
+    assert rec is not None and rec.id % 5 != 1 and np.isfinite(rec.meta["score"])
+    np.testing.assert_allclose(rec.meta["score"], sphere_scores(rec.genome).mean())
+    assert len(opt.ask(3)) > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_and_repeated_ids_are_refused(name):
+    opt = make(name, Problem.unit_cube(3), seed=0)
+    (c,) = opt.ask(1)
+    with pytest.raises(OptimizerError, match="unknown candidate"):
+        opt.tell(Observation(c.id + 100, objectives=[0.5]))
+    with pytest.raises(OptimizerError, match="already told"):
+        opt.tell([Observation(c.id, objectives=[0.5]), Observation(c.id, objectives=[0.5])])
+    assert opt.n_pending == 1  # a refused batch records nothing
+    opt.tell(Observation(c.id, objectives=[0.5]))
+    with pytest.raises(OptimizerError, match="already told"):
+        opt.tell(Observation(c.id, objectives=[0.5]))
+    with pytest.raises(OptimizerError, match="objectives"):
+        opt.tell(Observation(opt.ask(1)[0].id, objectives=[0.5, 0.1]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_options_are_validated_and_state_checks_its_origin(name):
+    problem = Problem.unit_cube(3)
+    with pytest.raises(ConfigError, match=r"unknown option 'no_such_option'.*valid options: .*scalarize"):
+        make(name, problem, 0, no_such_option=1)
+    with pytest.raises(ConfigError, match="scalarize"):
+        make(name, problem, 0, scalarize={"missing_task": 1.0})
+    opt = make(name, problem, 0)
+    state = opt.state_dict()
+    other = make(name, problem, 0, scalarize="worst")
+    with pytest.raises(OptimizerError, match="options"):
+        other.load_state_dict(state)
+    with pytest.raises(OptimizerError, match="dim"):
+        make(name, Problem.unit_cube(4), 0).load_state_dict(state)
+    foreign = next(n for n in ALL if n != name)
+    with pytest.raises(OptimizerError, match="state is of optimizer"):
+        make(foreign, problem, 0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names(having={MULTIOBJECTIVE}))
+def test_multiobjective_recommend_is_on_the_pareto_front(name):
+    problem = Problem.unit_cube(3, task_names=("left", "right"))
+
+    def evaluate(c: Candidate) -> Observation:
+        x = c.genome
+        return Observation(c.id, objectives=[1 - np.sum((x - 0.2) ** 2) / 3, 1 - np.sum((x - 0.8) ** 2) / 3])
+
+    loop = Loop(make(name, problem, seed=1, multiobjective=True), evaluate, seed=1).run(50)
+    points = np.array([evaluate(c).objectives for c in loop.asked if c.id not in loop.opt.pending_ids])
+    rec = loop.opt.recommend()
+    rec_point = np.asarray(rec.meta["objectives"])
+    np.testing.assert_allclose(rec_point, evaluate(rec).objectives)
+    dominated = np.all(points >= rec_point, axis=1) & np.any(points > rec_point, axis=1)
+    assert not dominated.any()
+    front = moocore.is_nondominated(points, maximise=True)
+    assert any(np.array_equal(p, rec_point) for p in points[front])
