@@ -131,7 +131,8 @@ def preflight(cfg: RunConfig) -> Prepared:
     order = tuple(n for n in cfg.sources if n != reference)
     spec = WorkerSpec(
         sources=dict(cfg.sources), reference=reference, order=order, suite=str(cfg.fitness.suite),
-        tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size},
+        tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size,
+                        **({"threads": cfg.resources.threads_per_worker} if cfg.resources.threads_per_worker else {})},
         device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
         seed=cfg.seed,
     )

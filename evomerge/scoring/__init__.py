@@ -1,0 +1,50 @@
+"""Fitness: task suites (``fitness/*.yaml``) and the scorers that turn a live model into per-example scores.
+
+>>> suite = load_suite("builtin:zoo")
+>>> out = make_scorer("hf", batch_size=32).score(model, tokenizer, suite, subset=64, seed=0)
+>>> out.tasks["add"].scores        # one score per example, higher is better
+"""
+
+from __future__ import annotations
+
+from evomerge.scoring.base import (
+    SCORERS,
+    ScoreOutput,
+    Scorer,
+    make_scorer,
+    normalize,
+    normalize_output,
+    references_from,
+)
+from evomerge.scoring.suite import (
+    SPLITS,
+    Example,
+    Reference,
+    Suite,
+    SuiteConfig,
+    Task,
+    build_suite,
+    load_suite,
+    parse_suite_config,
+    subset_examples,
+)
+
+__all__ = [
+    "SCORERS",
+    "SPLITS",
+    "Example",
+    "Reference",
+    "ScoreOutput",
+    "Scorer",
+    "Suite",
+    "SuiteConfig",
+    "Task",
+    "build_suite",
+    "load_suite",
+    "make_scorer",
+    "normalize",
+    "normalize_output",
+    "parse_suite_config",
+    "references_from",
+    "subset_examples",
+]

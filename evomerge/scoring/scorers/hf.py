@@ -1,0 +1,393 @@
+"""The default scorer: in-process transformers on the live model (CPU or CUDA).
+
+* ``generate``: batched greedy decoding with the KV cache and left padding (``model.generate`` with
+  ``do_sample=False`` and a fresh generation config, so the model's own sampling defaults never apply),
+  stopped at the task's stop strings or EOS, and cut at the first stop string.
+* ``choice`` and ``perplexity``: batched log-likelihoods (right padding, one forward pass per batch).
+* ``lmeval`` tasks are handed to the lmeval scorer on the same live model.
+
+Batches are formed after sorting by length (less padding); results come back in data order, and the
+same inputs give the same scores on the same machine. Everything runs under ``torch.inference_mode``
+with the model in eval mode (its previous mode is restored). Non-finite logits raise
+:class:`~evomerge.errors.ScoreError`: the first decoding step of every generation batch and every
+log-likelihood are checked, which costs one reduction per batch.
+
+``threads`` is torch's intra-op thread count for the duration of a call; it is restored afterwards,
+because torch's count is process-wide. ``"auto"`` (the default) uses one thread for a small model on
+CPU (see :data:`~evomerge.scoring.base.AUTO_SINGLE_THREAD_PARAMS`: on such models extra threads only
+add spin-waiting, ruinous when cores are shared) and otherwise keeps the process setting
+(``OMP_NUM_THREADS`` or torch's default); an integer forces that count; ``None`` never touches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from evomerge.errors import ConfigError, ScoreError
+from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
+from evomerge.scoring.extract import cut_at_stop, extract_answer, match
+from evomerge.scoring.suite import (
+    ChoiceTask,
+    Example,
+    GenerateTask,
+    PerplexityTask,
+    Suite,
+    Task,
+    reference_answer,
+)
+from evomerge.types import TaskScores
+
+log = logging.getLogger(__name__)
+
+KINDS = ("generate", "choice", "perplexity", "lmeval")
+
+
+class _FiniteFirstStep(LogitsProcessor):
+    """Raises :class:`ScoreError` if the first decoding step's logits are not all finite."""
+
+    def __init__(self) -> None:
+        self.checked = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.checked:
+            self.checked = True
+            if not bool(torch.isfinite(scores).all()):
+                raise ScoreError("the model produced non-finite logits (NaN/inf) while generating")
+        return scores
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's default special tokens (as lm-eval's HF model does)."""
+    return list(tokenizer(text)["input_ids"])
+
+
+def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
+    for value in (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        getattr(model.config, "pad_token_id", None),
+    ):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _max_length(model: torch.nn.Module, override: int | None) -> int:
+    if override is not None:
+        return override
+    value = getattr(model.config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else 2048
+
+
+def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    stops: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    check_finite: bool = True,
+) -> list[str]:
+    """Greedy completions of token-id ``prompts`` (left-truncated to fit), each cut at the first stop."""
+    device, pad = _device(model), _pad_id(tokenizer, model)
+    eos = (
+        model.generation_config.eos_token_id
+        if model.generation_config.eos_token_id is not None
+        else (tokenizer.eos_token_id)
+    )
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        stop_strings=list(stops) or None,
+        use_cache=True,
+    )
+    room = max_length - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {max_length} tokens"
+        )
+    if any(len(p) > room for p in prompts):
+        log.warning("some prompts are longer than %d tokens; they are truncated from the left", room)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    out: list[str] = [""] * len(prompts)
+    for idx in _batches(order, batch_size):
+        rows = [prompts[i][-room:] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[j, width - len(r) :] = 1
+        procs = LogitsProcessorList([_FiniteFirstStep()] if check_finite else [])
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            tokenizer=tokenizer,
+            logits_processor=procs,
+        )
+        texts = tokenizer.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
+        for i, text in zip(idx, texts, strict=True):
+            out[i] = cut_at_stop(text, stops)
+    return out
+
+
+def loglikelihoods(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability of each continuation given its context, and its token count.
+
+    A request is ``(context_ids, continuation_ids)``; inputs longer than ``max_length`` lose tokens from
+    the left. Non-finite results raise :class:`ScoreError`.
+    """
+    device = _device(model)
+    sums = np.zeros(len(requests), dtype=np.float64)
+    counts = np.zeros(len(requests), dtype=np.int64)
+    order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
+    for idx in _batches(order, batch_size):
+        rows = []
+        for i in idx:
+            ctx, cont = requests[i]
+            full = (ctx + cont)[-(max_length + 1) :]
+            rows.append((full[:-1], full[1:], min(len(cont), len(full) - 1)))
+        width = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (inp, _, _) in enumerate(rows):
+            ids[j, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            mask[j, : len(inp)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        values = []
+        for j, (inp, tgt, n) in enumerate(rows):
+            part = torch.log_softmax(logits[j, len(inp) - n : len(inp)].float(), dim=-1)
+            target = torch.tensor(tgt[-n:], dtype=torch.long, device=part.device)
+            values.append(part.gather(-1, target[:, None]).sum())
+        batch = torch.stack(values).cpu().numpy()
+        if not np.isfinite(batch).all():
+            raise ScoreError("the model produced non-finite log-likelihoods (NaN/inf logits)")
+        sums[idx] = batch
+        counts[idx] = [r[2] for r in rows]
+    return sums, counts
+
+
+class HfScorer:
+    """In-process transformers scorer (``SCORERS["hf"]``); see the module docstring.
+
+    Options: ``batch_size`` (sequences per forward pass), ``threads`` (see the module docstring),
+    ``max_length`` (token window; default the model's ``max_position_embeddings``), ``check_finite``
+    (the first-step logit check while generating; log-likelihoods are always checked) and
+    ``lmeval_options`` (for the lmeval scorer that runs the suite's ``lmeval`` tasks).
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 32,
+        threads: Threads = "auto",
+        max_length: int | None = None,
+        check_finite: bool = True,
+        lmeval_options: dict[str, Any] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.threads = threads
+        self.max_length = max_length
+        self.check_finite = check_finite
+        self.lmeval_options = dict(lmeval_options or {})
+        self._lmeval: Any = None
+
+    def score(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        suite: Suite,
+        *,
+        split: str = "calibration",
+        subset: int | None = None,
+        seed: int = 0,
+    ) -> ScoreOutput:
+        work = plan(suite, split, subset, seed, kinds=KINDS, scorer=self.name)
+        delegated = [t.name for t, _ in work if t.kind == "lmeval"]
+        if delegated:
+            from evomerge.scoring.scorers import lmeval
+
+            lmeval.require()
+        for t, _ in work:
+            if (
+                isinstance(t.spec, GenerateTask)
+                and t.spec.chat_template
+                and not getattr(tokenizer, "chat_template", None)
+            ):
+                raise ConfigError(f"task {t.name!r} asks for chat_template but the tokenizer has none")
+        start = time.perf_counter()
+        tasks: dict[str, TaskScores] = {}
+        metrics: dict[str, dict[str, float]] = {}
+        timings: dict[str, float] = {}
+        with torch_threads(resolve_threads(self.threads, model)), _eval_mode(model), torch.inference_mode():
+            for task, examples in work:
+                if task.kind == "lmeval":
+                    continue
+                t0 = time.perf_counter()
+                per_metric = self._score_task(model, tokenizer, task, examples)
+                primary = str(task.spec.metric) if hasattr(task.spec, "metric") else "loglik_per_token"
+                tasks[task.name] = TaskScores(tuple(ex.id for ex in examples), per_metric[primary], primary)
+                metrics[task.name] = {k: float(v.mean()) for k, v in per_metric.items()}
+                timings[f"task/{task.name}"] = time.perf_counter() - t0
+                log.debug(
+                    "task %s: %d examples, %s %.4f, %.2fs",
+                    task.name,
+                    len(examples),
+                    primary,
+                    tasks[task.name].mean,
+                    timings[f"task/{task.name}"],
+                )
+        if delegated:
+            from evomerge.scoring.scorers.lmeval import LmevalScorer
+
+            if self._lmeval is None:
+                opts = {"batch_size": self.batch_size, "threads": self.threads, **self.lmeval_options}
+                self._lmeval = LmevalScorer(**opts)
+            sub = self._lmeval.score(
+                model, tokenizer, suite.select(delegated), split=split, subset=subset, seed=seed
+            )
+            tasks.update(sub.tasks)
+            metrics.update(sub.metrics)
+            timings.update({k: v for k, v in sub.timings.items() if k != "total"})
+        order = suite.names
+        timings["total"] = time.perf_counter() - start
+        return ScoreOutput(
+            tasks={n: tasks[n] for n in order},
+            split=split,
+            timings=timings,
+            metrics={n: metrics[n] for n in order},
+        )
+
+    def _score_task(
+        self, model: torch.nn.Module, tokenizer: Any, task: Task, examples: tuple[Example, ...]
+    ) -> dict[str, np.ndarray]:
+        spec, max_len, pad = task.spec, _max_length(model, self.max_length), _pad_id(tokenizer, model)
+        if isinstance(spec, GenerateTask):
+            return self._generate_task(model, tokenizer, task, spec, examples, max_len)
+        if isinstance(spec, ChoiceTask):
+            reqs: list[tuple[list[int], list[int]]] = []
+            lengths: list[int] = []
+            for ex in examples:
+                context = spec.fewshot_prefix + ex.prompt
+                ctx = _encode(tokenizer, context)
+                for option in ex.options:
+                    cont = _encode(tokenizer, context + spec.delimiter + option)[len(ctx) :]
+                    if not cont:
+                        raise ConfigError(
+                            f"{ex.source}: option {option!r} encodes to no tokens after the prompt"
+                        )
+                    reqs.append((ctx, cont))
+                    lengths.append(max(1, len(spec.delimiter + option)))
+            sums, _ = loglikelihoods(model, reqs, batch_size=self.batch_size, max_length=max_len, pad_id=pad)
+            acc, acc_norm, k = [], [], 0
+            for ex in examples:
+                ll = sums[k : k + len(ex.options)]
+                norm = ll / np.asarray(lengths[k : k + len(ex.options)], dtype=np.float64)
+                acc.append(float(int(np.argmax(ll)) == ex.label))
+                acc_norm.append(float(int(np.argmax(norm)) == ex.label))
+                k += len(ex.options)
+            return {"acc": np.asarray(acc), "acc_norm": np.asarray(acc_norm)}
+        assert isinstance(spec, PerplexityTask)
+        bos = tokenizer.bos_token_id
+        reqs = []
+        for ex in examples:
+            ids = _encode(tokenizer, ex.prompt)
+            if isinstance(bos, int):
+                ctx, cont = [bos], ids[1:] if ids and ids[0] == bos else ids
+            else:
+                ctx, cont = ids[:1], ids[1:]
+            cont = cont[: spec.max_tokens] if spec.max_tokens is not None else cont
+            if not cont:
+                raise ConfigError(f"{ex.source}: text has no token to score")
+            reqs.append((ctx, cont))
+        sums, counts = loglikelihoods(model, reqs, batch_size=self.batch_size, max_length=max_len, pad_id=pad)
+        return {"loglik_per_token": sums / counts}
+
+    def _generate_task(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task: Task,
+        spec: GenerateTask,
+        examples: tuple[Example, ...],
+        max_len: int,
+    ) -> dict[str, np.ndarray]:
+        prefix = spec.fewshot_prefix + "".join(
+            s.prompt + s.answer + spec.fewshot_separator for s in task.fewshot
+        )
+        prompts = []
+        for ex in examples:
+            text = prefix + ex.prompt
+            if spec.chat_template:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                )
+                prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+            else:
+                prompts.append(_encode(tokenizer, text))
+        completions = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=spec.max_new_tokens,
+            stops=spec.stop,
+            batch_size=self.batch_size,
+            max_length=max_len,
+            check_finite=self.check_finite,
+        )
+        pattern = spec.pattern()
+        scores = [
+            match(
+                extract_answer(c, spec.extract, pattern),
+                reference_answer(ex, spec),
+                spec.metric,
+                ignore_case=spec.ignore_case,
+                tolerance=spec.tolerance,
+            )
+            for c, ex in zip(completions, examples, strict=True)
+        ]
+        return {spec.metric: np.asarray(scores, dtype=np.float64)}
