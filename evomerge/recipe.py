@@ -34,6 +34,9 @@ LayerValue = Union[float, list[float]]
 ParamValue = Union[bool, float, list[float], dict[str, LayerValue]]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+# libyaml's safe dumper/loader when available (same output, ~10x faster than the pure-Python ones)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _check_param(name: str, value: Any) -> Any:
@@ -139,11 +142,11 @@ class Recipe(BaseModel):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data = {"method": data.pop("method"), **data}
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        return cls.model_validate(yaml.safe_load(text))
+        return cls.model_validate(yaml.load(text, Loader=_Loader))
 
     @property
     def model_names(self) -> list[str]:

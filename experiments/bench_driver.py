@@ -128,6 +128,27 @@ def run_one(optimizer: str, options: dict, workers: int, evals: int, sigma: floa
     }
 
 
+def demo_overhead(run_dir: Path) -> dict:
+    """Driver overhead of a real run: search-phase wall time not spent inside worker evaluations.
+
+    The search phase runs from the first to the last searched evaluation event (events.jsonl timestamps);
+    evaluation time is the sum of the workers' measured ``total`` per evaluation (merge + scoring).
+    """
+    from evomerge.events import read_events
+
+    evs = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "eval" and e["candidate"] >= 0
+           and e["split"] == "calibration"]
+    if len(evs) < 3:
+        raise SystemExit(f"{run_dir}: too few evaluations")
+    # the window starts when the first searched evaluation *started*
+    start = evs[0]["t"] - evs[0]["timings"]["total"]
+    wall = evs[-1]["t"] - start
+    busy = sum(e["timings"]["total"] for e in evs)
+    merge = sum(e["timings"].get("merge", 0.0) for e in evs)
+    return {"evals": len(evs), "wall_s": wall, "eval_s": busy, "merge_s": merge,
+            "overhead": 1 - busy / wall, "per_eval_s": busy / len(evs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=8)
@@ -135,7 +156,15 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.5)
     ap.add_argument("--demo-eval-s", type=float, default=None,
                     help="measured seconds per evaluation in the demo, to express overhead as a share")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="a finished run folder (e.g. runs/tiny-demo): report its measured driver overhead")
     args = ap.parse_args()
+    if args.run is not None:
+        d = demo_overhead(args.run)
+        print(f"run {args.run}: {d['evals']} searched evaluations, search phase {d['wall_s']:.1f} s, inside "
+              f"workers {d['eval_s']:.1f} s ({d['per_eval_s']:.3f} s per evaluation, merge {d['merge_s']:.1f} s); "
+              f"driver overhead {100 * d['overhead']:.2f}% of the search phase")
+        return
     w = args.workers
     rows = [
         run_one("cma_es", {"popsize": w}, w, args.evals, args.sigma),

@@ -132,7 +132,7 @@ class Driver:
             "inflight": [
                 {
                     "key": j.key, "candidate_id": j.candidate_id, "split": j.split, "subset": j.subset,
-                    "attempt": j.attempt, "genome": c.genome.tolist(), "meta": c.meta, "recipe": j.recipe.to_yaml(),
+                    "attempt": j.attempt, "genome": c.genome.tolist(), "meta": c.meta, "recipe": j.recipe.model_dump(mode="json"),
                 }
                 for j, c in self.inflight.values()
             ],
@@ -165,7 +165,7 @@ class Driver:
         self.opt.load_state_dict(state["optimizer"])
         for d in state["inflight"]:
             cand = Candidate(d["candidate_id"], np.asarray(d["genome"], dtype=np.float64), d["meta"])
-            job = Job(d["key"], d["candidate_id"], Recipe.from_yaml(d["recipe"]), d["split"], d["subset"], d["attempt"])
+            job = Job(d["key"], d["candidate_id"], Recipe.model_validate(d["recipe"]), d["split"], d["subset"], d["attempt"])
             self.inflight[job.key] = (job, cand)
         cursor = ckpt.cursor
         replay = self.archive.records(split=None)[cursor:]

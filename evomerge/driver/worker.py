@@ -64,8 +64,6 @@ class Worker:
         t0 = time.perf_counter()
         self.spec = spec
         self.name = name
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
         self.device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, self.device)
         self.sources = ResidentSources.load(spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype)
@@ -74,6 +72,12 @@ class Worker:
             ref_dir, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
         ).to(self.device)
         self.model.eval()
+        from evomerge.scoring.base import resolve_threads
+
+        # small CPU models merge and score fastest on one thread (extra threads only spin-wait)
+        threads = spec.threads or resolve_threads("auto", self.model)
+        if threads:
+            torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(ref_dir, local_files_only=True, trust_remote_code=False)
         self.merger = InPlaceMerger(self.sources, self.model)
         self.suite = load_suite(spec.suite).select(spec.tasks)
