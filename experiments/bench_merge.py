@@ -1,0 +1,661 @@
+"""Merge benchmark: in-place merge throughput against memory bandwidth, and merge-to-disk against mergekit.
+
+Builds its own sources in a temporary folder (a random Llama "base" and three "fine-tunes" = base + small
+noise, float32 safetensors, deleted at the end), then measures:
+
+* **in place** — :class:`~evomerge.merge.materialize.InPlaceMerger` over resident sources (loaded once),
+  merging 3-source recipes (ties, dare_ties, task_arithmetic, linear; per-layer weights and densities) into a
+  live ``LlamaForCausalLM``; best of N after one warm-up, at each ``--threads`` count. *Bytes touched* per
+  merge = for every merged tensor, the resident base and each task vector read once plus the live parameter
+  written once: ``(N + 2) x tensor bytes`` with N = 3. It is reported per second and over the memory-copy
+  bandwidth measured in the same process at the same thread count (``Tensor.copy_`` of a 256 MiB buffer,
+  best of 5, read + write bytes): a ratio of 1 means the merge costs what copying its inputs and output once
+  costs. Minor page faults per merge show how much freshly allocated memory the kernel zeroes.
+* **where TIES spends its time** — stages timed one by one, and the top aten operations from
+  ``torch.profiler``; with ``--prototype``, :class:`FusedMerger` (one ``torch.compile`` kernel per tensor,
+  exact thresholds) is timed beside the library for ties and task_arithmetic.
+* **to disk** — ``evomerge merge recipe.yaml --out DIR`` (default shards, and shards of 2x the largest
+  tensor) and, with ``--mergekit-bin``, ``mergekit-yaml mergekit.yaml OUT`` on the same recipe (exported with
+  ``to_mergekit_yaml``), each a subprocess timed end to end, alternating, with peak RSS from
+  ``/usr/bin/time -v`` and sampled anonymous / file-backed RSS. The two outputs are compared entry by entry;
+  entries whose magnitude ties a top-k threshold are counted apart (mergekit's ``torch.topk`` keeps an
+  implementation-defined subset of equal magnitudes, evomerge the lower indices).
+
+    python experiments/bench_merge.py --mergekit-bin /work/mkvenv/bin/mergekit-yaml --prototype
+    python experiments/bench_merge.py --size small --repeats 2 --disk-repeats 1     # quick smoke run
+
+It prints a markdown report and writes it to ``experiments/results/bench_merge.md`` (``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge.errors import MaterializeError  # noqa: E402
+from evomerge.io import ModelFolder, ModelWriter  # noqa: E402
+from evomerge.merge.materialize import InPlaceMerger, ResidentSources  # noqa: E402
+from evomerge.mergekit_compat import to_mergekit_yaml  # noqa: E402
+from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.testing.tokenizer import build_tokenizer  # noqa: E402
+
+SIZES = {
+    # ~55 MB: a quick smoke run
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=8000),
+    # ~620 MB (155M parameters, float32)
+    "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000),
+}
+DELTAS = ("ft1", "ft2", "ft3")
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------------------- sources
+def llama_config(size: str) -> dict:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**SIZES[size], tie_word_embeddings=False, max_position_embeddings=2048,
+                      torch_dtype="float32").to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    return cfg
+
+
+def live_model(config: dict) -> torch.nn.Module:
+    """An uninitialized ``LlamaForCausalLM`` (parameters allocated, never random-initialized)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    return model.to_empty(device="cpu").eval().requires_grad_(False)
+
+
+def build_sources(folder: Path, size: str, seed: int = 0) -> dict[str, Path]:
+    """Write ``base`` (random weights, norms at 1) and ``ft1..3`` = base + noise of std 2e-3 as HF folders."""
+    config = llama_config(size)
+    shapes = {n: p.shape for n, p in live_model(config).named_parameters()}
+    tok_dir = folder / "tokenizer"
+    build_tokenizer().save_pretrained(tok_dir)
+    paths = {}
+    for k, name in enumerate(("base", *DELTAS)):
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.Generator().manual_seed(seed + 1000 + k)
+        with ModelWriter(folder / name, max_shard_bytes=2e9) as writer:
+            for tname, shape in shapes.items():
+                t = torch.ones(shape) if tname.endswith("norm.weight") else torch.randn(shape, generator=gen) * 0.02
+                if k:
+                    t += torch.randn(shape, generator=noise) * 2e-3
+                writer.add(tname, t)
+            paths[name] = writer.finish(config, tokenizer_from=tok_dir)
+    return paths
+
+
+def recipes(paths: dict[str, Path]) -> dict[str, Recipe]:
+    """3-source recipes with per-layer weights and densities (only the parameters each method reads)."""
+    weights = {"ft1": [0.2, 0.6], "ft2": [0.5, 0.3], "ft3": [0.4, 0.4, 0.8]}
+    densities = {"ft1": [0.3, 0.7], "ft2": [0.6, 0.4], "ft3": 0.5}
+    out = {}
+    for method, dense in [("ties", True), ("dare_ties", True), ("task_arithmetic", False), ("linear", False)]:
+        models = [{"model": m, "parameters": {"weight": weights[m], **({"density": densities[m]} if dense else {})}}
+                  for m in DELTAS]
+        out[method] = Recipe.model_validate({
+            "method": method, "models": models, "base_model": "base", "dtype": "float32", "seed": 7,
+            "sources": {k: str(v) for k, v in paths.items()},
+        })
+    return out
+
+
+# ----------------------------------------------------------------------------------------- timing
+def best_of(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(nbytes: int = 256 * MiB, repeats: int = 5) -> float:
+    """Memory-copy bandwidth in bytes/s, counting read + write: ``2 * nbytes / best copy_ time``."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / min(best_of(lambda: dst.copy_(src), repeats))
+
+
+def touched_bytes(sources: ResidentSources) -> int:
+    """Bytes touched by one merge: resident base + every task vector read once, live parameter written once."""
+    return sum(b.numel() * b.element_size() * (sources.deltas[n].shape[0] + 2) for n, b in sources.base.items())
+
+
+def bench_in_place(sources: ResidentSources, model: torch.nn.Module, recipe: Recipe, repeats: int) -> list[float]:
+    merger = InPlaceMerger(sources, model)
+    return best_of(lambda: merger.apply(recipe), repeats)
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# ----------------------------------------------------------------------------------------- where TIES time goes
+def profile_merge(sources: ResidentSources, model: torch.nn.Module, recipe: Recipe, top: int = 10) -> list[tuple]:
+    """Self CPU time per aten operation over one in-place merge: ``[(op, seconds, calls, share)]``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    merger = InPlaceMerger(sources, model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        merger.apply(recipe)
+    rows = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+    total = sum(r[1] for r in rows)
+    rows.sort(key=lambda r: -r[1])
+    return [(k, s, c, s / total) for k, s, c in rows[:top]]
+
+
+def stage_split(sources: ResidentSources, model: torch.nn.Module, recipe: Recipe) -> dict[str, float]:
+    """Seconds per stage of one TIES merge of every tensor, each stage timed on its own (best of 2 sweeps).
+
+    ``threshold`` = magnitudes + exact top-k mask of each row (``largest_mask``); ``sparsify`` = the whole
+    sparsification (copy of the deltas, threshold, mask multiply); ``method`` = the whole ``ties`` call
+    (sparsify + sign election + mix + add base); ``finite`` = ``merge_tensor``'s NaN/inf check; ``copy`` =
+    writing into the live parameter.
+    """
+    from evomerge.merge.materialize import MergePlan
+    from evomerge.merge.methods.sparsify import largest_mask, sparsify
+    from evomerge.merge.params import tensor_params
+
+    plan = MergePlan.build(recipe, sources.num_layers)
+    params = dict(model.named_parameters())
+    best: dict[str, float] = {}
+    for _ in range(2):
+        cur = dict.fromkeys(("threshold", "sparsify", "method", "finite", "copy"), 0.0)
+        for name in sources.names:
+            base, deltas = sources.group(name, None)
+            tp = tensor_params(plan.recipe, plan.method, sources.roles[name], plan.num_layers, plan.order)
+            dens = tp.sp["density"]
+            t0 = time.perf_counter()
+            for i, d in enumerate(dens):
+                if d < 1:
+                    largest_mask(deltas[i].reshape(-1).abs(), max(1, int(d * base.numel())))
+            t1 = time.perf_counter()
+            sparsify(deltas, "magnitude", dens)
+            t2 = time.perf_counter()
+            out = plan.method.fn(base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp)
+            t3 = time.perf_counter()
+            bool(torch.isfinite(out).all())
+            t4 = time.perf_counter()
+            params[name].data.copy_(out)
+            t5 = time.perf_counter()
+            for k, dt in zip(cur, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                cur[k] += dt
+        best = {k: min(v, best.get(k, v)) for k, v in cur.items()}
+    return best
+
+
+# ----------------------------------------------------------------------------------------- prototype
+def _fused_ties(out, base, rows, thr, cut, w):  # noqa: ANN001 - compiled with torch.compile
+    """TIES on rows kept by ``|r| > thr[i]`` or ``|r| == thr[i]`` at flat index <= ``cut[i]`` (the library's
+    top-k with ties to the lower index), with ``ties.mix_agreeing``'s formula; one pass, writes ``out``."""
+    idx = torch.arange(base.numel(), device=base.device)
+    keeps = [(r.abs() > thr[i]) | ((r.abs() == thr[i]) & (idx <= cut[i])) for i, r in enumerate(rows)]
+    kept = [torch.where(keeps[i], r, 0.0) for i, r in enumerate(rows)]
+    total = kept[0] * w[0]
+    for i in range(1, len(rows)):
+        total = total + kept[i] * w[i]
+    sign = torch.copysign(torch.ones_like(total), total)
+    mixed = torch.zeros_like(total)
+    div = torch.zeros_like(total)
+    for i in range(len(rows)):
+        x = (kept[i] * sign).clamp(min=0)
+        mixed = mixed + x * w[i]
+        div = div + x.sign() * w[i]
+    res = base + (mixed * sign) / div.clamp(min=torch.finfo(torch.float32).tiny)
+    out.copy_(res)
+    return torch.isfinite(res).all(), torch.stack([k.sum() for k in keeps])
+
+
+def _fused_band(out, row, lo, hi):  # noqa: ANN001 - compiled with torch.compile
+    """Write 1.0 where ``lo <= |row| <= hi`` and 0.0 elsewhere into ``out`` (float: Inductor writes bool
+    outputs an order of magnitude slower); return the count of ``|row| < lo``. One pass."""
+    a = row.abs()
+    out.copy_(torch.where((a >= lo) & (a <= hi), 1.0, 0.0))
+    return (a < lo).sum()
+
+
+def _fused_sum(out, base, rows, w):  # noqa: ANN001 - compiled with torch.compile
+    """``base + sum_i w_i r_i`` (task arithmetic, lambda 1, no normalize) in one pass, written into ``out``."""
+    total = rows[0] * w[0]
+    for i in range(1, len(rows)):
+        total = total + rows[i] * w[i]
+    res = base + total
+    out.copy_(res)
+    return torch.isfinite(res).all()
+
+
+class FusedMerger:
+    """Prototype in-place merger: one ``torch.compile`` kernel per tensor does the whole merge, the NaN/inf
+    check and the write into the live parameter (no temporaries, no page faults).
+
+    ``ties`` (float32, non-negative weights, normalize, lambda 1, no rescale): the exact threshold of each
+    row is selected as in the library's ``kth_smallest``, but the sorted sample of the row's magnitudes is
+    computed once (the task vectors are resident) and the bracket is counted and marked in one compiled pass;
+    only the bracket's entries are then read. Where several magnitudes equal the threshold, the flat index of
+    the last tied entry kept (ties go to the lower index, as in ``largest_mask``) comes from the bracket too.
+    ``task_arithmetic``: lambda 1, no normalize.
+    """
+
+    def __init__(self, sources: ResidentSources, model: torch.nn.Module) -> None:
+        self.targets = InPlaceMerger(sources, model).targets
+        self.sources = sources
+        self.ties = torch.compile(_fused_ties, dynamic=True)
+        self.sum = torch.compile(_fused_sum, dynamic=True)
+        self.band = torch.compile(_fused_band, dynamic=True)
+        self.samples: dict[tuple[str, int], torch.Tensor] = {}
+        self.sample_size = 1 << 16
+        m = max(b.numel() for b in sources.base.values())
+        self.mag, self.eq = torch.empty(m), torch.empty(m, dtype=torch.bool)
+
+    def _threshold(self, key: tuple[str, int], row: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+        """(exact k-th largest magnitude of ``row``, flat index of the last entry equal to it that is kept)."""
+        m = row.numel()
+        if k >= m:
+            return torch.tensor(-1.0), m
+        r = m - k + 1  # ascending rank of the threshold
+        sample = self.samples.get(key)
+        if sample is None:  # depends on the resident task vector only: computed once
+            sample = self.samples[key] = torch.sort(row[:: max(1, m // self.sample_size)].abs()).values
+        n, q = sample.numel(), r / m
+        margin = 4.0 * math.sqrt(n * q * (1 - q)) + 2.0
+        lo_i, hi_i = math.floor(q * n - margin), math.ceil(q * n + margin)
+        lo = sample[lo_i] if lo_i >= 0 else torch.tensor(0.0)
+        hi = sample[hi_i] if hi_i < n else torch.tensor(math.inf)
+        n_lt = int(self.band(self.mag[:m], row, lo, hi))
+        idx = self.mag[:m].nonzero().squeeze(1)
+        vals = row[idx].abs()
+        if not 1 <= r - n_lt <= vals.numel():  # the sample missed: the library's exact selection
+            return self._threshold_exact(row, k)
+        thr = torch.kthvalue(vals, r - n_lt).values
+        tied = idx[vals == thr]
+        if tied.numel() == 1:
+            return thr, m
+        need = k - (m - n_lt - int((vals <= thr).sum()))  # k minus the entries above the threshold
+        return thr, int(tied[need - 1])
+
+    def _threshold_exact(self, row: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+        from evomerge.merge.methods.sparsify import kth_smallest
+
+        m = row.numel()
+        mag = torch.abs(row, out=self.mag[:m])
+        thr = kth_smallest(mag, m - k + 1)
+        eq = torch.eq(mag, thr, out=self.eq[:m])
+        if int(torch.count_nonzero(eq)) == 1:
+            return thr, m
+        need = k - int(torch.count_nonzero(torch.gt(mag, thr, out=self.eq[:m])))
+        torch.eq(mag, thr, out=eq)
+        return thr, int(eq.nonzero()[need - 1])
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> None:
+        from evomerge.merge.materialize import MergePlan
+        from evomerge.merge.params import tensor_params
+
+        plan = MergePlan.build(recipe, self.sources.num_layers)
+        for name in self.sources.names:
+            base, deltas = self.sources.group(name, None)
+            tp = tensor_params(plan.recipe, plan.method, self.sources.roles[name], plan.num_layers, plan.order)
+            m, rows, w = base.numel(), list(deltas.reshape(deltas.shape[0], -1)), torch.tensor(tp.sp["weight"])
+            out = self.targets[name].view(-1)
+            if recipe.method == "task_arithmetic":
+                ok = self.sum(out, base.reshape(-1), rows, w)
+            else:
+                if min(tp.sp["weight"]) < 0:
+                    raise ValueError(f"{name}: the prototype takes non-negative weights only")
+                ks = [max(1, int(d * m)) if d < 1 else m for d in tp.sp["density"]]
+                picks = [self._threshold((name, i), rows[i], k) for i, k in enumerate(ks)]
+                thr, cut = [t for t, _ in picks], [c for _, c in picks]
+                ok, counts = self.ties(out, base.reshape(-1), rows, torch.stack(thr), torch.tensor(cut), w)
+                if counts.tolist() != ks:
+                    raise MaterializeError(f"{name}: kept {counts.tolist()} entries, expected {ks}")
+            if not bool(ok):
+                raise MaterializeError(f"{name}: merge produced non-finite values")
+
+
+# ----------------------------------------------------------------------------------------- to disk
+def _proc_rss(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes of process ``pid`` from /proc (0, 0 when unreadable)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(fields["RssAnon"].split()[0]) * 1024, int(fields["RssFile"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def _child(pid: int) -> int:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return pid
+    return int(kids[0]) if kids else pid
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run ``cmd``; return wall seconds, peak RSS and peaks of its anonymous and file-backed (memory-mapped
+    files) RSS sampled every 10 ms. Peak RSS is what ``/usr/bin/time -v`` reports (else the child's own
+    ``wait4`` rusage, which can include this process's size at the fork). Raises on a non-zero exit."""
+    timer = Path("/usr/bin/time").exists()
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd] if timer else cmd, env=env, stdout=log, stderr=log)
+        anon = file = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            a, f = _proc_rss(_child(proc.pid) if timer else proc.pid)
+            anon, file = max(anon, a), max(file, f)
+            time.sleep(0.01)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        log.seek(0)
+        text = log.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{text[-3000:]}")
+    rss = usage.ru_maxrss * 1024
+    for line in text.splitlines():
+        if "Maximum resident set size" in line:
+            rss = int(line.rsplit(":", 1)[1]) * 1024
+    return {"s": seconds, "rss": rss, "anon": anon, "file": file}
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def threshold_ties(sources: ResidentSources, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Per tensor, the flat entries where a task vector's magnitude equals its exact top-k threshold.
+
+    Which of several equal magnitudes at the threshold are kept is defined by evomerge (lower index first) but
+    implementation-defined in mergekit (``torch.topk``): outputs may differ there and only there.
+    """
+    from evomerge.merge.materialize import MergePlan
+    from evomerge.merge.methods.sparsify import kth_smallest
+    from evomerge.merge.params import tensor_params
+
+    plan = MergePlan.build(recipe, sources.num_layers)
+    out = {}
+    for name in sources.names:
+        tp = tensor_params(plan.recipe, plan.method, sources.roles[name], plan.num_layers, plan.order)
+        flat = sources.deltas[name].reshape(len(plan.order), -1)
+        m = flat.shape[1]
+        tie = torch.zeros(m, dtype=torch.bool)
+        for i, density in enumerate(tp.sp.get("density", [])):
+            if density < 1:
+                mag = flat[i].abs()
+                tie |= mag == kth_smallest(mag, m - max(1, int(density * m)) + 1)
+        out[name] = tie
+    return out
+
+
+def agreement(a: Path, b: Path, ties: dict[str, torch.Tensor]) -> dict:
+    """Compare two output folders entry by entry, apart from and at the threshold ties."""
+    ta, tb = read_folder(a), read_folder(b)
+    res = {"only": sorted(set(ta) ^ set(tb)), "max": 0.0, "max_outside": 0.0, "bad": 0, "bad_outside": 0,
+           "ties": 0, "same": True, "entries": 0}
+    for n in sorted(set(ta) & set(tb)):
+        x, y = ta[n].float().reshape(-1), tb[n].float().reshape(-1)
+        tie = ties.get(n, torch.zeros(x.numel(), dtype=torch.bool))
+        diff = (x - y).abs()
+        bad = ~torch.isclose(x, y, rtol=1e-5, atol=1e-7)
+        res["max"] = max(res["max"], float(diff.max()))
+        res["max_outside"] = max(res["max_outside"], float(diff[~tie].max()) if bool((~tie).any()) else 0.0)
+        res["bad"] += int(bad.sum())
+        res["bad_outside"] += int((bad & ~tie).sum())
+        res["ties"] += int(tie.sum())
+        res["entries"] += x.numel()
+        res["same"] &= torch.equal(ta[n], tb[n])
+    return res
+
+
+def bench_disk(work: Path, recipe: Recipe, args: argparse.Namespace, shard_bytes: int) -> dict:
+    """Time and memory of ``evomerge merge`` (default shards, and shards of ``shard_bytes``) and, when
+    available, ``mergekit-yaml`` on ``recipe``; each tool's import-only cost is measured alike."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    if args.disk_threads:
+        env["OMP_NUM_THREADS"] = str(args.disk_threads)
+    (work / "recipe.yaml").write_text(recipe.to_yaml())
+    (work / "mergekit.yaml").write_text(to_mergekit_yaml(recipe))
+    evo = [sys.executable, "-m", "evomerge.cli", "merge", str(work / "recipe.yaml")]
+    evo_imports = [sys.executable, "-c", "import evomerge.cli, evomerge.merge.materialize"]
+    mb = -(-shard_bytes // 10**6)
+    tools = {"evomerge": (lambda out: [*evo, "--out", str(out)], evo_imports),
+             f"evomerge --shard-size {mb}MB": (lambda out: [*evo, "--out", str(out), "--shard-size", f"{mb}MB"],
+                                               evo_imports)}
+    res: dict = {"skipped": None, "threads": args.disk_threads, "tools": []}
+    mk = args.mergekit_bin
+    if mk and Path(mk).is_file():
+        tools["mergekit"] = (lambda out: [mk, str(work / "mergekit.yaml"), str(out)],
+                             [str(Path(mk).parent / "python"), "-c", "import mergekit.scripts.run_yaml, mergekit.merge"])
+    else:
+        res["skipped"] = "no --mergekit-bin given" if not mk else f"{mk} not found"
+    runs: dict[str, list[dict]] = {t: [] for t in tools}
+    for r in range(args.disk_repeats):  # alternate the tools so that load from other jobs hits them alike
+        for k, (tool, (cmd, _)) in enumerate(tools.items()):
+            out = work / f"out-{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs[tool].append(run_measured(cmd(out), env))
+            print(f"  {tool} run {r + 1}: {runs[tool][-1]['s']:.2f}s, peak RSS {runs[tool][-1]['rss'] / MiB:.0f} MiB",
+                  flush=True)
+    imports: dict[tuple[str, ...], dict] = {}
+    for k, (tool, (_, imp)) in enumerate(tools.items()):
+        if tuple(imp) not in imports:
+            imports[tuple(imp)] = min((run_measured(imp, env) for _ in range(2)), key=lambda x: x["s"])
+        res[tool] = {"times": [x["s"] for x in runs[tool]], "out": work / f"out-{k}", "imports": imports[tuple(imp)],
+                     **{key: max(x[key] for x in runs[tool]) for key in ("rss", "anon", "file")}}
+        res["tools"].append(tool)
+    return res
+
+
+# ----------------------------------------------------------------------------------------- report
+def fmt_table(head: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def in_place_section(src: ResidentSources, model: torch.nn.Module, recs: dict[str, Recipe], args) -> list[str]:
+    touched = touched_bytes(src)
+    lines = ["## In-place merge (resident sources, `InPlaceMerger.apply`)", "",
+             f"Bytes touched per merge: {touched / 1e6:.0f} MB = for each of {len(src.names)} tensors, the "
+             f"resident base and each of the {len(DELTAS)} task vectors read once + the live parameter written "
+             "once ((N + 2) x tensor bytes). Memory-copy bandwidth: `Tensor.copy_` of a 256 MiB float32 buffer, "
+             "best of 5, read + write bytes, measured in the same process at the same thread count. "
+             f"Best of {args.repeats} merges after one warm-up; minor page faults are per merge.", ""]
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        bw = copy_bandwidth()
+        for method in args.methods:
+            f0 = minor_faults()
+            times = bench_in_place(src, model, recs[method], args.repeats)
+            faults = (minor_faults() - f0) // (args.repeats + 1)
+            rate = touched / min(times)
+            rows.append([threads, method, f"{min(times):.3f}", f"{statistics.median(times):.3f}",
+                         f"{rate / 1e9:.2f}", f"{bw / 1e9:.1f}", f"**{rate / bw:.3f}**",
+                         f"{faults} ({faults * 4096 / 1e9:.2f} GB)"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    return lines + fmt_table(["torch threads", "method", "best s/merge", "median s", "touched GB/s",
+                              "memcpy GB/s", "ratio (goal >= 0.5)", "page faults (zeroed)"], rows)
+
+
+def ties_section(src: ResidentSources, model: torch.nn.Module, recipe: Recipe, args) -> list[str]:
+    torch.set_num_threads(args.threads[0])
+    split = stage_split(src, model, recipe)
+    whole = split["method"] + split["finite"] + split["copy"]
+    lines = ["", f"## Where a TIES merge spends its time ({args.threads[0]} thread(s))", "",
+             "Stages timed one by one over every tensor (best of 2 sweeps); shares of method + check + copy.", ""]
+    named = [("threshold: magnitudes + exact top-k mask per row (`largest_mask`)", split["threshold"]),
+             ("sparsify total (copy of deltas + threshold + mask multiply)", split["sparsify"]),
+             ("sign election + mix + normalize + add base (method - sparsify)", split["method"] - split["sparsify"]),
+             ("`merge_tensor` NaN/inf check (`isfinite(out).all()`)", split["finite"]),
+             ("copy into the live parameter", split["copy"])]
+    lines += fmt_table(["stage", "seconds", "share"], [[n, f"{s:.3f}", f"{s / whole:.0%}"] for n, s in named])
+    if args.profile:
+        lines += ["", "Top aten operations by self CPU time over one in-place TIES merge (`torch.profiler`):", ""]
+        lines += fmt_table(["op", "self s", "calls", "share"],
+                           [[f"`{k}`", f"{s:.3f}", c, f"{f:.0%}"] for k, s, c, f in profile_merge(src, model, recipe)])
+    return lines
+
+
+def prototype_section(src: ResidentSources, model: torch.nn.Module, recs: dict[str, Recipe], args) -> list[str]:
+    lines = ["", "### Prototype: one compiled kernel per tensor (`FusedMerger`, exact thresholds)", ""]
+    rows = []
+    fused = FusedMerger(src, model)
+    merger = InPlaceMerger(src, model)
+    for method in ("ties", "task_arithmetic"):
+        recipe = recs[method]
+        lib = min(best_of(lambda r=recipe: merger.apply(r), args.repeats))
+        ref = {n: p.detach().clone() for n, p in merger.targets.items()}
+        t0 = time.perf_counter()
+        fused.apply(recipe)
+        first = time.perf_counter() - t0
+        best = min(best_of(lambda r=recipe: fused.apply(r), args.repeats, warmup=0))
+        diff = max(float((merger.targets[n] - ref[n]).abs().max()) for n in ref)
+        del ref
+        rate = touched_bytes(src) / best / copy_bandwidth()
+        rows.append([method, f"{lib:.3f}", f"{best:.3f}", f"{lib / best:.1f}x", f"**{rate:.3f}**", f"{first:.1f}",
+                     f"{diff:.1e}"])
+    return lines + fmt_table(["method", "library s/merge", "prototype s/merge", "speed-up", "ratio",
+                              "first call s (compiles)", "max abs diff"], rows)
+
+
+def disk_section(res: dict, model_bytes: int, largest: int, n_sources: int, ties: dict | None) -> list[str]:
+    bound = largest * (n_sources + 2)
+    lines = ["", f"## Merge to disk (subprocess, end to end, OMP_NUM_THREADS={res['threads'] or 'tool default'})", "",
+             f"bound = largest tensor ({largest / MiB:.0f} MiB) x (sources {n_sources} + 2) = {bound / MiB:.0f} MiB; "
+             f"one model is {model_bytes / MiB:.0f} MiB. Peak RSS from `/usr/bin/time -v`; anonymous and "
+             "file-backed (memory-mapped source files) peaks sampled every 10 ms; 'imports' = the same interpreter "
+             "importing the tool and exiting.", ""]
+    rows = []
+    for tool in res["tools"]:
+        r, imp = res[tool], res[tool]["imports"]
+        rows.append([tool, f"{min(r['times']):.2f}", " / ".join(f"{t:.2f}" for t in r["times"]), f"{imp['s']:.2f}",
+                     f"{r['rss'] / MiB:.0f}", f"{r['anon'] / MiB:.0f}", f"{r['file'] / MiB:.0f}",
+                     f"{imp['rss'] / MiB:.0f}", f"{imp['anon'] / MiB:.0f}", f"{r['rss'] / bound:.2f}",
+                     f"{(r['anon'] - imp['anon']) / bound:.2f}"])
+    lines += fmt_table(["tool", "best s", "runs s", "imports s", "peak RSS MiB", "peak anon MiB", "peak file MiB",
+                        "imports RSS MiB", "imports anon MiB", "peak RSS / bound", "(anon - imports anon) / bound"],
+                       rows)
+    if res["skipped"]:
+        lines.append(f"\nmergekit comparison skipped: {res['skipped']}.")
+        return lines
+    e, m = res["evomerge"], res["mergekit"]
+    g = agreement(e["out"], m["out"], ties or {})
+    lines += ["", f"mergekit time / evomerge time: **{min(m['times']) / min(e['times']):.2f}** (goal >= 2); "
+                  f"evomerge peak RSS / mergekit peak RSS: **{e['rss'] / m['rss']:.2f}** (goal <= 1); without "
+                  f"imports: time {(min(m['times']) - m['imports']['s']) / (min(e['times']) - e['imports']['s']):.2f}"
+                  f", anon RSS {(e['anon'] - e['imports']['anon']) / (m['anon'] - m['imports']['anon']):.2f}.",
+              "", f"Outputs ({g['entries']} entries): max abs diff {g['max']:.2e}; {g['bad']} entries outside "
+                  f"allclose(rtol 1e-5, atol 1e-7), {g['bad_outside']} of them away from the {g['ties']} entries "
+                  f"whose magnitude ties a top-k threshold (kept set implementation-defined in mergekit); away "
+                  f"from those entries max abs diff {g['max_outside']:.2e}; bit-identical {g['same']}"
+                  + (f"; tensors in one output only: {g['only']}" if g["only"] else "") + "."]
+    return lines
+
+
+def machine_lines(args) -> list[str]:
+    return [f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}, torch threads {','.join(map(str, args.threads))} "
+            f"(default {args.default_threads})",
+            f"- load average (1 min) at start {args.load[0]:.1f}, at end {os.getloadavg()[0]:.1f}: the machine is "
+            "shared with other jobs, so every figure is a best of N",
+            f"- command: `{' '.join(['python', *sys.argv])}`"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--repeats", type=int, default=5, help="timed in-place merges per method (after 1 warm-up)")
+    p.add_argument("--disk-repeats", type=int, default=2, help="merge-to-disk runs per tool")
+    p.add_argument("--threads", default="1,2", help="torch threads for the in-place merges, a comma list")
+    p.add_argument("--disk-threads", type=int, default=1,
+                   help="OMP_NUM_THREADS for both merge-to-disk tools (0: leave each tool's default)")
+    p.add_argument("--methods", default="ties,dare_ties,task_arithmetic,linear")
+    p.add_argument("--mergekit-bin", default=None, help="path of mergekit-yaml (e.g. /work/mkvenv/bin/mergekit-yaml)")
+    p.add_argument("--no-disk", dest="disk", action="store_false", help="skip the merge-to-disk comparison")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler table")
+    p.add_argument("--prototype", action="store_true", help="also time the FusedMerger prototype (torch.compile)")
+    p.add_argument("--workdir", type=Path, default=None, help="where to build the sources (default: a temp dir)")
+    p.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "bench_merge.md")
+    args = p.parse_args(argv)
+    args.default_threads = torch.get_num_threads()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.methods = args.methods.split(",")
+    args.load = os.getloadavg()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
+    try:
+        t0 = time.perf_counter()
+        paths = build_sources(work, args.size)
+        recs = recipes(paths)
+        print(f"built sources in {work} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        with ModelFolder.open(paths["base"]) as ref:
+            largest = max(ref.info(n).nbytes for n in ref.tensor_names)
+        disk = bench_disk(work, recs["ties"], args, 2 * largest) if args.disk else None
+        src = ResidentSources.load(paths, "base", list(DELTAS))
+        model = live_model(llama_config(args.size))
+        model_bytes = sum(b.numel() * b.element_size() for b in src.base.values())
+        head = [f"- sources: random Llama ({args.size}: {json.dumps(SIZES[args.size])}), float32, "
+                f"{model_bytes / 1e6:.0f} MB per model, base + 3 fine-tunes (base + N(0, 2e-3) noise); "
+                f"recipes: 3 sources, per-layer weights and densities, `dtype: float32`", ""]
+        lines = in_place_section(src, model, recs, args)
+        if "ties" in args.methods:
+            lines += ties_section(src, model, recs["ties"], args)
+        if args.prototype:
+            lines += prototype_section(src, model, recs, args)
+        if disk is not None:
+            ties = threshold_ties(src, recs["ties"]) if "mergekit" in disk else None
+            lines += disk_section(disk, model_bytes, largest, 1 + len(DELTAS), ties)
+            InPlaceMerger(src, model).apply(recs["ties"])
+            on_disk = read_folder(disk["evomerge"]["out"])
+            same = all(torch.equal(p, on_disk[n]) for n, p in InPlaceMerger(src, model).targets.items())
+            lines.append(f"In-place TIES and `evomerge merge` output bit-identical: {same}.")
+        text = "\n".join(["# Merge benchmark (`experiments/bench_merge.py`)", "", *machine_lines(args), *head, *lines])
+        text += "\n"
+        print("\n" + text)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(text)
+        print(f"wrote {args.results}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
