@@ -16,7 +16,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.merge.params import Role, evaluate
-from evomerge.recipe import MERGED, ModelEntry, ParamValue, Recipe, Routing, RouteStep
+from evomerge.recipe import MERGED, ModelEntry, ParamValue, Recipe, RouteStep, Routing
 
 #: Substring filters that select a module kind in each naming family (first match wins in mergekit).
 KIND_FILTERS: dict[str, dict[str, tuple[str, ...]]] = {

@@ -85,6 +85,26 @@ def test_in_place_equals_merge_to_disk_exactly(family, tmp_path, method):
     assert "recipe" in (out / "README.md").read_text() or recipe.hash in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
+def test_sorted_magnitude_cache_gives_identical_bits(family, tmp_path, method):
+    paths = {k: str(v) for k, v in family.items()}
+    cached = ResidentSources.load(paths, "base", ["a", "b", "c"], sorted_magnitudes=True)
+    plain = ResidentSources.load(paths, "base", ["a", "b", "c"])
+    live_c = AutoModelForCausalLM.from_pretrained(family["base"])
+    live_p = AutoModelForCausalLM.from_pretrained(family["base"])
+    permuted = Recipe.model_validate(dict(
+        method=method, base_model="base", seed=5,
+        models=[{"model": "c", "parameters": {"weight": 0.7, "density": 0.3}},
+                {"model": "a", "parameters": {"weight": 0.4, "density": [0.9, 0.2]}}]))
+    for recipe in (_recipe(family, method) if method != "breadcrumbs_ties" else permuted, permuted):
+        InPlaceMerger(cached, live_c).apply(recipe)
+        InPlaceMerger(plain, live_p).apply(recipe)
+        disk = materialize_state_dict(recipe, paths)
+        for name, p in live_c.state_dict().items():
+            assert torch.equal(p, live_p.state_dict()[name]), name
+            assert torch.equal(p, disk[name]), name
+
+
 def test_in_place_is_reusable_and_subset_rows(family):
     sources = ResidentSources.load({k: str(v) for k, v in family.items()}, "base", ["a", "b", "c"])
     live = AutoModelForCausalLM.from_pretrained(family["base"])

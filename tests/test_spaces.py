@@ -200,7 +200,7 @@ def test_ranges_and_transforms(caplog):
         build_space(parse_template(neg), MODELS, methods=FAKE)
     space = build_space(parse_template({**neg, "allow_negative": ["weight"]}), MODELS, methods=FAKE)
     assert space.decode(space.lower).models[0].parameters["weight"] == -1.0
-    with caplog.at_level(logging.INFO, logger="evomerge.spaces.params"):
+    with caplog.at_level(logging.DEBUG, logger="evomerge.spaces.params"):
         wide = build_space(parse_template({**tpl, "ranges": {"density": [0.05, 1.5]}}), MODELS, methods=FAKE)
     assert "ranges.density: [0.05, 1.5] reaches beyond the natural bounds [0, 1]" in caplog.text
     assert wide.decode(wide.upper).models[0].parameters["density"] == 1.5

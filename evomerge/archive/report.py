@@ -53,7 +53,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.4 * len(pairs), 4), squeeze=False)
     pts = {r.seq: [r.result.task_means()[t] for t in tasks] for r in res.searched}
     bases = [(row.name, [row.calibration[t] for t in tasks]) for row in res.rows(front=False) if row.kind != "searched"]
-    for ax, (i, j) in zip(axes[0], pairs):
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
         all_p = np.array(list(pts.values())) if pts else np.zeros((0, len(tasks)))
         if len(all_p):
             ax.scatter(all_p[:, i], all_p[:, j], s=10, color="0.7", label="candidates")

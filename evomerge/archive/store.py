@@ -1,16 +1,6 @@
 """The archive: every evaluation a run ever made, in one append-only SQLite file.
 
-Layout (``schema_version`` 1):
-
-* ``meta(key, value)``: ``format`` = ``evomerge.archive``, ``schema_version``, ``created``, ``evomerge``.
-* ``evaluations``: one row per evaluation, ``seq`` = 0, 1, 2 … in order of append; candidate id,
-  recipe hash + YAML, genome (JSON list of floats), status, error, fidelity, split, timings (JSON),
-  worker, created time, meta (JSON) and ``n_tasks`` (how many ``task_scores`` rows belong to it).
-* ``example_sets(id, digest, example_ids)``: each distinct list of example ids, stored once (JSON).
-* ``task_scores``: one row per (evaluation, task): metric, mean, the example set, and the per-example
-  scores as a little-endian float64 blob. A blob round-trips bit for bit (NaN included), takes 8 bytes
-  per example instead of ~20 for JSON text, and the example ids, which repeat in every evaluation of
-  a task at a fidelity, are not repeated.
+The tables and the row encoding are described in :mod:`evomerge.archive.schema`.
 
 Durability: the database runs in WAL mode with ``synchronous=FULL``. Each :meth:`Archive.append` is one
 transaction, so a process killed mid-write leaves only complete evaluations. ``FULL`` syncs the WAL at
@@ -21,74 +11,43 @@ which ``NORMAL`` does not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from evomerge import __version__
+from evomerge.archive.schema import (
+    EVAL_COLUMNS,
+    FORMAT,
+    SCHEMA_VERSION,
+    SPLITS,
+    check_meta,
+    create_tables,
+    decode_genome,
+    decode_result,
+    decode_tasks,
+    encode_evaluation,
+    encode_task,
+    insert_scores,
+    where_clause,
+)
 from evomerge.errors import CheckpointError
 from evomerge.recipe import Recipe
-from evomerge.types import Candidate, EvalResult, TaskScores
+from evomerge.types import Candidate, EvalResult
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "evomerge.archive"
-SCHEMA_VERSION = 1
-SPLITS = ("calibration", "test")
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE evaluations (
-    seq INTEGER PRIMARY KEY,
-    candidate_id INTEGER NOT NULL,
-    recipe_hash TEXT NOT NULL,
-    recipe_yaml TEXT NOT NULL,
-    genome TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
-    error TEXT,
-    fidelity TEXT NOT NULL,
-    split TEXT NOT NULL,
-    timings TEXT NOT NULL,
-    worker TEXT,
-    created REAL NOT NULL,
-    meta TEXT NOT NULL,
-    n_tasks INTEGER NOT NULL
-);
-CREATE INDEX evaluations_cache ON evaluations (recipe_hash, fidelity, split);
-CREATE TABLE example_sets (
-    id INTEGER PRIMARY KEY,
-    digest TEXT NOT NULL UNIQUE,
-    example_ids TEXT NOT NULL
-);
-CREATE TABLE task_scores (
-    seq INTEGER NOT NULL REFERENCES evaluations (seq),
-    pos INTEGER NOT NULL,
-    task TEXT NOT NULL,
-    metric TEXT NOT NULL,
-    mean REAL,
-    example_set INTEGER NOT NULL REFERENCES example_sets (id),
-    scores BLOB NOT NULL,
-    PRIMARY KEY (seq, pos)
-);
-"""
-
-_EVAL_COLUMNS = (
-    "seq, candidate_id, recipe_hash, recipe_yaml, genome, status, error, fidelity, split, "
-    "timings, worker, created, meta, n_tasks"
-)
+__all__ = ["FORMAT", "SCHEMA_VERSION", "SPLITS", "Archive", "Record", "mean_of_tasks"]
 
 
 @dataclass(frozen=True)
@@ -115,73 +74,9 @@ class Record:
         return self.result.ok
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (tuple, set, frozenset)):
-        return list(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, separators=(",", ":"))
-
-
 def mean_of_tasks(means: Mapping[str, float]) -> float:
     """The default scalarization: the unweighted mean of the per-task means (NaN if there are none)."""
     return float(np.mean(list(means.values()))) if means else float("nan")
-
-
-class _TaskRow(NamedTuple):
-    task: str
-    metric: str
-    mean: float | None
-    ids: str
-    digest: str
-    blob: bytes
-
-
-def _encode_task(name: str, ts: TaskScores) -> _TaskRow:
-    scores = np.asarray(ts.scores)
-    if scores.ndim != 1:
-        raise ValueError(f"task {name!r}: scores must be 1-D, got shape {scores.shape}")
-    if len(ts.example_ids) != len(scores):
-        raise ValueError(f"task {name!r}: {len(ts.example_ids)} example ids for {len(scores)} scores")
-    ids = _dumps([str(i) for i in ts.example_ids])
-    mean = ts.mean
-    return _TaskRow(
-        task=name,
-        metric=ts.metric,
-        mean=mean if math.isfinite(mean) else None,
-        ids=ids,
-        digest=hashlib.sha256(ids.encode()).hexdigest(),
-        blob=np.ascontiguousarray(scores, dtype="<f8").tobytes(),
-    )
-
-
-def _to_record(row: sqlite3.Row, tasks: dict[str, TaskScores]) -> Record:
-    result = EvalResult(
-        candidate_id=row["candidate_id"],
-        status=row["status"],
-        tasks=tasks,
-        error=row["error"],
-        timings=json.loads(row["timings"]),
-        worker=row["worker"],
-        fidelity=row["fidelity"],
-    )
-    return Record(
-        seq=row["seq"],
-        candidate_id=row["candidate_id"],
-        recipe_hash=row["recipe_hash"],
-        recipe_yaml=row["recipe_yaml"],
-        genome=np.asarray(json.loads(row["genome"]), dtype=np.float64),
-        result=result,
-        split=row["split"],
-        created=row["created"],
-        meta=json.loads(row["meta"]),
-    )
 
 
 class Archive:
@@ -229,7 +124,7 @@ class Archive:
         else:
             if not self.readonly:
                 self._configure()
-            self.schema_version = self._check_meta(tables)
+            self.schema_version = check_meta(self._db, self.path, tables)
 
     def _configure(self) -> None:
         mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -239,41 +134,9 @@ class Archive:
         self._db.execute("PRAGMA foreign_keys = ON")
 
     def _create(self) -> None:
-        with self._transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._db.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("format", FORMAT),
-                    ("schema_version", str(SCHEMA_VERSION)),
-                    ("created", repr(time.time())),
-                    ("evomerge", __version__),
-                ],
-            )
+        with self._transaction() as db:
+            create_tables(db)
         logger.debug("created archive %s", self.path)
-
-    def _check_meta(self, tables: set[str]) -> int:
-        if "meta" not in tables:
-            raise CheckpointError(f"archive {self.path} is a SQLite file but not an evomerge archive")
-        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"archive {self.path} is a SQLite file but not an evomerge archive")
-        try:
-            version = int(meta.get("schema_version", ""))
-        except ValueError:
-            raise CheckpointError(
-                f"archive {self.path}: unreadable schema_version {meta.get('schema_version')!r}"
-            ) from None
-        if version > SCHEMA_VERSION:
-            raise CheckpointError(
-                f"archive {self.path} has schema_version {version}, newer than this evomerge "
-                f"({__version__}) reads ({SCHEMA_VERSION}); upgrade evomerge"
-            )
-        if version < 1:
-            raise CheckpointError(f"archive {self.path}: unknown schema_version {version}")
-        return version
 
     # ------------------------------------------------------------------ writing
     @contextmanager
@@ -312,27 +175,12 @@ class Archive:
             raise ValueError(
                 f"result.candidate_id {result.candidate_id} differs from candidate.id {candidate.id}"
             )
-        genome = np.asarray(candidate.genome, dtype=np.float64)
-        rows = [_encode_task(name, ts) for name, ts in result.tasks.items()]
-        row = (
-            int(candidate.id),
-            recipe.hash,
-            recipe.to_yaml(),
-            _dumps(genome.tolist()),
-            result.status,
-            result.error,
-            result.fidelity,
-            split,
-            _dumps({k: float(v) for k, v in result.timings.items()}),
-            result.worker,
-            time.time(),
-            _dumps({**candidate.meta, **(meta or {})}),
-            len(rows),
-        )
+        rows = [encode_task(name, ts) for name, ts in result.tasks.items()]
+        row = encode_evaluation(candidate, recipe, result, split, meta, len(rows))
         with self._lock, self._transaction() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM evaluations").fetchone()[0]
             db.execute(
-                f"INSERT INTO evaluations ({_EVAL_COLUMNS}) VALUES (?, {', '.join('?' * 13)})", (seq, *row)
+                f"INSERT INTO evaluations ({EVAL_COLUMNS}) VALUES (?, {', '.join('?' * 13)})", (seq, *row)
             )
             for pos, task_row in enumerate(rows):
                 self._insert_scores(db, seq, pos, task_row)
@@ -341,66 +189,35 @@ class Archive:
         )
         return int(seq)
 
-    @staticmethod
-    def _insert_scores(db: sqlite3.Connection, seq: int, pos: int, row: _TaskRow) -> None:
-        db.execute(
-            "INSERT OR IGNORE INTO example_sets (digest, example_ids) VALUES (?, ?)", (row.digest, row.ids)
-        )
-        (set_id,) = db.execute("SELECT id FROM example_sets WHERE digest = ?", (row.digest,)).fetchone()
-        db.execute(
-            "INSERT INTO task_scores (seq, pos, task, metric, mean, example_set, scores) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, pos, row.task, row.metric, row.mean, set_id, row.blob),
-        )
+    _insert_scores = staticmethod(insert_scores)
 
     # ------------------------------------------------------------------ reading
-    def _where(self, *, status: str | None, fidelity: str | None, split: str | None) -> tuple[str, list[Any]]:
-        clauses, args = [], []
-        for column, value in (("status", status), ("fidelity", fidelity), ("split", split)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                args.append(value)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
-
     def _decode(self, rows: list[sqlite3.Row]) -> list[Record]:
-        if not rows:
-            return []
-        task_rows: dict[int, list[sqlite3.Row]] = {}
-        for t in self._db.execute(
-            "SELECT seq, task, metric, example_set, scores FROM task_scores WHERE seq BETWEEN ? AND ? "
-            "ORDER BY seq, pos",
-            (rows[0]["seq"], rows[-1]["seq"]),
-        ):
-            task_rows.setdefault(t["seq"], []).append(t)
-        id_sets: dict[int, tuple[str, ...]] = {}
-        out = []
-        for row in rows:
-            mine = task_rows.get(row["seq"], [])
-            if len(mine) != row["n_tasks"]:
-                raise CheckpointError(
-                    f"archive {self.path}: evaluation {row['seq']} has {len(mine)} of its {row['n_tasks']} task rows"
-                )
-            tasks: dict[str, TaskScores] = {}
-            for t in mine:
-                if t["example_set"] not in id_sets:
-                    (ids,) = self._db.execute(
-                        "SELECT example_ids FROM example_sets WHERE id = ?", (t["example_set"],)
-                    ).fetchone()
-                    id_sets[t["example_set"]] = tuple(json.loads(ids))
-                scores = np.frombuffer(t["scores"], dtype="<f8").astype(np.float64)
-                tasks[t["task"]] = TaskScores(id_sets[t["example_set"]], scores, metric=t["metric"])
-            out.append(_to_record(row, tasks))
-        return out
+        return [
+            Record(
+                seq=row["seq"],
+                candidate_id=row["candidate_id"],
+                recipe_hash=row["recipe_hash"],
+                recipe_yaml=row["recipe_yaml"],
+                genome=decode_genome(row),
+                result=decode_result(row, tasks),
+                split=row["split"],
+                created=row["created"],
+                meta=json.loads(row["meta"]),
+            )
+            for row, tasks in zip(rows, decode_tasks(self._db, self.path, rows), strict=True)
+        ]
 
     def _select(self, where: str, args: Sequence[Any], tail: str = "ORDER BY seq") -> list[Record]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {_EVAL_COLUMNS} FROM evaluations{where} {tail}", args).fetchall()
+            rows = self._db.execute(f"SELECT {EVAL_COLUMNS} FROM evaluations{where} {tail}", args).fetchall()
             return self._decode(rows)
 
     def records(
         self, status: str | None = None, fidelity: str | None = None, split: str | None = "calibration"
     ) -> list[Record]:
         """Stored evaluations in order of ``seq``, filtered by status / fidelity / split (None: any)."""
-        return self._select(*self._where(status=status, fidelity=fidelity, split=split))
+        return self._select(*where_clause(status=status, fidelity=fidelity, split=split))
 
     def get(self, seq: int) -> Record:
         """The evaluation with sequence number ``seq`` (``KeyError`` if there is none)."""
@@ -432,7 +249,7 @@ class Archive:
         self, status: str | None = None, *, fidelity: str | None = None, split: str | None = None
     ) -> int:
         """How many evaluations match (None: any). ``len(archive)`` counts all of them."""
-        where, args = self._where(status=status, fidelity=fidelity, split=split)
+        where, args = where_clause(status=status, fidelity=fidelity, split=split)
         with self._lock:
             return int(self._db.execute(f"SELECT COUNT(*) FROM evaluations{where}", args).fetchone()[0])
 

@@ -134,7 +134,7 @@ def preflight(cfg: RunConfig) -> Prepared:
         tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size,
                         **({"threads": cfg.resources.threads_per_worker} if cfg.resources.threads_per_worker else {})},
         device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
-        seed=cfg.seed,
+        seed=cfg.seed, sorted_magnitudes=cfg.resources.sorted_magnitude_cache,
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed)
     for f in folders.values():

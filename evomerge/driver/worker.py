@@ -36,6 +36,7 @@ class WorkerSpec:
     dtype: str = "auto"
     threads: int | None = None
     seed: int = 0
+    sorted_magnitudes: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,7 +67,10 @@ class Worker:
         self.name = name
         self.device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, self.device)
-        self.sources = ResidentSources.load(spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype)
+        self.sources = ResidentSources.load(
+            spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype,
+            sorted_magnitudes=spec.sorted_magnitudes,
+        )
         ref_dir = spec.sources[spec.reference]
         self.model = AutoModelForCausalLM.from_pretrained(
             ref_dir, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False

@@ -14,7 +14,8 @@ from evomerge.io.arch import (
     tensor_role,
 )
 from evomerge.io.check import check_mergeable
-from evomerge.io.folder import ModelFolder, TensorInfo, find_tokenizer_files, read_header
+from evomerge.io.folder import ModelFolder, find_tokenizer_files
+from evomerge.io.header import TensorInfo, read_header
 from evomerge.io.writer import ModelWriter
 
 __all__ = [

@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,8 +24,22 @@ from safetensors import SafetensorError, safe_open
 
 from evomerge.errors import SourceError
 from evomerge.io.arch import layer_index, tensor_role
+from evomerge.io.header import TensorInfo, read_header
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_FILE",
+    "GENERATION_CONFIG_FILE",
+    "INDEX_FILE",
+    "PICKLE_SUFFIXES",
+    "SINGLE_FILE",
+    "TOKENIZER_FILES",
+    "ModelFolder",
+    "TensorInfo",
+    "find_tokenizer_files",
+    "read_header",
+]
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -49,91 +62,6 @@ TOKENIZER_FILES = (
 #: Suffixes of weight files stored with pickle, which evomerge refuses to load.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-#: A header larger than this is taken as corruption (the safetensors format caps it at 100 MB).
-_MAX_HEADER_BYTES = 100_000_000
-#: safetensors dtype codes -> torch dtypes (codes a given torch build lacks are skipped).
-_DTYPES: dict[str, torch.dtype] = {
-    code: getattr(torch, attr)
-    for code, attr in {
-        "F64": "float64",
-        "F32": "float32",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "I64": "int64",
-        "I32": "int32",
-        "I16": "int16",
-        "I8": "int8",
-        "U64": "uint64",
-        "U32": "uint32",
-        "U16": "uint16",
-        "U8": "uint8",
-        "BOOL": "bool",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E8M0": "float8_e8m0fnu",
-    }.items()
-    if hasattr(torch, attr)
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's safetensors header entry: where it is, its dtype and shape, its data size in bytes."""
-
-    name: str
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse the header of safetensors ``file`` (no tensor data is read).
-
-    Raises :class:`~evomerge.errors.SourceError` naming the file when it is truncated or corrupt.
-    """
-    try:
-        size = file.stat().st_size
-        with file.open("rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise SourceError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-            header_len = int.from_bytes(prefix, "little")
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise SourceError(
-                    f"{file}: corrupt or truncated safetensors file (header claims {header_len} bytes, "
-                    f"file has {size})"
-                )
-            raw = fh.read(header_len)
-    except OSError as exc:
-        raise SourceError(f"{file}: cannot read safetensors file: {exc}") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{file}: corrupt safetensors header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise SourceError(f"{file}: corrupt safetensors header: not a JSON object")
-    data_size = size - 8 - header_len
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
-                raise ValueError("bad shape or offsets")
-        except (TypeError, KeyError, ValueError) as exc:
-            raise SourceError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from exc
-        if code not in _DTYPES:
-            raise SourceError(f"{file}: tensor {name!r} has dtype {code}, which this torch cannot load")
-        if end > data_size:
-            raise SourceError(
-                f"{file}: truncated safetensors file (tensor {name!r} ends at byte {end} of the data, "
-                f"which holds only {data_size} bytes)"
-            )
-        infos[name] = TensorInfo(name, file, _DTYPES[code], shape, begin, end - begin)
-    return infos
 
 
 def find_tokenizer_files(path: Path) -> list[Path]:

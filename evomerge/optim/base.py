@@ -1,5 +1,7 @@
-"""The optimizer contract: what is searched (:class:`Problem`), what is told (:class:`Observation`),
-the ask/tell protocol (:class:`Optimizer`) and the base class that does the bookkeeping.
+"""The optimizer contract: the ask/tell protocol (:class:`Optimizer`), the registry, the options
+model and the base class that does the bookkeeping. What is searched (:class:`Problem`) and what is
+told (:class:`Observation`) live in :mod:`evomerge.optim.problem` and are re-exported here; the JSON
+encodings of state live in :mod:`evomerge.optim.state`.
 
 Conventions shared by every optimizer:
 
@@ -23,11 +25,9 @@ Conventions shared by every optimizer:
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -35,9 +35,19 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import ConfigError, OptimizerError
+from evomerge.optim.problem import Observation, Problem, SegmentStructure, Told
 from evomerge.optim.scalarize import Scalarizer
+from evomerge.optim.state import (
+    candidate_from_json,
+    candidate_to_json,
+    decode_blob,
+    encode_blob,
+    frozen_array,
+    rng_from_json,
+    rng_state_to_json,
+)
 from evomerge.registry import Registry
-from evomerge.types import Candidate, EvalResult
+from evomerge.types import Candidate
 
 logger = logging.getLogger(__name__)
 
@@ -62,151 +72,6 @@ PER_EXAMPLE = "per_example"  # uses Observation.per_example
 SEGMENTS = "segments"  # uses Problem.segments when given
 BUDGET = "budget"  # accepts the option ``budget`` (planned number of evaluations)
 BASELINE = "baseline"  # a reference point, not expected to beat random search
-
-
-@dataclass(frozen=True)
-class SegmentStructure:
-    """Recipes as per-segment linear combinations of ``n_seeds`` seed models.
-
-    An individual is a coefficient matrix ``C`` of shape ``[n_segments, n_seeds]`` (genome ``C.ravel()``,
-    segment-major); the merged weights of segment ``s`` are ``sum_m C[s, m] * seed_m[s]``.
-    ``gram[s]`` is the Gram matrix ``<seed_a[s], seed_b[s]>`` of the seeds' flattened parameters in
-    segment ``s`` (full weights or task vectors: interpolation angles are measured in that space) and
-    ``sizes[s]`` its number of parameters.
-    """
-
-    n_seeds: int
-    n_segments: int
-    gram: npt.NDArray[np.float64]
-    sizes: npt.NDArray[np.int64] = None  # type: ignore[assignment]  # None: one parameter per segment
-
-    def __post_init__(self) -> None:
-        m, s = int(self.n_seeds), int(self.n_segments)
-        if m < 1 or s < 1:
-            raise ConfigError(f"segments: n_seeds and n_segments must be >= 1, got {m} and {s}")
-        gram = np.array(self.gram, dtype=np.float64)
-        if gram.shape != (s, m, m) or not np.all(np.isfinite(gram)):
-            raise ConfigError(f"segments.gram: expected finite array of shape {(s, m, m)}, got {gram.shape}")
-        if not np.allclose(
-            gram, gram.transpose(0, 2, 1), rtol=1e-6, atol=1e-12 * max(1.0, np.abs(gram).max())
-        ):
-            raise ConfigError("segments.gram: Gram matrices must be symmetric")
-        sizes = np.ones(s, dtype=np.int64) if self.sizes is None else np.array(self.sizes, dtype=np.int64)
-        if sizes.shape != (s,) or np.any(sizes < 1):
-            raise ConfigError(f"segments.sizes: expected {s} positive integers, got {self.sizes!r}")
-        gram.setflags(write=False)
-        sizes.setflags(write=False)
-        object.__setattr__(self, "n_seeds", m)
-        object.__setattr__(self, "n_segments", s)
-        object.__setattr__(self, "gram", gram)
-        object.__setattr__(self, "sizes", sizes)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """What is searched: a box ``[lower, upper]`` of dimension ``dim`` (search spaces use ``[0, 1]^dim``),
-    a default start ``x0`` (the hand-set merge; the box centre when omitted), the objectives
-    ``task_names`` (all higher-is-better) and, for optimizers with the ``segments`` capability, the
-    optional :class:`SegmentStructure` (then ``dim == n_segments * n_seeds``).
-    """
-
-    dim: int
-    lower: npt.NDArray[np.float64]
-    upper: npt.NDArray[np.float64]
-    x0: npt.NDArray[np.float64] = None  # type: ignore[assignment]  # None: the box centre
-    task_names: tuple[str, ...] = ("score",)
-    segments: SegmentStructure | None = None
-
-    def __post_init__(self) -> None:
-        d = int(self.dim)
-        if d < 1:
-            raise ConfigError(f"problem.dim must be >= 1, got {self.dim}")
-        lower = np.broadcast_to(np.asarray(self.lower, dtype=np.float64), (d,)).copy()
-        upper = np.broadcast_to(np.asarray(self.upper, dtype=np.float64), (d,)).copy()
-        if not (np.all(np.isfinite(lower)) and np.all(np.isfinite(upper)) and np.all(lower < upper)):
-            raise ConfigError("problem bounds: lower and upper must be finite with lower < upper")
-        x0 = (lower + upper) / 2 if self.x0 is None else np.array(self.x0, dtype=np.float64)
-        if x0.shape != (d,) or not np.all((x0 >= lower) & (x0 <= upper)):
-            raise ConfigError(f"problem.x0: expected {d} values within the bounds")
-        names = (self.task_names,) if isinstance(self.task_names, str) else tuple(self.task_names)
-        if not names or len(set(names)) != len(names):
-            raise ConfigError(f"problem.task_names: expected distinct task names, got {names!r}")
-        seg = self.segments
-        if seg is not None and seg.n_segments * seg.n_seeds != d:
-            raise ConfigError(f"problem.segments: {seg.n_segments} segments x {seg.n_seeds} seeds != dim {d}")
-        for arr in (lower, upper, x0):
-            arr.setflags(write=False)
-        object.__setattr__(self, "dim", d)
-        object.__setattr__(self, "lower", lower)
-        object.__setattr__(self, "upper", upper)
-        object.__setattr__(self, "x0", x0)
-        object.__setattr__(self, "task_names", names)
-
-    @classmethod
-    def unit_cube(
-        cls,
-        dim: int,
-        task_names: Sequence[str] = ("score",),
-        *,
-        x0: npt.ArrayLike | None = None,
-        segments: SegmentStructure | None = None,
-    ) -> Problem:
-        """The usual search-space problem: the box ``[0, 1]^dim``."""
-        x = np.full(dim, 0.5) if x0 is None else np.asarray(x0, dtype=np.float64)
-        return cls(dim, np.zeros(dim), np.ones(dim), x, tuple(task_names), segments)
-
-
-@dataclass(frozen=True)
-class Observation:
-    """The result of evaluating one candidate, as told to an optimizer.
-
-    ``objectives`` holds one higher-is-better score per task (ordered like ``Problem.task_names``);
-    ``per_example`` the concatenated per-example scores of all tasks (higher is better), used by
-    optimizers with the ``per_example`` capability. A failure has ``ok=False`` and needs neither.
-    """
-
-    candidate_id: int
-    ok: bool = True
-    objectives: npt.NDArray[np.float64] | None = None
-    per_example: npt.NDArray[np.float64] | None = None
-
-    def __post_init__(self) -> None:
-        if self.objectives is not None:
-            object.__setattr__(
-                self, "objectives", np.atleast_1d(np.asarray(self.objectives, dtype=np.float64))
-            )
-        if self.per_example is not None:
-            object.__setattr__(self, "per_example", np.asarray(self.per_example, dtype=np.float64))
-
-    @classmethod
-    def failure(cls, candidate_id: int) -> Observation:
-        return cls(candidate_id=candidate_id, ok=False)
-
-    @classmethod
-    def from_result(cls, result: EvalResult, task_names: Sequence[str]) -> Observation:
-        """Task means as objectives and the tasks' per-example scores concatenated in ``task_names`` order."""
-        if not result.ok:
-            return cls.failure(result.candidate_id)
-        missing = [t for t in task_names if t not in result.tasks]
-        if missing:
-            raise OptimizerError(f"result of candidate {result.candidate_id} lacks task {missing[0]!r}")
-        tasks = [result.tasks[t] for t in task_names]
-        return cls(
-            candidate_id=result.candidate_id,
-            objectives=np.array([t.mean for t in tasks], dtype=np.float64),
-            per_example=np.concatenate([np.asarray(t.scores, dtype=np.float64) for t in tasks]),
-        )
-
-
-@dataclass(frozen=True)
-class Told:
-    """A validated observation joined with the candidate it belongs to (what subclasses receive)."""
-
-    candidate: Candidate
-    ok: bool
-    objectives: npt.NDArray[np.float64] | None = None
-    per_example: npt.NDArray[np.float64] | None = None
-    error: str | None = field(default=None, compare=False)
 
 
 @runtime_checkable
@@ -260,64 +125,6 @@ def parse_options(model: type[OptionsT], options: Mapping[str, Any], optimizer: 
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "options"
         raise ConfigError(f"optimizer {optimizer!r}: option {loc}: {err['msg']}") from exc
-
-
-def rng_state_to_json(rng: np.random.Generator) -> dict[str, Any]:
-    """The generator's bit-generator state with integers wider than 53 bits written as hex strings."""
-    return _ints_to_hex(rng.bit_generator.state)
-
-
-def rng_from_json(state: Mapping[str, Any]) -> np.random.Generator:
-    decoded = _hex_to_ints(dict(state))
-    name = decoded.get("bit_generator")
-    bitgen_cls = getattr(np.random, str(name), None)
-    if bitgen_cls is None:
-        raise OptimizerError(f"state: unknown bit generator {name!r}")
-    bitgen = bitgen_cls()
-    bitgen.state = decoded
-    return np.random.Generator(bitgen)
-
-
-def _ints_to_hex(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _ints_to_hex(v) for k, v in obj.items()}
-    if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool) and abs(int(obj)) >= 2**53:
-        return hex(int(obj))
-    return obj
-
-
-def _hex_to_ints(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _hex_to_ints(v) for k, v in obj.items()}
-    if isinstance(obj, str) and obj.startswith(("0x", "-0x")):
-        return int(obj, 16)
-    return obj
-
-
-def encode_blob(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def decode_blob(text: str) -> bytes:
-    try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError) as exc:
-        raise OptimizerError("state: field 'blob' is not valid base64") from exc
-
-
-def frozen_array(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """A read-only float64 copy (candidate genomes cannot be changed after they are handed out)."""
-    arr = np.array(values, dtype=np.float64)
-    arr.setflags(write=False)
-    return arr
-
-
-def _candidate_to_json(c: Candidate) -> dict[str, Any]:
-    return {"id": c.id, "genome": c.genome.tolist(), "meta": c.meta}
-
-
-def _candidate_from_json(d: Mapping[str, Any]) -> Candidate:
-    return Candidate(id=int(d["id"]), genome=frozen_array(d["genome"]), meta=dict(d.get("meta", {})))
 
 
 class BaseOptimizer:
@@ -439,12 +246,12 @@ class BaseOptimizer:
             "options": self.options.model_dump(mode="json"),
             "problem": {"dim": self.problem.dim, "task_names": list(self.problem.task_names)},
             "next_id": self._next_id,
-            "pending": [_candidate_to_json(self._pending[i]) for i in sorted(self._pending)],
+            "pending": [candidate_to_json(self._pending[i]) for i in sorted(self._pending)],
             "n_told": self._n_told,
             "n_failed": self._n_failed,
             "lo": None if self._lo is None else self._lo.tolist(),
             "hi": None if self._hi is None else self._hi.tolist(),
-            "best": None if self._best is None else _candidate_to_json(self._best),
+            "best": None if self._best is None else candidate_to_json(self._best),
             "rng": rng_state_to_json(self._rng),
             "impl": impl,
             "blob": None if blob is None else encode_blob(blob),
@@ -456,11 +263,11 @@ class BaseOptimizer:
         """Restore a state written by ``state_dict`` of an optimizer of the same kind, problem and options."""
         try:
             self._check_state(state)
-            pending = {c.id: c for c in map(_candidate_from_json, state["pending"])}
+            pending = {c.id: c for c in map(candidate_from_json, state["pending"])}
             rng = rng_from_json(state["rng"])
             lo = None if state["lo"] is None else np.asarray(state["lo"], dtype=np.float64)
             hi = None if state["hi"] is None else np.asarray(state["hi"], dtype=np.float64)
-            best = None if state["best"] is None else _candidate_from_json(state["best"])
+            best = None if state["best"] is None else candidate_from_json(state["best"])
             blob = None if state.get("blob") is None else decode_blob(state["blob"])
             next_id, n_told, n_failed = int(state["next_id"]), int(state["n_told"]), int(state["n_failed"])
             old_rng, self._rng = self._rng, rng

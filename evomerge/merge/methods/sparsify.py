@@ -24,13 +24,17 @@ Speed: thresholds come from an exact selection (:func:`kth_smallest`: a sorted s
 the answer, one pass counts, and only the bracket is searched), not from a full sort; DELLA needs full
 per-row ranks and uses one stable sort per row (on the magnitudes' bit patterns, which order like the
 magnitudes). Random draws use only the given CPU generator, drawn as ``torch.rand(row shape)`` per
-sparsified row in row order, then moved to the tensor's device.
+sparsified row in row order, then moved to the tensor's device. A caller that holds the rows'
+magnitudes already sorted (resident task vectors) passes them with :func:`sorted_magnitudes`: the
+``magnitude`` threshold is then read from them instead of selected, with the same result.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -39,6 +43,7 @@ __all__ = [
     "kth_smallest",
     "largest_mask",
     "smallest_mask",
+    "sorted_magnitudes",
     "sparsify",
 ]
 
@@ -47,12 +52,29 @@ SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune"
 _DIRECT = 1 << 16  # below this many elements torch.kthvalue is used as is
 _SAMPLE = 1 << 14  # target size of the strided sample that brackets a threshold
 _EPS = 1e-7  # mergekit's rescale tolerance
+_SORTED: ContextVar[Sequence[torch.Tensor | None] | None] = ContextVar("sorted_magnitudes", default=None)
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}
 
 
 def _count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
+
+
+@contextmanager
+def sorted_magnitudes(rows: Sequence[torch.Tensor | None]) -> Iterator[None]:
+    """Within this context, :func:`sparsify`'s ``magnitude`` thresholds come from ``rows``.
+
+    ``rows[i]`` must be ``sort(|deltas[i]|.flatten())`` (ascending, 1-D) of the stack that the next
+    :func:`sparsify` call receives, or ``None`` for a row without one; a stack with another row count
+    or row size ignores them. The masks are the same as without (same threshold, same tie-breaking);
+    only the selection pass is skipped.
+    """
+    token = _SORTED.set(list(rows))
+    try:
+        yield
+    finally:
+        _SORTED.reset(token)
 
 
 def kth_smallest(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -115,8 +137,14 @@ def smallest_mask(x: torch.Tensor, r: int, *, out: torch.Tensor | None = None) -
     return out
 
 
-def largest_mask(x: torch.Tensor, k: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest elements of 1-D ``x`` (equal values: lower index first)."""
+def largest_mask(
+    x: torch.Tensor, k: int, *, out: torch.Tensor | None = None, ordered: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest elements of 1-D ``x`` (equal values: lower index first).
+
+    ``ordered``, when given, is ``sort(x)`` (ascending, any floating dtype that holds ``x``'s values
+    exactly): the threshold is then read from it rather than selected.
+    """
     m = x.numel()
     if out is None:
         out = torch.empty(m, dtype=torch.bool, device=x.device)
@@ -124,12 +152,53 @@ def largest_mask(x: torch.Tensor, k: int, *, out: torch.Tensor | None = None) ->
         return out.fill_(False)
     if k >= m:
         return out.fill_(True)
-    thr = kth_smallest(x, m - k + 1)
-    if _count(torch.ge(x, thr, out=out)) == k:  # no tie at the threshold (the usual case)
-        return out
+    if ordered is not None:
+        thr_o = ordered[m - k]
+        n_ge = m - int(torch.searchsorted(ordered, thr_o.reshape(1)))
+        thr = thr_o.to(x.dtype)
+        torch.ge(x, thr, out=out)
+        if n_ge == k:  # no tie at the threshold (the usual case)
+            return out
+    else:
+        thr = kth_smallest(x, m - k + 1)
+        if _count(torch.ge(x, thr, out=out)) == k:  # no tie at the threshold (the usual case)
+            return out
     torch.gt(x, thr, out=out)
     _add_ties(out, x == thr, k - _count(out))
     return out
+
+
+def _prune_to_largest(
+    row: torch.Tensor, k: int, magnitude: torch.Tensor, ordered: torch.Tensor | None, *, out: torch.Tensor,
+    signs: torch.Tensor,
+) -> bool:
+    """Write ``row * largest_mask(|row|, k)`` into ``out`` in two passes when no magnitude ties the threshold.
+
+    Returns False, writing nothing, when entries equal to the threshold would have to be split by index
+    (then the caller builds the mask). ``out`` may be ``row`` itself; ``signs`` is a tensor with the
+    signs of ``row`` that ``out`` does not overlap (the row in its original dtype). ``ordered`` is the row's sorted magnitudes, if known; otherwise
+    ``magnitude`` receives ``|row|``. Bit-identical to the mask multiply: ``hardshrink`` by the largest
+    value below the threshold zeroes exactly ``|x| < thr``, and ``copysign`` restores the ``-0.0`` that
+    ``x * 0.0`` gives for negative ``x``.
+    """
+    m = row.numel()
+    if k >= m:
+        out.copy_(row)
+        return True
+    if ordered is not None:
+        thr = ordered[m - k]
+        if m - int(torch.searchsorted(ordered, thr.reshape(1))) != k:
+            return False
+        thr = thr.to(row.dtype)
+    else:
+        torch.abs(row, out=magnitude)
+        thr = kth_smallest(magnitude, m - k + 1)
+        if _count(torch.ge(magnitude, thr, out=out.new_empty(m, dtype=torch.bool))) != k:
+            return False
+    below = float(torch.nextafter(thr, torch.zeros_like(thr)))
+    torch.ops.aten.hardshrink.out(row, below, out=out)
+    torch.copysign(out, signs, out=out)
+    return True
 
 
 def _della_probs(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -152,12 +221,12 @@ def _della_probs(magnitude: torch.Tensor, density: float, epsilon: float) -> tor
 
 def _row_mask(
     method: str, magnitude: torch.Tensor, shape: torch.Size, density: float, gamma: float, epsilon: float,
-    generator: torch.Generator | None, keep: torch.Tensor,
+    generator: torch.Generator | None, keep: torch.Tensor, ordered: torch.Tensor | None = None,
 ) -> None:
     """Write the boolean keep mask of one flattened row into ``keep``."""
     m = magnitude.numel()
     if method == "magnitude":
-        largest_mask(magnitude, max(1, int(density * m)), out=keep)
+        largest_mask(magnitude, max(1, int(density * m)), out=keep, ordered=ordered)
     elif method == "magnitude_outliers":
         target = int(density * m)
         n_bot = max(0, m - target - int(gamma * m))
@@ -199,23 +268,35 @@ def sparsify(
     n, shape = deltas.shape[0], deltas.shape[1:]
     if method in ("random", "della_magprune") and generator is None and any(d < 1 for d in densities):
         raise ValueError(f"{method} sparsification needs a generator")
-    masked = torch.empty(deltas.shape, dtype=dtype, device=deltas.device).copy_(deltas)
+    masked = torch.empty(deltas.shape, dtype=dtype, device=deltas.device)
     flat = masked.view(n, -1)
+    src = deltas.reshape(n, -1)
     factors = torch.ones(n, dtype=dtype, device=deltas.device)
     m = flat.shape[1]
+    hints = _SORTED.get()
+    if hints is not None and (len(hints) != n or any(h is not None and h.numel() != m for h in hints)):
+        hints = None
     magnitude = torch.empty(m, dtype=dtype, device=deltas.device)
     keep = torch.empty(m, dtype=torch.bool, device=deltas.device)
     keep_f = torch.empty(m, dtype=dtype, device=deltas.device)
     for i in range(n):
         density = float(densities[i])
-        if density >= 1.0:
+        if density >= 1.0 or deltas.dtype != dtype:
+            flat[i].copy_(src[i])
+            if density >= 1.0:
+                continue
+        row = flat[i] if deltas.dtype != dtype else src[i]
+        ordered = hints[i] if hints is not None else None
+        if method == "magnitude" and not rescale and _prune_to_largest(
+            row, max(1, int(density * m)), magnitude, ordered, out=flat[i], signs=src[i]
+        ):
             continue
-        torch.abs(flat[i], out=magnitude)
+        torch.abs(row, out=magnitude)
         gamma = float(gammas[i]) if gammas is not None else 0.0
         epsilon = float(epsilons[i]) if epsilons is not None else 0.0
-        _row_mask(method, magnitude, shape, density, gamma, epsilon, generator, keep)
+        _row_mask(method, magnitude, shape, density, gamma, epsilon, generator, keep, ordered)
         keep_f.copy_(keep)
-        flat[i].mul_(keep_f)
+        torch.mul(row, keep_f, out=flat[i])
         if rescale:
             before = magnitude.sum()
             after = magnitude.mul_(keep_f).sum()

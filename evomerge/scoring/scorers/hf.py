@@ -33,16 +33,19 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from evomerge.errors import ConfigError, ScoreError
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
-from evomerge.scoring.extract import cut_at_stop, extract_answer, match
-from evomerge.scoring.suite import (
-    ChoiceTask,
-    Example,
-    GenerateTask,
-    PerplexityTask,
-    Suite,
-    Task,
-    reference_answer,
+from evomerge.scoring.data import Example
+from evomerge.scoring.extract import cut_at_stop
+from evomerge.scoring.requests import (
+    PERPLEXITY_METRIC,
+    check_chat_templates,
+    choice_requests,
+    choice_scores,
+    generation_prompts,
+    generation_scores,
+    perplexity_requests,
+    primary_metric,
 )
+from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
 from evomerge.types import TaskScores
 
 log = logging.getLogger(__name__)
@@ -76,11 +79,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` with the tokenizer's default special tokens (as lm-eval's HF model does)."""
-    return list(tokenizer(text)["input_ids"])
 
 
 def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
@@ -252,13 +250,7 @@ class HfScorer:
             from evomerge.scoring.scorers import lmeval
 
             lmeval.require()
-        for t, _ in work:
-            if (
-                isinstance(t.spec, GenerateTask)
-                and t.spec.chat_template
-                and not getattr(tokenizer, "chat_template", None)
-            ):
-                raise ConfigError(f"task {t.name!r} asks for chat_template but the tokenizer has none")
+        check_chat_templates((t for t, _ in work), tokenizer)
         start = time.perf_counter()
         tasks: dict[str, TaskScores] = {}
         metrics: dict[str, dict[str, float]] = {}
@@ -269,7 +261,7 @@ class HfScorer:
                     continue
                 t0 = time.perf_counter()
                 per_metric = self._score_task(model, tokenizer, task, examples)
-                primary = str(task.spec.metric) if hasattr(task.spec, "metric") else "loglik_per_token"
+                primary = primary_metric(task)
                 tasks[task.name] = TaskScores(tuple(ex.id for ex in examples), per_metric[primary], primary)
                 metrics[task.name] = {k: float(v.mean()) for k, v in per_metric.items()}
                 timings[f"task/{task.name}"] = time.perf_counter() - t0
@@ -309,43 +301,13 @@ class HfScorer:
         if isinstance(spec, GenerateTask):
             return self._generate_task(model, tokenizer, task, spec, examples, max_len)
         if isinstance(spec, ChoiceTask):
-            reqs: list[tuple[list[int], list[int]]] = []
-            lengths: list[int] = []
-            for ex in examples:
-                context = spec.fewshot_prefix + ex.prompt
-                ctx = _encode(tokenizer, context)
-                for option in ex.options:
-                    cont = _encode(tokenizer, context + spec.delimiter + option)[len(ctx) :]
-                    if not cont:
-                        raise ConfigError(
-                            f"{ex.source}: option {option!r} encodes to no tokens after the prompt"
-                        )
-                    reqs.append((ctx, cont))
-                    lengths.append(max(1, len(spec.delimiter + option)))
+            reqs, lengths = choice_requests(tokenizer, spec, examples)
             sums, _ = loglikelihoods(model, reqs, batch_size=self.batch_size, max_length=max_len, pad_id=pad)
-            acc, acc_norm, k = [], [], 0
-            for ex in examples:
-                ll = sums[k : k + len(ex.options)]
-                norm = ll / np.asarray(lengths[k : k + len(ex.options)], dtype=np.float64)
-                acc.append(float(int(np.argmax(ll)) == ex.label))
-                acc_norm.append(float(int(np.argmax(norm)) == ex.label))
-                k += len(ex.options)
-            return {"acc": np.asarray(acc), "acc_norm": np.asarray(acc_norm)}
+            return choice_scores(sums, lengths, examples)
         assert isinstance(spec, PerplexityTask)
-        bos = tokenizer.bos_token_id
-        reqs = []
-        for ex in examples:
-            ids = _encode(tokenizer, ex.prompt)
-            if isinstance(bos, int):
-                ctx, cont = [bos], ids[1:] if ids and ids[0] == bos else ids
-            else:
-                ctx, cont = ids[:1], ids[1:]
-            cont = cont[: spec.max_tokens] if spec.max_tokens is not None else cont
-            if not cont:
-                raise ConfigError(f"{ex.source}: text has no token to score")
-            reqs.append((ctx, cont))
+        reqs = perplexity_requests(tokenizer, spec, examples)
         sums, counts = loglikelihoods(model, reqs, batch_size=self.batch_size, max_length=max_len, pad_id=pad)
-        return {"loglik_per_token": sums / counts}
+        return {PERPLEXITY_METRIC: sums / counts}
 
     def _generate_task(
         self,
@@ -356,19 +318,7 @@ class HfScorer:
         examples: tuple[Example, ...],
         max_len: int,
     ) -> dict[str, np.ndarray]:
-        prefix = spec.fewshot_prefix + "".join(
-            s.prompt + s.answer + spec.fewshot_separator for s in task.fewshot
-        )
-        prompts = []
-        for ex in examples:
-            text = prefix + ex.prompt
-            if spec.chat_template:
-                text = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-                )
-                prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-            else:
-                prompts.append(_encode(tokenizer, text))
+        prompts = generation_prompts(tokenizer, task, spec, examples)
         completions = generate(
             model,
             tokenizer,
@@ -379,15 +329,4 @@ class HfScorer:
             max_length=max_len,
             check_finite=self.check_finite,
         )
-        pattern = spec.pattern()
-        scores = [
-            match(
-                extract_answer(c, spec.extract, pattern),
-                reference_answer(ex, spec),
-                spec.metric,
-                ignore_case=spec.ignore_case,
-                tolerance=spec.tolerance,
-            )
-            for c, ex in zip(completions, examples, strict=True)
-        ]
-        return {spec.metric: np.asarray(scores, dtype=np.float64)}
+        return generation_scores(completions, examples, spec)

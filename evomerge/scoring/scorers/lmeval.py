@@ -34,6 +34,7 @@ import torch
 
 from evomerge.errors import BackendUnavailableError, ConfigError, ScoreError
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
+from evomerge.scoring.requests import encode
 from evomerge.scoring.suite import Example, LmevalTask, Suite, Task, subset_examples
 from evomerge.types import TaskScores
 
@@ -204,7 +205,7 @@ class LmevalScorer:
     ) -> None:
         """One forward pass on a real prompt: non-finite logits raise :class:`ScoreError` up front."""
         text = next((exs[0].prompt for _, exs in work if exs), "")
-        ids = list(tokenizer(text)["input_ids"]) if text else []
+        ids = encode(tokenizer, text) if text else []
         if not ids:
             ids = [
                 next((v for v in (tokenizer.bos_token_id, tokenizer.eos_token_id) if isinstance(v, int)), 0)

@@ -11,7 +11,8 @@ key/value block computed with the previous weights is reused.
   tokenizer exactly as the hf scorer encodes them, stopped at the task's stop strings, ``max_new_tokens``
   or EOS; the generated ids are decoded with the caller's tokenizer and cut at the first stop string.
 * ``choice`` and ``perplexity``: prompt log-probabilities (``prompt_logprobs=0``) of ``context +
-  continuation`` summed over the continuation, with the hf scorer's request construction. Inputs longer
+  continuation`` summed over the continuation, with the hf scorer's request construction
+  (:mod:`evomerge.scoring.requests`). Inputs longer
   than the engine's context keep their last ``max_model_len - 1`` tokens.
 
 Non-finite weights (checked tensor by tensor before the swap unless ``check_weights=False``) and
@@ -45,16 +46,19 @@ import numpy as np
 
 from evomerge.errors import BackendUnavailableError, ConfigError, ScoreError
 from evomerge.scoring.base import ScoreOutput, plan
-from evomerge.scoring.extract import cut_at_stop, extract_answer, match
-from evomerge.scoring.suite import (
-    ChoiceTask,
-    Example,
-    GenerateTask,
-    PerplexityTask,
-    Suite,
-    Task,
-    reference_answer,
+from evomerge.scoring.data import Example
+from evomerge.scoring.extract import cut_at_stop
+from evomerge.scoring.requests import (
+    PERPLEXITY_METRIC,
+    check_chat_templates,
+    choice_requests,
+    choice_scores,
+    generation_prompts,
+    generation_scores,
+    perplexity_requests,
+    primary_metric,
 )
+from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
 from evomerge.types import TaskScores
 
 log = logging.getLogger(__name__)
@@ -120,80 +124,9 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` with the tokenizer's default special tokens (as the hf scorer does)."""
-    return list(tokenizer(text)["input_ids"])
-
-
 def _finite(values: Sequence[float], what: str) -> None:
     if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
         raise ScoreError(f"the model produced non-finite {what} (NaN/inf logits)")
-
-
-def choice_requests(
-    tokenizer: Any, spec: ChoiceTask, examples: Sequence[Example]
-) -> tuple[list[Any], list[int]]:
-    """One ``(context_ids, continuation_ids)`` per option of every example, and each option's length."""
-    reqs, lengths = [], []
-    for ex in examples:
-        context = spec.fewshot_prefix + ex.prompt
-        ctx = _encode(tokenizer, context)
-        for option in ex.options:
-            cont = _encode(tokenizer, context + spec.delimiter + option)[len(ctx) :]
-            if not cont:
-                raise ConfigError(f"{ex.source}: option {option!r} encodes to no tokens after the prompt")
-            reqs.append((ctx, cont))
-            lengths.append(max(1, len(spec.delimiter + option)))
-    return reqs, lengths
-
-
-def choice_scores(
-    sums: np.ndarray, lengths: Sequence[int], examples: Sequence[Example]
-) -> dict[str, np.ndarray]:
-    """``acc`` (highest summed log-likelihood is the label) and ``acc_norm`` (per character) per example."""
-    acc, acc_norm, k = [], [], 0
-    for ex in examples:
-        ll = sums[k : k + len(ex.options)]
-        norm = ll / np.asarray(lengths[k : k + len(ex.options)], dtype=np.float64)
-        acc.append(float(int(np.argmax(ll)) == ex.label))
-        acc_norm.append(float(int(np.argmax(norm)) == ex.label))
-        k += len(ex.options)
-    return {"acc": np.asarray(acc), "acc_norm": np.asarray(acc_norm)}
-
-
-def perplexity_requests(tokenizer: Any, spec: PerplexityTask, examples: Sequence[Example]) -> list[Any]:
-    """``([bos], text_ids)`` per example (or first token / rest without a BOS), truncated to ``max_tokens``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    reqs = []
-    for ex in examples:
-        ids = _encode(tokenizer, ex.prompt)
-        if isinstance(bos, int):
-            ctx, cont = [bos], ids[1:] if ids and ids[0] == bos else ids
-        else:
-            ctx, cont = ids[:1], ids[1:]
-        cont = cont[: spec.max_tokens] if spec.max_tokens is not None else cont
-        if not cont:
-            raise ConfigError(f"{ex.source}: text has no token to score")
-        reqs.append((ctx, cont))
-    return reqs
-
-
-def generation_prompts(
-    tokenizer: Any, task: Task, spec: GenerateTask, examples: Sequence[Example]
-) -> list[list[int]]:
-    """Token ids of every example's prompt, with the task's few-shot prefix and chat template."""
-    prefix = spec.fewshot_prefix + "".join(s.prompt + s.answer + spec.fewshot_separator for s in task.fewshot)
-    prompts = []
-    for ex in examples:
-        text = prefix + ex.prompt
-        if spec.chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        else:
-            prompts.append(_encode(tokenizer, text))
-    return prompts
 
 
 class VllmScorer:
@@ -339,13 +272,7 @@ class VllmScorer:
         work = plan(suite, split, subset, seed, kinds=KINDS, scorer=self.name)
         llm = self.engine
         tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
-        for t, _ in work:
-            if (
-                isinstance(t.spec, GenerateTask)
-                and t.spec.chat_template
-                and not getattr(tokenizer, "chat_template", None)
-            ):
-                raise ConfigError(f"task {t.name!r} asks for chat_template but the tokenizer has none")
+        check_chat_templates((t for t, _ in work), tokenizer)
         start = time.perf_counter()
         timings: dict[str, float] = {}
         if model is not None:
@@ -358,7 +285,7 @@ class VllmScorer:
         for task, examples in work:
             t0 = time.perf_counter()
             per_metric = self._score_task(tokenizer, task, examples)
-            primary = str(task.spec.metric) if hasattr(task.spec, "metric") else "loglik_per_token"
+            primary = primary_metric(task)
             tasks[task.name] = TaskScores(tuple(ex.id for ex in examples), per_metric[primary], primary)
             metrics[task.name] = {k: float(v.mean()) for k, v in per_metric.items()}
             timings[f"task/{task.name}"] = time.perf_counter() - t0
@@ -400,7 +327,7 @@ class VllmScorer:
             return choice_scores(self.loglikelihoods(reqs)[0], lengths, examples)
         if isinstance(spec, PerplexityTask):
             sums, counts = self.loglikelihoods(perplexity_requests(tokenizer, spec, examples))
-            return {"loglik_per_token": sums / counts}
+            return {PERPLEXITY_METRIC: sums / counts}
         raise ConfigError(f"the vllm scorer cannot run task {task.name!r} of kind {task.kind!r}")
 
     def loglikelihoods(
@@ -450,15 +377,4 @@ class VllmScorer:
             completions.append(
                 cut_at_stop(tokenizer.decode(list(seq.token_ids), skip_special_tokens=True), spec.stop)
             )
-        pattern = spec.pattern()
-        scores = [
-            match(
-                extract_answer(c, spec.extract, pattern),
-                reference_answer(ex, spec),
-                spec.metric,
-                ignore_case=spec.ignore_case,
-                tolerance=spec.tolerance,
-            )
-            for c, ex in zip(completions, examples, strict=True)
-        ]
-        return {spec.metric: np.asarray(scores, dtype=np.float64)}
+        return generation_scores(completions, examples, spec)
