@@ -1,4 +1,4 @@
-"""M2N2 over recipes: a child's coefficient-space SLERP equals crossing the parents' materialized weights."""
+"""M2N2 over recipes, on the zoo: a child's coefficient-space SLERP equals crossing the parents' materialized weights."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ from evomerge.optim.m2n2 import slerp_coefficients
 from evomerge.spaces.base import SpaceModels, build_space
 from evomerge.spaces.segments import SegmentSpace, segment_of
 from evomerge.spaces.template import parse_template
-from evomerge.testing.family import build_family
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    fam = build_family(tmp_path_factory.mktemp("seg"), 2, layers=3)
+def setup(zoo_test):
+    fam = {"base": zoo_test.base, "m1": zoo_test.expert("add"), "m2": zoo_test.expert("rev")}
     folders = {k: ModelFolder.open(v) for k, v in fam.items()}
     space = build_space(parse_template({"kind": "segments"}), SpaceModels.from_folders(folders, base="base"))
     assert isinstance(space, SegmentSpace)
