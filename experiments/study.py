@@ -139,7 +139,10 @@ def run_search(zoo: ZooManifest, prob: Problem, label: str, opt: str, options: d
     t0 = time.perf_counter()
     if not (run_dir / "checkpoint.json").exists():
         start_run(path)
-    wall = time.perf_counter() - t0
+    from evomerge.events import read_events
+
+    evs = read_events(run_dir / "events.jsonl")  # the run's own wall time (also when it was run earlier)
+    wall = evs[-1]["t"] - evs[0]["t"] if len(evs) > 1 else time.perf_counter() - t0
     res = RunResults(run_dir)
     from evomerge.archive.report import write_report
 
@@ -215,7 +218,8 @@ def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooMan
                 continue
             per = np.array([[r["best_test"][t] for t in tasks] for r in group])
             rel = np.array([_rel(r["best_test"], expert_test, tasks) for r in group])
-            cal_rel = np.array([np.mean([r["best_cal"][t] / r["expert_cal"][t] for t in tasks]) for r in group])
+            cal_rel = np.array([np.mean([r["best_cal"][t] / r["expert_cal"][t] if r["expert_cal"][t] > 0 else np.nan
+                                         for t in tasks]) for r in group])
             e_mean = [r["evals_to_095_mean"] for r in group]
             e_worst = [r["evals_to_095_worst"] for r in group]
             def ev(v):  # noqa: E306

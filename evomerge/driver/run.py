@@ -60,32 +60,27 @@ def _ensure_zoo(cfg: RunConfig) -> None:
 
 
 def baseline_recipes(reference: str, sources: list[str], base: str | None, seed: int) -> list[Baseline]:
-    """Each source alone, the base, and the usual hand-set merges (TA λ=1, TIES and DARE-TIES at density 0.5)."""
-    out: list[Baseline] = []
-    anchor = sources[0]
+    """Each source model alone, and the usual hand-set merges (TA λ=1, TIES and DARE-TIES at density 0.5).
 
+    Every recipe is expressed relative to the workers' ``reference`` model (their resident task vectors), so a
+    source ``m`` is ``reference + 1.0 * (m - reference)``. The hand-set merges need the base model as reference.
+    """
     def ta(models: dict[str, float]) -> Recipe:
         return Recipe(method="task_arithmetic", base_model=reference,
                       models=tuple({"model": m, "parameters": {"weight": w}} for m, w in models.items()))
 
-    if base is not None:
-        out.append(Baseline(base, ta({anchor: 0.0}), "base"))
-        for s in sources:
-            out.append(Baseline(s, ta({s: 1.0}), "source"))
-        out.append(Baseline("task_arithmetic", ta(dict.fromkeys(sources, 1.0)), "handset"))
-        if len(sources) >= 1:
-            for method in ("ties", "dare_ties"):
-                out.append(Baseline(method, Recipe(
-                    method=method, base_model=reference, seed=seed,
-                    models=tuple({"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in sources),
-                ), "handset"))
-    else:
-        lin = lambda models: Recipe(method="linear", models=tuple(  # noqa: E731
-            {"model": m, "parameters": {"weight": w}} for m, w in models.items()))
-        for s in [reference, *sources]:
-            out.append(Baseline(s, lin({reference: 1.0, **{x: (1.0 if x == s else 0.0) for x in sources}})
-                                if s != reference else lin({reference: 1.0, sources[0]: 0.0}), "source"))
-        out.append(Baseline("linear", lin(dict.fromkeys([reference, *sources], 1.0)), "handset"))
+    out: list[Baseline] = []
+    for m in [reference, *sources]:
+        recipe = ta({sources[0]: 0.0}) if m == reference else ta({m: 1.0})
+        out.append(Baseline(m, recipe, "base" if m == base else "source"))
+    experts = [s for s in sources if s != base]
+    if base is not None and reference == base and experts:
+        out.append(Baseline("task_arithmetic", ta(dict.fromkeys(experts, 1.0)), "handset"))
+        for method in ("ties", "dare_ties"):
+            out.append(Baseline(method, Recipe(
+                method=method, base_model=reference, seed=seed,
+                models=tuple({"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts),
+            ), "handset"))
     return out
 
 
