@@ -11,9 +11,11 @@ noise, float32 safetensors, deleted at the end), then measures:
   bandwidth measured in the same process at the same thread count (``Tensor.copy_`` of a 256 MiB buffer,
   best of 5, read + write bytes): a ratio of 1 means the merge costs what copying its inputs and output once
   costs. Minor page faults per merge show how much freshly allocated memory the kernel zeroes.
-* **where TIES spends its time** — stages timed one by one, and the top aten operations from
-  ``torch.profiler``; with ``--prototype``, :class:`FusedMerger` (one ``torch.compile`` kernel per tensor,
-  exact thresholds) is timed beside the library for ties and task_arithmetic.
+  Each method runs as the library runs it (the fused kernels of :mod:`evomerge.merge.kernels` for ties,
+  task_arithmetic and linear on large tensors; the first merge compiles them and is timed apart) and, unless
+  ``--no-eager``, with the fused kernels off (the eager methods), in the same process.
+* **where an eager TIES merge spends its time** — stages timed one by one, and the top aten operations of
+  one library (fused) merge from ``torch.profiler``.
 * **to disk** — ``evomerge merge recipe.yaml --out DIR`` (default shards, and shards of 2x the largest
   tensor) and, with ``--mergekit-bin``, ``mergekit-yaml mergekit.yaml OUT`` on the same recipe (exported with
   ``to_mergekit_yaml``), each a subprocess timed end to end, alternating, with peak RSS from
@@ -21,7 +23,7 @@ noise, float32 safetensors, deleted at the end), then measures:
   entries whose magnitude ties a top-k threshold are counted apart (mergekit's ``torch.topk`` keeps an
   implementation-defined subset of equal magnitudes, evomerge the lower indices).
 
-    python experiments/bench_merge.py --mergekit-bin /work/mkvenv/bin/mergekit-yaml --prototype
+    python experiments/bench_merge.py --mergekit-bin /work/mkvenv/bin/mergekit-yaml --sorted-magnitudes
     python experiments/bench_merge.py --size small --repeats 2 --disk-repeats 1     # quick smoke run
 
 It prints a markdown report and writes it to ``experiments/results/bench_merge.md`` (``--results``).
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -50,8 +51,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.errors import MaterializeError  # noqa: E402
 from evomerge.io import ModelFolder, ModelWriter  # noqa: E402
+from evomerge.merge.kernels import fused_kernels, set_cache_dir  # noqa: E402
 from evomerge.merge.materialize import InPlaceMerger, ResidentSources  # noqa: E402
 from evomerge.mergekit_compat import to_mergekit_yaml  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
@@ -148,9 +149,15 @@ def touched_bytes(sources: ResidentSources) -> int:
     return sum(b.numel() * b.element_size() * (sources.deltas[n].shape[0] + 2) for n, b in sources.base.items())
 
 
-def bench_in_place(sources: ResidentSources, model: torch.nn.Module, recipe: Recipe, repeats: int) -> list[float]:
+def bench_in_place(
+    sources: ResidentSources, model: torch.nn.Module, recipe: Recipe, repeats: int
+) -> tuple[float, list[float]]:
+    """(seconds of the first merge — it compiles the fused kernels it needs —, seconds of each timed merge)."""
     merger = InPlaceMerger(sources, model)
-    return best_of(lambda: merger.apply(recipe), repeats)
+    t0 = time.perf_counter()
+    merger.apply(recipe)
+    first = time.perf_counter() - t0
+    return first, best_of(lambda: merger.apply(recipe), repeats, warmup=0)
 
 
 def minor_faults() -> int:
@@ -210,134 +217,6 @@ def stage_split(sources: ResidentSources, model: torch.nn.Module, recipe: Recipe
                 cur[k] += dt
         best = {k: min(v, best.get(k, v)) for k, v in cur.items()}
     return best
-
-
-# ----------------------------------------------------------------------------------------- prototype
-def _fused_ties(out, base, rows, thr, cut, w):  # noqa: ANN001 - compiled with torch.compile
-    """TIES on rows kept by ``|r| > thr[i]`` or ``|r| == thr[i]`` at flat index <= ``cut[i]`` (the library's
-    top-k with ties to the lower index), with ``ties.mix_agreeing``'s formula; one pass, writes ``out``."""
-    idx = torch.arange(base.numel(), device=base.device)
-    keeps = [(r.abs() > thr[i]) | ((r.abs() == thr[i]) & (idx <= cut[i])) for i, r in enumerate(rows)]
-    kept = [torch.where(keeps[i], r, 0.0) for i, r in enumerate(rows)]
-    total = kept[0] * w[0]
-    for i in range(1, len(rows)):
-        total = total + kept[i] * w[i]
-    sign = torch.copysign(torch.ones_like(total), total)
-    mixed = torch.zeros_like(total)
-    div = torch.zeros_like(total)
-    for i in range(len(rows)):
-        x = (kept[i] * sign).clamp(min=0)
-        mixed = mixed + x * w[i]
-        div = div + x.sign() * w[i]
-    res = base + (mixed * sign) / div.clamp(min=torch.finfo(torch.float32).tiny)
-    out.copy_(res)
-    return torch.isfinite(res).all(), torch.stack([k.sum() for k in keeps])
-
-
-def _fused_band(out, row, lo, hi):  # noqa: ANN001 - compiled with torch.compile
-    """Write 1.0 where ``lo <= |row| <= hi`` and 0.0 elsewhere into ``out`` (float: Inductor writes bool
-    outputs an order of magnitude slower); return the count of ``|row| < lo``. One pass."""
-    a = row.abs()
-    out.copy_(torch.where((a >= lo) & (a <= hi), 1.0, 0.0))
-    return (a < lo).sum()
-
-
-def _fused_sum(out, base, rows, w):  # noqa: ANN001 - compiled with torch.compile
-    """``base + sum_i w_i r_i`` (task arithmetic, lambda 1, no normalize) in one pass, written into ``out``."""
-    total = rows[0] * w[0]
-    for i in range(1, len(rows)):
-        total = total + rows[i] * w[i]
-    res = base + total
-    out.copy_(res)
-    return torch.isfinite(res).all()
-
-
-class FusedMerger:
-    """Prototype in-place merger: one ``torch.compile`` kernel per tensor does the whole merge, the NaN/inf
-    check and the write into the live parameter (no temporaries, no page faults).
-
-    ``ties`` (float32, non-negative weights, normalize, lambda 1, no rescale): the exact threshold of each
-    row is selected as in the library's ``kth_smallest``, but the sorted sample of the row's magnitudes is
-    computed once (the task vectors are resident) and the bracket is counted and marked in one compiled pass;
-    only the bracket's entries are then read. Where several magnitudes equal the threshold, the flat index of
-    the last tied entry kept (ties go to the lower index, as in ``largest_mask``) comes from the bracket too.
-    ``task_arithmetic``: lambda 1, no normalize.
-    """
-
-    def __init__(self, sources: ResidentSources, model: torch.nn.Module) -> None:
-        self.targets = InPlaceMerger(sources, model).targets
-        self.sources = sources
-        self.ties = torch.compile(_fused_ties, dynamic=True)
-        self.sum = torch.compile(_fused_sum, dynamic=True)
-        self.band = torch.compile(_fused_band, dynamic=True)
-        self.samples: dict[tuple[str, int], torch.Tensor] = {}
-        self.sample_size = 1 << 16
-        m = max(b.numel() for b in sources.base.values())
-        self.mag, self.eq = torch.empty(m), torch.empty(m, dtype=torch.bool)
-
-    def _threshold(self, key: tuple[str, int], row: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-        """(exact k-th largest magnitude of ``row``, flat index of the last entry equal to it that is kept)."""
-        m = row.numel()
-        if k >= m:
-            return torch.tensor(-1.0), m
-        r = m - k + 1  # ascending rank of the threshold
-        sample = self.samples.get(key)
-        if sample is None:  # depends on the resident task vector only: computed once
-            sample = self.samples[key] = torch.sort(row[:: max(1, m // self.sample_size)].abs()).values
-        n, q = sample.numel(), r / m
-        margin = 4.0 * math.sqrt(n * q * (1 - q)) + 2.0
-        lo_i, hi_i = math.floor(q * n - margin), math.ceil(q * n + margin)
-        lo = sample[lo_i] if lo_i >= 0 else torch.tensor(0.0)
-        hi = sample[hi_i] if hi_i < n else torch.tensor(math.inf)
-        n_lt = int(self.band(self.mag[:m], row, lo, hi))
-        idx = self.mag[:m].nonzero().squeeze(1)
-        vals = row[idx].abs()
-        if not 1 <= r - n_lt <= vals.numel():  # the sample missed: the library's exact selection
-            return self._threshold_exact(row, k)
-        thr = torch.kthvalue(vals, r - n_lt).values
-        tied = idx[vals == thr]
-        if tied.numel() == 1:
-            return thr, m
-        need = k - (m - n_lt - int((vals <= thr).sum()))  # k minus the entries above the threshold
-        return thr, int(tied[need - 1])
-
-    def _threshold_exact(self, row: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-        from evomerge.merge.methods.sparsify import kth_smallest
-
-        m = row.numel()
-        mag = torch.abs(row, out=self.mag[:m])
-        thr = kth_smallest(mag, m - k + 1)
-        eq = torch.eq(mag, thr, out=self.eq[:m])
-        if int(torch.count_nonzero(eq)) == 1:
-            return thr, m
-        need = k - int(torch.count_nonzero(torch.gt(mag, thr, out=self.eq[:m])))
-        torch.eq(mag, thr, out=eq)
-        return thr, int(eq.nonzero()[need - 1])
-
-    @torch.no_grad()
-    def apply(self, recipe: Recipe) -> None:
-        from evomerge.merge.materialize import MergePlan
-        from evomerge.merge.params import tensor_params
-
-        plan = MergePlan.build(recipe, self.sources.num_layers)
-        for name in self.sources.names:
-            base, deltas = self.sources.group(name, None)
-            tp = tensor_params(plan.recipe, plan.method, self.sources.roles[name], plan.num_layers, plan.order)
-            m, rows, w = base.numel(), list(deltas.reshape(deltas.shape[0], -1)), torch.tensor(tp.sp["weight"])
-            out = self.targets[name].view(-1)
-            if recipe.method == "task_arithmetic":
-                ok = self.sum(out, base.reshape(-1), rows, w)
-            else:
-                if min(tp.sp["weight"]) < 0:
-                    raise ValueError(f"{name}: the prototype takes non-negative weights only")
-                ks = [max(1, int(d * m)) if d < 1 else m for d in tp.sp["density"]]
-                picks = [self._threshold((name, i), rows[i], k) for i, k in enumerate(ks)]
-                thr, cut = [t for t, _ in picks], [c for _, c in picks]
-                ok, counts = self.ties(out, base.reshape(-1), rows, torch.stack(thr), torch.tensor(cut), w)
-                if counts.tolist() != ks:
-                    raise MaterializeError(f"{name}: kept {counts.tolist()} entries, expected {ks}")
-            if not bool(ok):
-                raise MaterializeError(f"{name}: merge produced non-finite values")
 
 
 # ----------------------------------------------------------------------------------------- to disk
@@ -501,27 +380,30 @@ def in_place_section(src: ResidentSources, model: torch.nn.Module, recs: dict[st
     for threads in args.threads:
         torch.set_num_threads(threads)
         bw = copy_bandwidth()
-        runs = [(m, m, src) for m in args.methods]
+        runs = [(m, m, src, True) for m in args.methods]
         if sorted_src is not None:
-            runs += [(m, f"{m} (sorted magnitudes)", sorted_src) for m in args.methods if m in SORTED_METHODS]
-        for method, label, source in runs:
+            runs += [(m, f"{m} (sorted magnitudes)", sorted_src, True) for m in args.methods if m in SORTED_METHODS]
+        if args.eager:
+            runs += [(m, f"{m} (eager, fused kernels off)", src, False) for m in args.methods]
+        for method, label, source, fused in runs:
             f0 = minor_faults()
-            times = bench_in_place(source, model, recs[method], args.repeats)
+            with fused_kernels(fused):
+                first, times = bench_in_place(source, model, recs[method], args.repeats)
             faults = (minor_faults() - f0) // (args.repeats + 1)
             rate = touched / min(times)
-            rows.append([threads, label, f"{min(times):.3f}", f"{statistics.median(times):.3f}",
+            rows.append([threads, label, f"{min(times):.3f}", f"{statistics.median(times):.3f}", f"{first:.2f}",
                          f"{rate / 1e9:.2f}", f"{bw / 1e9:.1f}", f"**{rate / bw:.3f}**",
                          f"{faults} ({faults * 4096 / 1e9:.2f} GB)"])
             print(" | ".join(map(str, rows[-1])), flush=True)
-    return lines + fmt_table(["torch threads", "method", "best s/merge", "median s", "touched GB/s",
-                              "memcpy GB/s", "ratio (goal >= 0.5)", "page faults (zeroed)"], rows)
+    return lines + fmt_table(["torch threads", "method", "best s/merge", "median s", "first merge s",
+                              "touched GB/s", "memcpy GB/s", "ratio (goal >= 0.5)", "page faults (zeroed)"], rows)
 
 
 def ties_section(src: ResidentSources, model: torch.nn.Module, recipe: Recipe, args) -> list[str]:
     torch.set_num_threads(args.threads[0])
     split = stage_split(src, model, recipe)
     whole = split["method"] + split["finite"] + split["copy"]
-    lines = ["", f"## Where a TIES merge spends its time ({args.threads[0]} thread(s))", "",
+    lines = ["", f"## Where an eager TIES merge spends its time ({args.threads[0]} thread(s))", "",
              "Stages timed one by one over every tensor (best of 2 sweeps); shares of method + check + copy.", ""]
     named = [("threshold: magnitudes + exact top-k mask per row (`largest_mask`)", split["threshold"]),
              ("sparsify total (copy of deltas + threshold + mask multiply)", split["sparsify"]),
@@ -530,32 +412,11 @@ def ties_section(src: ResidentSources, model: torch.nn.Module, recipe: Recipe, a
              ("copy into the live parameter", split["copy"])]
     lines += fmt_table(["stage", "seconds", "share"], [[n, f"{s:.3f}", f"{s / whole:.0%}"] for n, s in named])
     if args.profile:
-        lines += ["", "Top aten operations by self CPU time over one in-place TIES merge (`torch.profiler`):", ""]
+        lines += ["", "Top operations by self CPU time over one in-place TIES merge as the library runs it "
+                  "(fused kernels; `torch.profiler`):", ""]
         lines += fmt_table(["op", "self s", "calls", "share"],
                            [[f"`{k}`", f"{s:.3f}", c, f"{f:.0%}"] for k, s, c, f in profile_merge(src, model, recipe)])
     return lines
-
-
-def prototype_section(src: ResidentSources, model: torch.nn.Module, recs: dict[str, Recipe], args) -> list[str]:
-    lines = ["", "### Prototype: one compiled kernel per tensor (`FusedMerger`, exact thresholds)", ""]
-    rows = []
-    fused = FusedMerger(src, model)
-    merger = InPlaceMerger(src, model)
-    for method in ("ties", "task_arithmetic"):
-        recipe = recs[method]
-        lib = min(best_of(lambda r=recipe: merger.apply(r), args.repeats))
-        ref = {n: p.detach().clone() for n, p in merger.targets.items()}
-        t0 = time.perf_counter()
-        fused.apply(recipe)
-        first = time.perf_counter() - t0
-        best = min(best_of(lambda r=recipe: fused.apply(r), args.repeats, warmup=0))
-        diff = max(float((merger.targets[n] - ref[n]).abs().max()) for n in ref)
-        del ref
-        rate = touched_bytes(src) / best / copy_bandwidth()
-        rows.append([method, f"{lib:.3f}", f"{best:.3f}", f"{lib / best:.1f}x", f"**{rate:.3f}**", f"{first:.1f}",
-                     f"{diff:.1e}"])
-    return lines + fmt_table(["method", "library s/merge", "prototype s/merge", "speed-up", "ratio",
-                              "first call s (compiles)", "max abs diff"], rows)
 
 
 def disk_section(res: dict, model_bytes: int, largest: int, n_sources: int, ties: dict | None) -> list[str]:
@@ -616,7 +477,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler table")
     p.add_argument("--sorted-magnitudes", action="store_true",
                    help="also time magnitude-sparsified methods over sources loaded with sorted_magnitudes=True")
-    p.add_argument("--prototype", action="store_true", help="also time the FusedMerger prototype (torch.compile)")
+    p.add_argument("--no-eager", dest="eager", action="store_false",
+                   help="skip the rows that time the eager methods (fused kernels off)")
     p.add_argument("--workdir", type=Path, default=None, help="where to build the sources (default: a temp dir)")
     p.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "bench_merge.md")
     args = p.parse_args(argv)
@@ -630,6 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
+    set_cache_dir(work / "kernels")  # compiled kernels live and die with the work folder
     try:
         t0 = time.perf_counter()
         paths = build_sources(work, args.size)
@@ -661,8 +524,6 @@ def main(argv: list[str] | None = None) -> int:
                           f"TIES output bit-identical to the plain sources: {same_sorted}."]
         if "ties" in args.methods:
             lines += ties_section(src, model, recs["ties"], args)
-        if args.prototype:
-            lines += prototype_section(src, model, recs, args)
         if disk is not None:
             ties = threshold_ties(src, recs["ties"]) if "mergekit" in disk else None
             lines += disk_section(disk, model_bytes, largest, 1 + len(DELTAS), ties)

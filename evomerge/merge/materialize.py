@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 import evomerge.merge.methods  # noqa: F401  (registers every method)
 from evomerge.errors import ConfigError, MaterializeError
+from evomerge.merge.kernels import fused_merge
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.merge.methods.rng import tensor_generator
 from evomerge.merge.methods.sparsify import sorted_magnitudes
@@ -55,24 +57,39 @@ class MergePlan:
 
 
 def merge_tensor(
-    plan: MergePlan, name: str, role: Role, base: torch.Tensor, deltas: torch.Tensor
+    plan: MergePlan,
+    name: str,
+    role: Role,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor. ``deltas`` is stacked ``(N, *base.shape)`` in ``plan.order``."""
+    """Merge one tensor. ``deltas`` is stacked ``(N, *base.shape)`` in ``plan.order``.
+
+    Large tensors of the methods :mod:`evomerge.merge.kernels` serves take its fused kernel, which writes
+    into ``out`` when given (the caller must then use the returned tensor, which may or may not be ``out``).
+    """
     if not base.is_floating_point():
         return base
     tp = tensor_params(plan.recipe, plan.method, role, plan.num_layers, plan.order)
-    gen = tensor_generator(plan.recipe.seed, name) if plan.method.randomized else None
     try:
-        out = plan.method.fn(base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, generator=gen)
+        fused = fused_merge(plan.method.name, base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, out=out)
+        if fused is not None:
+            merged, finite = fused
+        else:
+            gen = tensor_generator(plan.recipe.seed, name) if plan.method.randomized else None
+            merged = plan.method.fn(base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, generator=gen)
+            # A finite sum proves every entry finite; only an overflowing sum needs the full elementwise check.
+            finite = bool(torch.isfinite(merged.sum())) or bool(torch.isfinite(merged).all())
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
-    # A finite sum proves every entry finite; only an overflowing sum needs the full elementwise check.
-    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+    if not finite:
         raise MaterializeError(
             f"{name}: merge method {plan.method.name!r} produced non-finite values (NaN/inf); "
             "check the sources for NaN weights and the recipe's parameters"
         )
-    return out
+    return merged
 
 
 # --------------------------------------------------------------------------- to disk
@@ -211,12 +228,11 @@ class InPlaceMerger:
         for name in self.sources.names:
             base, deltas = self.sources.group(name, select)
             hints = self.sources.sorted_rows(name, select)
-            if hints is None:
-                merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas)
-            else:
-                with sorted_magnitudes(hints):
-                    merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas)
-            self.targets[name].copy_(merged)
+            dest = self.targets[name].detach()
+            with sorted_magnitudes(hints) if hints is not None else nullcontext():
+                merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas, out=dest)
+            if merged is not dest:
+                dest.copy_(merged)
         if self.sources.device.type == "cuda":
             torch.cuda.synchronize(self.sources.device)
         return {"merge": time.perf_counter() - t0}

@@ -40,11 +40,13 @@ import torch
 
 __all__ = [
     "SPARSIFICATIONS",
+    "current_sorted_magnitudes",
     "kth_smallest",
     "largest_mask",
     "smallest_mask",
     "sorted_magnitudes",
     "sparsify",
+    "top_k_threshold",
 ]
 
 SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
@@ -75,6 +77,14 @@ def sorted_magnitudes(rows: Sequence[torch.Tensor | None]) -> Iterator[None]:
         yield
     finally:
         _SORTED.reset(token)
+
+
+def current_sorted_magnitudes(n: int, m: int) -> list[torch.Tensor | None] | None:
+    """The rows given to the enclosing :func:`sorted_magnitudes` block if they fit ``n`` rows of ``m`` elements."""
+    hints = _SORTED.get()
+    if hints is None or len(hints) != n or any(h is not None and h.numel() != m for h in hints):
+        return None
+    return list(hints)
 
 
 def kth_smallest(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -166,6 +176,43 @@ def largest_mask(
     torch.gt(x, thr, out=out)
     _add_ties(out, x == thr, k - _count(out))
     return out
+
+
+def top_k_threshold(
+    row: torch.Tensor, k: int, *, ordered: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """``(thr, cut)`` describing :func:`largest_mask` of ``|row|`` (1-D) for ``k`` without building it.
+
+    The ``k`` kept entries are those with ``|x| > thr``, plus those with ``|x| == thr`` at flat index
+    ``<= cut`` (ties go to the lower index). ``cut`` is ``numel`` when every entry equal to ``thr`` is kept
+    (the usual case). ``k >= numel`` gives ``(-1.0, numel)``: everything is kept. ``ordered`` is
+    ``sort(|row|)`` ascending (see :func:`sorted_magnitudes`): the threshold is then read, not selected.
+    """
+    m = row.numel()
+    if k >= m:
+        return -1.0, m
+    if ordered is not None:
+        below, thr = ordered[m - k - 1 : m - k + 1].tolist()
+        if below < thr:  # the next smaller magnitude differs: no tie to split
+            return thr, m
+        thr_t = ordered[m - k]
+        n_gt = m - int(torch.searchsorted(ordered, thr_t.reshape(1), right=True))
+        n_ge = m - int(torch.searchsorted(ordered, thr_t.reshape(1)))
+        magnitude = None
+    else:
+        magnitude = row.abs()
+        thr_t = kth_smallest(magnitude, m - k + 1)
+        n_ge = _count(magnitude >= thr_t)
+        n_gt = -1
+    thr = float(thr_t)
+    if n_ge == k:
+        return thr, m
+    if magnitude is None:
+        magnitude = row.abs()
+    if n_gt < 0:
+        n_gt = _count(magnitude > thr_t)
+    tied = torch.nonzero(magnitude == thr_t).view(-1)
+    return thr, int(tied[k - n_gt - 1])
 
 
 def _prune_to_largest(
@@ -273,9 +320,7 @@ def sparsify(
     src = deltas.reshape(n, -1)
     factors = torch.ones(n, dtype=dtype, device=deltas.device)
     m = flat.shape[1]
-    hints = _SORTED.get()
-    if hints is not None and (len(hints) != n or any(h is not None and h.numel() != m for h in hints)):
-        hints = None
+    hints = current_sorted_magnitudes(n, m)
     magnitude = torch.empty(m, dtype=dtype, device=deltas.device)
     keep = torch.empty(m, dtype=torch.bool, device=deltas.device)
     keep_f = torch.empty(m, dtype=dtype, device=deltas.device)

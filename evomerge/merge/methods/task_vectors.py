@@ -60,7 +60,7 @@ def task_vector_params(
     return params
 
 
-def _check(name: str, args: Arguments, sparsification: str | None) -> None:
+def check_task_vector_args(name: str, args: Arguments, sparsification: str | None) -> None:
     if sparsification is None:
         return
     densities = args.floats("density")
@@ -137,7 +137,7 @@ def merge_task_vectors(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Merge with the family's semantics (module docstring); returns a new tensor in ``base.dtype``."""
-    _check(name, args, sparsification)
+    check_task_vector_args(name, args, sparsification)
     n = deltas.shape[0]
     if n == 0:
         return base.clone()

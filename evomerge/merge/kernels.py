@@ -1,0 +1,230 @@
+"""Fused merge kernels: one compiled pass per tensor for the hot task-vector methods.
+
+An eager merge of one tensor runs a dozen ATen operations, each streaming the ``(N, *S)`` task
+vectors or an ``S``-sized temporary through memory; a TIES merge in eager mode touches memory ~20
+times more than it must. Here the whole merge of one tensor — sparsification by given thresholds,
+weighting, TIES sign election and agreement, normalization, ``lambda``, the base — is one
+``torch.compile`` (Inductor) kernel that reads the base and each task vector once and writes the
+result once, straight into its destination (a live parameter in place). The NaN/inf check is a
+reduction in the same pass.
+
+Served: ``ties`` (magnitude sparsification without rescale), ``task_arithmetic`` and ``linear``, on
+CPU tensors of at least :data:`MIN_NUMEL` elements with at most :data:`MAX_SOURCES` task vectors.
+Everything else (small tensors, other methods, CUDA tensors, a machine without a C++ compiler) runs
+the eager methods. The choice depends only on the method, the parameters, the tensor's size, dtype
+and device and whether compiling works here, so a worker merging in place and ``evomerge merge``
+writing to disk take the same path for the same tensor and give the same bits. Fused and eager
+results agree to rounding (the eager kernels may use fused multiply-adds; the compiled ones are
+built with ``-ffp-contract=off``); tests bound the difference.
+
+Magnitude thresholds come from :func:`~evomerge.merge.methods.sparsify.top_k_threshold` (O(1) with the
+resident sorted-magnitude cache, an exact selection without), so the kept entries are exactly those of
+the eager ``largest_mask``, ties to the lower flat index included.
+
+``EVOMERGE_FUSED_KERNELS=0`` turns the fused path off; compiled code is cached under
+``TORCHINDUCTOR_CACHE_DIR`` (workers point it into the run folder, see :func:`set_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from evomerge.merge.methods.arguments import resolve, work_dtype
+from evomerge.merge.methods.sparsify import current_sorted_magnitudes, top_k_threshold
+from evomerge.merge.methods.task_vectors import check_task_vector_args
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_SOURCES", "MIN_NUMEL", "fused_kernels", "fused_merge", "fused_status", "set_cache_dir"]
+
+#: Tensors smaller than this (elements) merge eagerly: compiling cannot pay off there.
+MIN_NUMEL = 1 << 16
+#: More task vectors than this merge eagerly (the kernel unrolls one loop body per task vector).
+MAX_SOURCES = 16
+SUPPORTED = ("ties", "task_arithmetic", "linear")
+
+_enabled: bool | None = None if os.environ.get("EVOMERGE_FUSED_KERNELS", "1") != "0" else False
+_min_numel = MIN_NUMEL
+_compiled = None
+_disabled_reason = "" if _enabled is None else "EVOMERGE_FUSED_KERNELS=0"
+
+
+def _kernel(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    thresholds: torch.Tensor,
+    cuts: torch.Tensor,
+    scalars: torch.Tensor,
+    sparse: bool,
+    consensus: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    """``out <- base * coef + lambda * mix(deltas) / norm`` in one pass; returns ``isfinite(result).all()``.
+
+    ``deltas`` is ``(N, M)``, ``base`` and ``out`` ``(M,)``; ``weights``/``thresholds``/``cuts`` ``(N,)``;
+    ``scalars = [coef, norm, lambda]`` in the work dtype. With ``sparse`` row ``i`` keeps the entries with
+    ``|d| > thresholds[i]``, or ``|d| == thresholds[i]`` at flat index ``<= cuts[i]``. Without
+    ``consensus``, ``mix = sum_i w_i d_i``; with it (TIES), only the weighted entries that agree with the
+    sign of that sum, divided with ``normalize`` by the weights of the agreeing sources (1 where none).
+    """
+    wdt = weights.dtype
+    idx = torch.arange(base.shape[0], device=base.device)
+    terms = []
+    total = None
+    for i in range(deltas.shape[0]):
+        r = deltas[i].to(wdt)
+        if sparse:
+            a = r.abs()
+            keep = (a > thresholds[i]) | ((a == thresholds[i]) & (idx <= cuts[i]))
+            r = torch.where(keep, r, torch.zeros_like(r))
+        wd = r * weights[i]
+        terms.append(wd)
+        total = wd if total is None else total + wd
+    assert total is not None
+    if consensus:
+        sign = torch.copysign(torch.ones_like(total), total)
+        mixed = torch.zeros_like(total)
+        div = torch.zeros_like(total)
+        for i, wd in enumerate(terms):
+            agree = wd * sign > 0
+            mixed = mixed + torch.where(agree, wd, torch.zeros_like(wd))
+            if normalize:
+                div = div + torch.where(agree, weights[i], torch.zeros_like(wd))
+        if normalize:
+            mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        mixed = total / scalars[1]
+    res = base.to(wdt) * scalars[0] + mixed * scalars[2]
+    out.copy_(res)
+    return torch.isfinite(res).all()
+
+
+def _compiled_kernel():  # noqa: ANN202 - a torch.compile wrapper
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_kernel, dynamic=True, fullgraph=True)
+    return _compiled
+
+
+def set_cache_dir(folder: str | Path) -> None:
+    """Keep compiled kernels under ``folder`` unless ``TORCHINDUCTOR_CACHE_DIR`` is already set."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(folder).resolve()))
+
+
+def fused_status() -> tuple[bool | None, str]:
+    """``(enabled, reason)``: ``None`` = not tried yet, ``False`` with the reason it is off."""
+    return _enabled, _disabled_reason
+
+
+@contextmanager
+def fused_kernels(enabled: bool, min_numel: int | None = None) -> Iterator[None]:
+    """Force the fused path on (where it applies) or off, and optionally its size threshold, within the block."""
+    global _enabled, _min_numel, _disabled_reason
+    saved = _enabled, _min_numel, _disabled_reason
+    _enabled = None if enabled else False
+    _disabled_reason = "" if enabled else "turned off"
+    if min_numel is not None:
+        _min_numel = min_numel
+    try:
+        yield
+    finally:
+        _enabled, _min_numel, _disabled_reason = saved
+
+
+def _plan(
+    method: str, base: torch.Tensor, deltas: torch.Tensor, sp: Mapping[str, Sequence[float]],
+    gp: Mapping[str, float | bool], ref_sp: Mapping[str, float] | None,
+) -> tuple[list[float], list[float] | None, list[float], bool, bool] | None:
+    """``(weights, densities or None, [coef, norm, lambda], consensus, normalize)``, or None when eager.
+
+    ``normalize`` is the TIES per-entry normalization; the other methods divide by the scalar ``norm``.
+    """
+    args = resolve(method, base, deltas, sp, gp, ref_sp)
+    cd = work_dtype(base.dtype)
+    weights = torch.tensor(args.floats("weight"), dtype=cd).tolist()
+    if method == "linear":
+        contributing = ([float(args.ref["weight"])] if args.ref is not None else []) + weights  # type: ignore[arg-type]
+        total = float(torch.tensor(contributing, dtype=cd).sum())
+        if args.flag("normalize"):
+            if total == 0:
+                return None  # the eager method raises the error that names the weights
+            return weights, None, [1.0, total, 1.0], False, False
+        return weights, None, [total, 1.0, 1.0], False, False
+    sparse = method == "ties"
+    check_task_vector_args(method, args, "magnitude" if sparse else None)
+    normalize = args.flag("normalize")
+    lam = args.num("lambda")
+    if sparse:
+        if args.flag("rescale"):
+            return None
+        densities = args.floats("density")
+        return weights, densities, [1.0, 1.0, lam], True, normalize
+    norm = float(torch.tensor(weights, dtype=cd).sum()) if normalize else 1.0
+    return weights, None, [1.0, norm if abs(norm) >= 1e-8 else 1.0, lam], False, False
+
+
+def fused_merge(
+    method: str,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    sp: Mapping[str, Sequence[float]],
+    gp: Mapping[str, float | bool],
+    *,
+    ref_sp: Mapping[str, float] | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool] | None:
+    """Merge one tensor with the fused kernel: ``(result, all finite)``, or None where the eager method must run.
+
+    Same inputs and result as the method's eager function (:mod:`evomerge.merge.methods.base`); the result
+    is written into ``out`` when given (same shape and dtype as ``base``, contiguous), else a new tensor.
+    """
+    global _enabled, _disabled_reason
+    n = deltas.shape[0]
+    if (
+        _enabled is False
+        or method not in SUPPORTED
+        or base.device.type != "cpu"
+        or not base.is_floating_point()
+        or base.numel() < _min_numel
+        or not 1 <= n <= MAX_SOURCES
+    ):
+        return None
+    plan = _plan(method, base, deltas, sp, gp, ref_sp)
+    if plan is None:
+        return None
+    weights, densities, scalars, consensus, normalize = plan
+    cd = work_dtype(base.dtype)
+    m = base.numel()
+    flat = deltas.reshape(n, m)
+    thresholds = torch.full((n,), -1.0, dtype=cd)
+    cuts = torch.full((n,), m, dtype=torch.int64)
+    sparse = densities is not None and any(d < 1.0 for d in densities)
+    if sparse:
+        assert densities is not None
+        hints = current_sorted_magnitudes(n, m)
+        for i, d in enumerate(densities):
+            if d < 1.0:
+                thr, cut = top_k_threshold(flat[i], max(1, int(d * m)), ordered=hints[i] if hints else None)
+                thresholds[i], cuts[i] = thr, cut
+    if out is None or not out.is_contiguous() or out.shape != base.shape or out.dtype != base.dtype:
+        out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+            finite = _compiled_kernel()(
+                out.view(-1), base.reshape(-1), flat, torch.tensor(weights, dtype=cd), thresholds, cuts,
+                torch.tensor(scalars, dtype=cd), sparse, consensus, normalize,
+            )
+    except Exception as exc:  # no C++ compiler, an unsupported platform …: merge eagerly from now on
+        _enabled, _disabled_reason = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        log.warning("fused merge kernels unavailable, merging eagerly: %s", _disabled_reason)
+        return None
+    _enabled = True
+    return out, bool(finite)

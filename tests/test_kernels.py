@@ -1,0 +1,144 @@
+"""Fused merge kernels: same kept entries and values (to rounding) as the eager methods, and safe fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.merge import kernels
+from evomerge.merge.kernels import fused_kernels, fused_merge, fused_status
+from evomerge.merge.methods.base import METHODS
+from evomerge.merge.methods.sparsify import largest_mask, sorted_magnitudes, sparsify, top_k_threshold
+
+M = 1 << 12  # above the lowered threshold used in these tests
+
+
+def _sources(seed: int, n: int = 3, m: int = M, quantized: bool = False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(m, generator=g) * 0.02
+    deltas = torch.randn(n, m, generator=g) * 2e-3
+    if quantized:  # many equal magnitudes: the top-k threshold falls inside a run of ties
+        deltas = torch.round(deltas * 2000) / 2000
+    return base.to(dtype), deltas.to(dtype)
+
+
+def _steady(deltas, sp):
+    """Entries whose TIES sign election does not hinge on rounding: the kept weighted task vectors do not
+    cancel (at a sum of 0 up to rounding the elected sign depends on the summation order and on whether
+    the eager kernels fuse multiply-adds)."""
+    kept, _ = sparsify(deltas.float(), "magnitude", sp["density"])
+    wd = torch.tensor(sp["weight"]).unsqueeze(1) * kept
+    return (wd.sum(0).abs() > 1e-5 * wd.abs().sum(0)) | (wd.abs().sum(0) == 0)
+
+
+CASES = [
+    ("ties", {"weight": [0.3, 0.5, 0.8], "density": [0.3, 0.7, 1.0]}, {}),
+    ("ties", {"weight": [0.3, -0.5, 0.8], "density": [0.3, 0.5, 0.2]}, {"normalize": False, "lambda": 1.3}),
+    ("ties", {"weight": [0.6, 0.2, 0.4], "density": [1.0, 1.0, 1.0]}, {"lambda": 0.8}),
+    ("task_arithmetic", {"weight": [0.3, 0.5, -0.8]}, {"lambda": 0.7}),
+    ("task_arithmetic", {"weight": [0.3, 0.5, 0.8]}, {"normalize": True}),
+    ("linear", {"weight": [0.3, 0.5, 0.8]}, {}),
+    ("linear", {"weight": [0.3, 0.5, 0.8]}, {"normalize": False}),
+]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize(("method", "sp", "gp"), CASES)
+def test_fused_matches_eager(method, sp, gp, quantized):
+    base, deltas = _sources(1, quantized=quantized)
+    eager = METHODS.get(method).fn(base, deltas, sp, gp)
+    with fused_kernels(True, min_numel=1024):
+        res = fused_merge(method, base, deltas, sp, gp)
+    assert res is not None, fused_status()
+    out, finite = res
+    assert finite
+    assert out.dtype == base.dtype and out.shape == base.shape
+    if method == "ties":
+        # Where the weighted task vectors cancel (their sum is 0 up to rounding) the elected sign depends on
+        # the summation's rounding (the eager kernels may fuse multiply-adds): those entries are set aside.
+        steady = _steady(deltas, sp)
+        assert (~steady).sum() <= (0.05 if quantized else 0.001) * M
+        out, eager = out[steady], eager[steady]
+    # a wrongly kept or dropped entry would differ by ~|w d| ~ 1e-3; rounding differences are ~1e-9
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-8)
+
+
+def test_fused_bfloat16_and_written_into_out():
+    base, deltas = _sources(2, dtype=torch.bfloat16)
+    sp, gp = {"weight": [0.4, 0.4, 0.4], "density": [0.5, 0.5, 0.5]}, {}
+    eager = METHODS.get("ties").fn(base, deltas, sp, gp)
+    dest = torch.empty_like(base)
+    with fused_kernels(True, min_numel=1024):
+        out, finite = fused_merge("ties", base, deltas, sp, gp, out=dest)
+    assert out is dest and finite and out.dtype == torch.bfloat16
+    steady = _steady(deltas, sp)
+    assert (~steady).sum() < 0.01 * M
+    out, eager = out[steady], eager[steady]
+    torch.testing.assert_close(out.float(), eager.float(), rtol=1e-2, atol=0)
+    assert (out != eager).float().mean() < 0.01  # float32 work dtype, rounded once: almost all equal
+
+
+def test_sorted_magnitude_hints_give_identical_bits():
+    base, deltas = _sources(3, quantized=True)
+    sp, gp = {"weight": [0.5, 0.3, 0.8], "density": [0.25, 0.6, 0.9]}, {}
+    with fused_kernels(True, min_numel=1024):
+        plain, _ = fused_merge("ties", base, deltas, sp, gp)
+        with sorted_magnitudes(list(torch.sort(deltas.abs(), dim=1).values)):
+            hinted, _ = fused_merge("ties", base, deltas, sp, gp)
+    assert torch.equal(plain, hinted)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_threshold_describes_largest_mask(seed):
+    g = torch.Generator().manual_seed(seed)
+    row = torch.round(torch.randn(5000, generator=g) * 8) / 8  # heavy ties
+    idx = torch.arange(row.numel())
+    for k in (1, 7, 1000, 2500, 4999, 5000):
+        expected = largest_mask(row.abs(), k)
+        for ordered in (None, torch.sort(row.abs()).values):
+            thr, cut = top_k_threshold(row, k, ordered=ordered)
+            a = row.abs()
+            got = (a > thr) | ((a == thr) & (idx <= cut))
+            assert torch.equal(got, expected), (k, ordered is not None)
+            assert int(got.sum()) == k
+
+
+def test_not_served_cases_return_none():
+    base, deltas = _sources(4)
+    with fused_kernels(True, min_numel=1024):
+        assert fused_merge("dare_ties", base, deltas, {"weight": [1, 1, 1], "density": [0.5] * 3}, {}) is None
+        assert fused_merge("ties", base, deltas, {"weight": [1, 1, 1], "density": [0.5] * 3}, {"rescale": True}) is None
+        assert fused_merge("task_arithmetic", base[:100], deltas[:, :100], {"weight": [1, 1, 1]}, {}) is None
+    with fused_kernels(False, min_numel=1024):
+        assert fused_merge("task_arithmetic", base, deltas, {"weight": [1, 1, 1]}, {}) is None
+
+
+def test_non_finite_result_is_reported():
+    base, deltas = _sources(5)
+    base[17] = 3e38
+    deltas[:, 17] = 3e38
+    with fused_kernels(True, min_numel=1024):
+        _, finite = fused_merge("task_arithmetic", base, deltas, {"weight": [1.0, 1.0, 1.0]}, {})
+    assert finite is False
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    from evomerge.merge.materialize import MergePlan, merge_tensor
+    from evomerge.merge.params import Role
+    from evomerge.recipe import Recipe
+
+    def broken():
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return fail
+
+    monkeypatch.setattr(kernels, "_compiled_kernel", broken)
+    base, deltas = _sources(6)
+    recipe = Recipe.model_validate({"method": "task_arithmetic", "base_model": "b", "models": [
+        {"model": m, "parameters": {"weight": 0.5}} for m in ("x", "y", "z")]})
+    plan = MergePlan.build(recipe, num_layers=1)
+    with fused_kernels(True, min_numel=1024):
+        out = merge_tensor(plan, "t", Role(None, "other"), base, deltas)
+        enabled, reason = fused_status()
+        assert enabled is False and "no C++ compiler found" in reason and "\n" not in reason
+    assert torch.equal(out, METHODS.get("task_arithmetic").fn(base, deltas, {"weight": [0.5] * 3}, {}))
