@@ -129,7 +129,7 @@ def test_children_are_slerps_of_their_parents_materialized_weights(name):
 def test_initial_members_segments_and_vectors(name):
     rng = np.random.default_rng(2)
     problem = segment_problem(3, seed_vectors(3, rng))
-    opt = OPTIMIZERS.get(name)(problem, seed=0, include_x0=True, init_random=2)
+    opt = OPTIMIZERS.get(name)(problem, seed=0, include_x0=True, init_random=2, init_children=0)
     first = opt.ask(10)
     assert len(first) == 6  # 3 seeds + x0 + 2 random mixtures; children wait for two archive members
     for m, c in enumerate(first[:3]):
@@ -146,6 +146,38 @@ def test_initial_members_segments_and_vectors(name):
     first = vec.ask(10)
     assert len(first) == 5 and all(c.meta["origin"] != "child" for c in first)
     np.testing.assert_array_equal(first[0].genome, vec.problem.x0)
+
+
+@pytest.mark.parametrize("name", SEGMENT_USERS)
+def test_initial_task_arithmetic_children_fill_the_archive(name):
+    rng = np.random.default_rng(4)
+    problem = segment_problem(3, seed_vectors(3, rng), lower=-1.0, upper=2.0)
+    opt = OPTIMIZERS.get(name)(problem, seed=0, archive_size=9, child_weights=(0.2, 0.9))
+    first = opt.ask(20)
+    assert len(first) == 9  # 3 seeds + 6 children fill the archive; crossover waits for results
+    assert [c.meta["origin"] for c in first] == ["seed"] * 3 + ["task_arithmetic"] * 6
+    for c in first[3:]:
+        coef = c.genome.reshape(len(SIZES), 3)
+        lam = np.asarray(c.meta["weights"])
+        assert np.all((lam >= 0.2) & (lam <= 0.9))
+        # the same merge in every segment: seed_0 + sum_m lam_m (seed_m - seed_0)
+        np.testing.assert_allclose(coef, np.tile([1 - lam.sum(), *lam], (len(SIZES), 1)), atol=1e-12)
+    spread = np.array([c.meta["weights"] for c in first[3:]])
+    assert spread.std(axis=0).min() > 0.05  # drawn, not one fixed point
+
+    # weights that would leave the bounds are scaled down together until the anchor's coefficient fits
+    tight = segment_problem(3, seed_vectors(3, rng), lower=-0.5, upper=2.0)
+    opt = OPTIMIZERS.get(name)(tight, seed=1, init_children=20, child_weights=(0.9, 1.0))
+    children = [c for c in opt.ask(23) if c.meta["origin"] == "task_arithmetic"]
+    assert len(children) == 20
+    for c in children:
+        coef = c.genome.reshape(len(SIZES), 3)
+        lam = np.asarray(c.meta["weights"])
+        assert coef[0, 0] == pytest.approx(-0.5) and lam.sum() == pytest.approx(1.5)
+        np.testing.assert_allclose(coef.sum(axis=1), 1.0)
+        assert lam[0] / lam[1] > 0.9 * 0.9 / 1.0 - 1e-12  # one common factor: ratios are those drawn
+    with pytest.raises(ConfigError, match="child_weights"):
+        OPTIMIZERS.get(name)(tight, seed=0, child_weights=(1.0, 0.5))
 
 
 def _vector_opt(name, scores_of_initial, **options):

@@ -26,10 +26,22 @@ The algorithm, steady state (one child per evaluation, no generations):
 Search space. With ``problem.segments`` (M seeds, S segments) an individual is a coefficient matrix
 ``C [S, M]`` (genome ``C.ravel()``); SLERP angles come from the Gram matrices,
 ``<p, q> = sum_s c_p,s^T G_s c_q,s``, so the child's coefficients are exactly the SLERP of the parents'
-materialized weights; split points fall on segment boundaries, drawn ∝ ``sizes``. The initial members
-are the seed models themselves (``C[:, m] = 1``), then ``x0`` if ``include_x0``, then ``init_random``
-random mixtures (each segment's row drawn from a flat Dirichlet, default 0). The reference code starts
-from its two seed models and fills the rest of the archive with children, which is what the default does.
+materialized weights; split points fall on segment boundaries, drawn ∝ ``sizes``.
+
+Initial members with segments: the seed models themselves (``C[:, m] = 1``), then ``x0`` if
+``include_x0``, then ``init_random`` random convex mixtures (each segment's row drawn from a flat
+Dirichlet, default 0), then ``init_children`` **task-arithmetic children** of the seeds (default: as many
+as fill the archive). A task-arithmetic child takes the first seed as its anchor (the base model when the
+segments space includes it, which it lists first) and draws one weight ``λ_m ~ U(child_weights)`` per other
+seed: ``C[:, 0] = 1 - sum_m λ_m``, ``C[:, m] = λ_m`` in every segment, i.e. the merge
+``seed_0 + sum_m λ_m (seed_m - seed_0)``. When that leaves the bounds, all ``λ`` are scaled down by the
+largest common factor that keeps every coefficient inside. Why: SLERP crossover never leaves the span
+between its parents, so an archive that starts from the bare seeds only reaches interpolations of them
+(at best ``λ = 1/M`` per task vector), while merges of fine-tuned experts usually need ``λ`` near 1 on
+every task vector at once; starting from merged children puts such points in the archive, the archive
+being larger than the seed count lets the children survive next to the specialist seeds, and crossover
+then recombines them segment by segment. The reference code starts from its two seed models only and
+runs thousands of children; with a budget of a few hundred evaluations that start keeps one seed.
 Without segments the genome vector itself is the individual (Euclidean angle, split on any coordinate)
 and the initial members are ``x0`` plus ``init_random`` uniform points (default ``archive_size - 1``).
 
@@ -45,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from evomerge.errors import ConfigError, OptimizerError
 from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
@@ -69,6 +81,17 @@ class M2N2Options(OptimizerOptions):
     init_random: int | None = Field(None, ge=0)
     #: With segments, also start from ``problem.x0`` (it is always the first member without segments).
     include_x0: bool = False
+    #: With segments, initial task-arithmetic children of the seeds (None: enough to fill the archive).
+    init_children: int | None = Field(None, ge=0)
+    #: Range of the task-vector weights ``λ`` drawn for each initial task-arithmetic child.
+    child_weights: tuple[float, float] = (0.0, 1.0)
+
+    @field_validator("child_weights")
+    @classmethod
+    def _weight_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (np.isfinite(v[0]) and np.isfinite(v[1]) and v[0] <= v[1]):
+            raise ValueError(f"needs finite low <= high, got [{v[0]}, {v[1]}]")
+        return v
 
 
 def shared_fitness(scores: npt.ArrayLike, alpha: float) -> tuple[Array, Array]:
@@ -164,12 +187,35 @@ class M2N2Optimizer(BaseOptimizer):
             for _ in range(o.init_random or 0):
                 mix = self._rng.dirichlet(np.ones(m), size=s).ravel()
                 members.append((np.clip(mix, p.lower, p.upper), {"origin": "random"}))
+            n_children = o.init_children
+            if n_children is None:
+                n_children = max(0, o.archive_size - len(members))
+            for _ in range(n_children):
+                members.append(self._task_arithmetic_child())
         else:
             members.append((p.x0.copy(), {"origin": "x0"}))
             n_random = o.archive_size - 1 if o.init_random is None else o.init_random
             for _ in range(n_random):
                 members.append((self._rng.uniform(p.lower, p.upper), {"origin": "random"}))
         return members
+
+    def _task_arithmetic_child(self) -> tuple[Array, dict[str, Any]]:
+        """``seed_0 + sum_m λ_m (seed_m - seed_0)`` with ``λ ~ U(child_weights)``, shrunk into the bounds."""
+        p = self.problem
+        s, m = self._n_units, self._n_seeds
+        lo, hi = self.options.child_weights
+        lam = self._rng.uniform(lo, hi, size=m - 1)
+        anchor = np.zeros((s, m))
+        anchor[:, 0] = 1.0
+        step = np.zeros((s, m))
+        step[:, 0] = -lam.sum()
+        step[:, 1:] = lam
+        a, d = anchor.ravel(), step.ravel()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.where(d > 0, (p.upper - a) / d, np.where(d < 0, (p.lower - a) / d, np.inf))
+        scale = float(min(1.0, room.min(initial=np.inf)))
+        genome = np.clip(a + scale * d, p.lower, p.upper)
+        return genome, {"origin": "task_arithmetic", "weights": (scale * lam).tolist()}
 
     # ------------------------------------------------------------------ ask
     def _propose(self, n: int) -> list[tuple[Array, dict[str, Any]]]:
