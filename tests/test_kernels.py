@@ -8,7 +8,13 @@ import torch
 from evomerge.merge import kernels
 from evomerge.merge.kernels import fused_kernels, fused_merge, fused_status
 from evomerge.merge.methods.base import METHODS
-from evomerge.merge.methods.sparsify import largest_mask, sorted_magnitudes, sparsify, top_k_threshold
+from evomerge.merge.methods.sparsify import (
+    largest_mask,
+    magnitude_order,
+    sorted_magnitudes,
+    sparsify,
+    top_k_threshold,
+)
 
 M = 1 << 12  # above the lowered threshold used in these tests
 
@@ -83,7 +89,7 @@ def test_sorted_magnitude_hints_give_identical_bits():
     sp, gp = {"weight": [0.5, 0.3, 0.8], "density": [0.25, 0.6, 0.9]}, {}
     with fused_kernels(True, min_numel=1024):
         plain, _ = fused_merge("ties", base, deltas, sp, gp)
-        with sorted_magnitudes(list(torch.sort(deltas.abs(), dim=1).values)):
+        with sorted_magnitudes([magnitude_order(r) for r in deltas]):
             hinted, _ = fused_merge("ties", base, deltas, sp, gp)
     assert torch.equal(plain, hinted)
 
@@ -95,11 +101,13 @@ def test_top_k_threshold_describes_largest_mask(seed):
     idx = torch.arange(row.numel())
     for k in (1, 7, 1000, 2500, 4999, 5000):
         expected = largest_mask(row.abs(), k)
-        for ordered in (None, torch.sort(row.abs()).values):
-            thr, cut = top_k_threshold(row, k, ordered=ordered)
+        order = magnitude_order(row)
+        assert torch.equal(largest_mask(row.abs(), k, order=order), expected)
+        for hint in (None, order):
+            thr, cut = top_k_threshold(row, k, order=hint)
             a = row.abs()
             got = (a > thr) | ((a == thr) & (idx <= cut))
-            assert torch.equal(got, expected), (k, ordered is not None)
+            assert torch.equal(got, expected), (k, hint is not None)
             assert int(got.sum()) == k
 
 

@@ -71,10 +71,11 @@ class ResourcesConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
     eval_timeout_s: float | None = Field(default=None, gt=0)
     threads_per_worker: int | None = Field(default=None, ge=1)
-    sorted_magnitude_cache: bool = Field(
-        default=False,
-        description="keep each task vector's sorted magnitudes resident: TIES/DARE thresholds become lookups "
-        "(several times faster merges) at the cost of one more copy of the task vectors in worker memory",
+    sorted_magnitude_cache: bool | Literal["auto"] = Field(
+        default="auto",
+        description="keep each task vector's magnitude order resident: TIES top-k thresholds become O(1) "
+        "lookups (several times faster merges) at the cost of one int32 per task-vector entry in worker memory; "
+        "'auto': on for TIES searches on the CPU when that costs under a quarter of the available memory",
     )
 
 

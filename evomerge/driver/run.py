@@ -8,8 +8,10 @@ model, mismatched sources or a bad task file never leave a half-written folder b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -129,7 +131,8 @@ def preflight(cfg: RunConfig) -> Prepared:
         tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size,
                         **({"threads": cfg.resources.threads_per_worker} if cfg.resources.threads_per_worker else {})},
         device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
-        seed=cfg.seed, sorted_magnitudes=cfg.resources.sorted_magnitude_cache,
+        seed=cfg.seed,
+        sorted_magnitudes=use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order)),
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed)
     for f in folders.values():
@@ -137,13 +140,39 @@ def preflight(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference)
 
 
+def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: int) -> bool:
+    """Resolve ``resources.sorted_magnitude_cache``: 'auto' keeps the magnitude orders for TIES on the CPU when
+    the workers' extra int32 per task-vector entry stays under a quarter of the available memory."""
+    setting = cfg.resources.sorted_magnitude_cache
+    if setting != "auto":
+        return bool(setting)
+    if method != "ties" or n_deltas == 0:
+        return False
+    from evomerge.driver.worker import resolve_device
+
+    if resolve_device(cfg.resources.device).type != "cpu":
+        return False
+    entries = sum(math.prod(reference.shape(n)) for n in reference.tensor_names)
+    extra = 4 * entries * n_deltas * cfg.resources.workers
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return False
+    use = extra < available / 4
+    log.info("magnitude-order cache %s (%.0f MB for %d worker(s))", "on" if use else "off", extra / 1e6,
+             cfg.resources.workers)
+    return use
+
+
 def make_pool(prep: Prepared, run_dir: Path) -> Pool:
     res = prep.cfg.resources
+    # compiled merge kernels are cached inside the run folder (on a cluster: the same path on each node)
+    spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / "cache" / "kernels").resolve()))
     if res.backend == "local":
-        return LocalPool(Worker(prep.spec))
+        return LocalPool(Worker(spec))
     init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
              num_gpus=None, temp_dir=None)
-    return RayPool(functools.partial(Worker, prep.spec), res.workers, num_cpus=res.cpus_per_worker,
+    return RayPool(functools.partial(Worker, spec), res.workers, num_cpus=res.cpus_per_worker,
                    num_gpus=res.gpus_per_worker, timeout_s=res.eval_timeout_s)
 
 

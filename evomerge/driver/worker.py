@@ -37,6 +37,8 @@ class WorkerSpec:
     threads: int | None = None
     seed: int = 0
     sorted_magnitudes: bool = False
+    #: Folder for compiled merge kernels (``TORCHINDUCTOR_CACHE_DIR`` unless already set).
+    kernel_cache: str | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,6 +65,10 @@ class Worker:
         from evomerge.scoring.suite import load_suite
 
         t0 = time.perf_counter()
+        if spec.kernel_cache:
+            from evomerge.merge.kernels import set_cache_dir
+
+            set_cache_dir(spec.kernel_cache)
         self.spec = spec
         self.name = name
         self.device = resolve_device(spec.device)

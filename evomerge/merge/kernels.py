@@ -60,31 +60,30 @@ def _kernel(
     base: torch.Tensor,
     deltas: torch.Tensor,
     weights: torch.Tensor,
-    thresholds: torch.Tensor,
-    cuts: torch.Tensor,
+    lows: torch.Tensor,
     scalars: torch.Tensor,
     sparse: bool,
     consensus: bool,
     normalize: bool,
+    scale_base: bool,
 ) -> torch.Tensor:
-    """``out <- base * coef + lambda * mix(deltas) / norm`` in one pass; returns ``isfinite(result).all()``.
+    """``out <- base * coef + lambda * mix(deltas) / norm`` in one pass; returns 0 if the result is finite.
 
-    ``deltas`` is ``(N, M)``, ``base`` and ``out`` ``(M,)``; ``weights``/``thresholds``/``cuts`` ``(N,)``;
-    ``scalars = [coef, norm, lambda]`` in the work dtype. With ``sparse`` row ``i`` keeps the entries with
-    ``|d| > thresholds[i]``, or ``|d| == thresholds[i]`` at flat index ``<= cuts[i]``. Without
-    ``consensus``, ``mix = sum_i w_i d_i``; with it (TIES), only the weighted entries that agree with the
-    sign of that sum, divided with ``normalize`` by the weights of the agreeing sources (1 where none).
+    (``coef`` is applied only with ``scale_base``; the returned 0-d tensor is NaN where an entry is not.)
+
+    ``deltas`` is ``(N, M)`` (any row stride), ``base`` and ``out`` ``(M,)``; ``weights`` and ``lows``
+    ``(N,)``; ``scalars = [coef, norm, lambda]``, all in the work dtype. With ``sparse`` row ``i`` keeps
+    the entries with ``|d| > lows[i]``. Without ``consensus``, ``mix = sum_i w_i d_i``; with it (TIES),
+    only the weighted entries that agree with the sign of that sum, divided with ``normalize`` by the
+    weights of the agreeing sources (1 where none agrees).
     """
     wdt = weights.dtype
-    idx = torch.arange(base.shape[0], device=base.device)
     terms = []
     total = None
     for i in range(deltas.shape[0]):
         r = deltas[i].to(wdt)
         if sparse:
-            a = r.abs()
-            keep = (a > thresholds[i]) | ((a == thresholds[i]) & (idx <= cuts[i]))
-            r = torch.where(keep, r, torch.zeros_like(r))
+            r = torch.where(r.abs() > lows[i], r, torch.zeros_like(r))
         wd = r * weights[i]
         terms.append(wd)
         total = wd if total is None else total + wd
@@ -102,9 +101,29 @@ def _kernel(
             mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
     else:
         mixed = total / scalars[1]
-    res = base.to(wdt) * scalars[0] + mixed * scalars[2]
+    b = base.to(wdt)
+    res = (b * scalars[0] if scale_base else b) + mixed * scalars[2]
     out.copy_(res)
-    return torch.isfinite(res).all()
+    return (res - res).sum()  # 0 when every entry is finite, NaN otherwise (cheaper than isfinite + all)
+
+
+def _segments(m: int, thresholds: list[float], cuts: list[int], dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
+    """Split ``[0, m)`` so that each row keeps ``|d| > low`` with one ``low`` per row and segment.
+
+    Row ``i`` keeps ``|d| > thr_i`` everywhere and ``|d| == thr_i`` up to flat index ``cut_i``: inclusive
+    (``low = `` the float just below ``thr_i``) on ``[0, cut_i]``, exclusive (``low = thr_i``) after it.
+    Rows without a tie to split have ``cut_i >= m - 1`` and one inclusive low everywhere.
+    """
+    thr = torch.tensor(thresholds, dtype=dtype)
+    inclusive = torch.nextafter(thr, torch.full_like(thr, -torch.inf))
+    keep_all = thr < 0  # density 1: the kept set is every entry
+    inclusive[keep_all] = -1.0
+    bounds = sorted({0, m, *(c + 1 for c in cuts if c + 1 < m)})
+    segs = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        lows = torch.where(torch.tensor([start <= c for c in cuts]), inclusive, thr)
+        segs.append((start, stop, lows))
+    return segs
 
 
 def _compiled_kernel():  # noqa: ANN202 - a torch.compile wrapper
@@ -204,27 +223,30 @@ def fused_merge(
     cd = work_dtype(base.dtype)
     m = base.numel()
     flat = deltas.reshape(n, m)
-    thresholds = torch.full((n,), -1.0, dtype=cd)
-    cuts = torch.full((n,), m, dtype=torch.int64)
+    thresholds, cuts = [-1.0] * n, [m] * n
     sparse = densities is not None and any(d < 1.0 for d in densities)
     if sparse:
         assert densities is not None
         hints = current_sorted_magnitudes(n, m)
         for i, d in enumerate(densities):
             if d < 1.0:
-                thr, cut = top_k_threshold(flat[i], max(1, int(d * m)), ordered=hints[i] if hints else None)
-                thresholds[i], cuts[i] = thr, cut
+                thresholds[i], cuts[i] = top_k_threshold(flat[i], max(1, int(d * m)), order=hints[i] if hints else None)
     if out is None or not out.is_contiguous() or out.shape != base.shape or out.dtype != base.dtype:
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    dest, src = out.view(-1), base.reshape(-1)
+    w, sc = torch.tensor(weights, dtype=cd), torch.tensor(scalars, dtype=cd)
+    finite = True
     try:
         with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-            finite = _compiled_kernel()(
-                out.view(-1), base.reshape(-1), flat, torch.tensor(weights, dtype=cd), thresholds, cuts,
-                torch.tensor(scalars, dtype=cd), sparse, consensus, normalize,
-            )
+            for start, stop, lows in _segments(m, thresholds, cuts, cd):
+                check = _compiled_kernel()(
+                    dest[start:stop], src[start:stop], flat[:, start:stop], w, lows, sc, sparse, consensus, normalize,
+                    scalars[0] != 1.0,
+                )
+                finite = finite and bool(torch.isfinite(check))
     except Exception as exc:  # no C++ compiler, an unsupported platform …: merge eagerly from now on
         _enabled, _disabled_reason = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         log.warning("fused merge kernels unavailable, merging eagerly: %s", _disabled_reason)
         return None
     _enabled = True
-    return out, bool(finite)
+    return out, finite

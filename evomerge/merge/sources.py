@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.errors import MaterializeError
+from evomerge.merge.methods.sparsify import magnitude_order
 from evomerge.merge.params import Role
 
 if TYPE_CHECKING:
@@ -27,11 +28,12 @@ class ResidentSources:
     subset or a permutation of ``order`` are served by selecting rows; a recipe with another reference model
     needs another ``ResidentSources``.
 
-    ``ordered[name]`` (only when loaded with ``sorted_magnitudes=True``): for each row ``i``, the ascending
-    sort of ``|deltas[name][i]|`` flattened, from which TIES-style magnitude thresholds are read in O(1)
-    instead of selected on every merge (same masks, bit for bit). Memory cost: one more copy of every task
-    vector (the resident size grows from ``(N + 1)`` to ``(2N + 1)`` model sizes) and one sort per task
-    vector at load.
+    ``ordered[name]`` (only when loaded with ``sorted_magnitudes=True``): for each row ``i``, its magnitude
+    order (:func:`~evomerge.merge.methods.sparsify.magnitude_order`: flat indices by descending ``|delta|``,
+    ties by ascending index, int32), from which TIES-style top-k thresholds and their tie cut are read in
+    O(1) instead of selected on every merge (same masks, bit for bit). Memory cost: one int32 per task-vector
+    entry (for float32 task vectors the resident size grows from ``(N + 1)`` to ``(2N + 1)`` model sizes)
+    and one sort per task vector at load.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class ResidentSources:
         """Read every source once (lazily, tensor by tensor) and keep reference + task vectors resident.
 
         ``sorted_magnitudes`` also keeps each task vector's sorted magnitudes (see the class docstring):
-        faster magnitude-sparsified merges (TIES) for one more copy of the task vectors in memory.
+        faster magnitude-sparsified merges (TIES) for one int32 per task-vector entry in memory.
         """
         from evomerge.io import ModelFolder, check_mergeable, tensor_role
 
@@ -97,7 +99,8 @@ class ResidentSources:
             r = tensor_role(name, ref.model_type)
             base[name], deltas[name], roles[name] = b, d, Role(r.layer, r.kind)
             if ordered is not None:
-                ordered[name] = torch.sort(d.reshape(len(order), -1).abs(), dim=1).values
+                ordered[name] = torch.stack([magnitude_order(row) for row in d]) if len(order) else d.new_empty(
+                    (0, b.numel()), dtype=torch.int32)
         self = cls(reference, order, base, deltas, roles, ref.num_layers, device, ordered)
         for f in folders.values():
             f.close()
@@ -131,7 +134,7 @@ class ResidentSources:
         return self.base[name], (d if rows is None else d.index_select(0, rows))
 
     def sorted_rows(self, name: str, rows: torch.Tensor | None) -> list[torch.Tensor] | None:
-        """The sorted magnitudes of the rows :meth:`group` returns (None without ``sorted_magnitudes``)."""
+        """The magnitude orders of the rows :meth:`group` returns (None without ``sorted_magnitudes``)."""
         if self.ordered is None:
             return None
         o = self.ordered[name]

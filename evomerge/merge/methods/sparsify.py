@@ -24,9 +24,10 @@ Speed: thresholds come from an exact selection (:func:`kth_smallest`: a sorted s
 the answer, one pass counts, and only the bracket is searched), not from a full sort; DELLA needs full
 per-row ranks and uses one stable sort per row (on the magnitudes' bit patterns, which order like the
 magnitudes). Random draws use only the given CPU generator, drawn as ``torch.rand(row shape)`` per
-sparsified row in row order, then moved to the tensor's device. A caller that holds the rows'
-magnitudes already sorted (resident task vectors) passes them with :func:`sorted_magnitudes`: the
-``magnitude`` threshold is then read from them instead of selected, with the same result.
+sparsified row in row order, then moved to the tensor's device. A caller that holds the rows' magnitude
+order (:func:`magnitude_order` of resident task vectors) passes it with :func:`sorted_magnitudes`: the
+``magnitude`` threshold and the tie cut are then read from it in O(1) instead of selected, with the same
+result.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "current_sorted_magnitudes",
     "kth_smallest",
     "largest_mask",
+    "magnitude_order",
     "smallest_mask",
     "sorted_magnitudes",
     "sparsify",
@@ -63,14 +65,24 @@ def _count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
+def magnitude_order(row: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``row`` by descending magnitude, equal magnitudes by ascending index (int32, 1-D).
+
+    Its first ``k`` entries are exactly :func:`largest_mask`'s ``k`` kept entries, for every ``k``.
+    """
+    if row.numel() >= 2**31:
+        raise ValueError(f"a tensor of {row.numel()} elements is too large for an int32 magnitude order")
+    return torch.sort(row.reshape(-1).abs(), descending=True, stable=True).indices.to(torch.int32)
+
+
 @contextmanager
 def sorted_magnitudes(rows: Sequence[torch.Tensor | None]) -> Iterator[None]:
-    """Within this context, :func:`sparsify`'s ``magnitude`` thresholds come from ``rows``.
+    """Within this context, ``magnitude`` thresholds of the next stack come from ``rows``.
 
-    ``rows[i]`` must be ``sort(|deltas[i]|.flatten())`` (ascending, 1-D) of the stack that the next
-    :func:`sparsify` call receives, or ``None`` for a row without one; a stack with another row count
-    or row size ignores them. The masks are the same as without (same threshold, same tie-breaking);
-    only the selection pass is skipped.
+    ``rows[i]`` must be :func:`magnitude_order` of row ``i`` of the stack that the next :func:`sparsify` or
+    fused merge receives, or ``None`` for a row without one; a stack with another row count or row size
+    ignores them. The masks are the same as without (same threshold, same tie-breaking); only the
+    selection pass is skipped.
     """
     token = _SORTED.set(list(rows))
     try:
@@ -147,13 +159,24 @@ def smallest_mask(x: torch.Tensor, r: int, *, out: torch.Tensor | None = None) -
     return out
 
 
+def _order_threshold(x: torch.Tensor, k: int, order: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(``|x|`` of the ``k``-th kept entry as a 0-d tensor, its flat index) read from a magnitude order."""
+    cut = int(order[k - 1])
+    return x.reshape(-1)[cut].abs(), cut
+
+
+def _tie_excluded(x: torch.Tensor, k: int, order: torch.Tensor, thr: torch.Tensor) -> bool:
+    """True when an entry left out of the ``k`` largest has the threshold magnitude (a tie to split)."""
+    return k < x.numel() and bool(x.reshape(-1)[int(order[k])].abs() == thr)
+
+
 def largest_mask(
-    x: torch.Tensor, k: int, *, out: torch.Tensor | None = None, ordered: torch.Tensor | None = None
+    x: torch.Tensor, k: int, *, out: torch.Tensor | None = None, order: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Boolean mask of the ``k`` largest elements of 1-D ``x`` (equal values: lower index first).
 
-    ``ordered``, when given, is ``sort(x)`` (ascending, any floating dtype that holds ``x``'s values
-    exactly): the threshold is then read from it rather than selected.
+    ``order``, when given, is :func:`magnitude_order` of ``x``: the threshold and the last kept index
+    are then read from it rather than selected.
     """
     m = x.numel()
     if out is None:
@@ -162,79 +185,69 @@ def largest_mask(
         return out.fill_(False)
     if k >= m:
         return out.fill_(True)
-    if ordered is not None:
-        thr_o = ordered[m - k]
-        n_ge = m - int(torch.searchsorted(ordered, thr_o.reshape(1)))
-        thr = thr_o.to(x.dtype)
+    if order is not None:
+        thr, cut = _order_threshold(x, k, order)
+        thr = thr.to(x.dtype)
         torch.ge(x, thr, out=out)
-        if n_ge == k:  # no tie at the threshold (the usual case)
+        if not _tie_excluded(x, k, order, thr):
             return out
-    else:
-        thr = kth_smallest(x, m - k + 1)
-        if _count(torch.ge(x, thr, out=out)) == k:  # no tie at the threshold (the usual case)
-            return out
+        torch.gt(x, thr, out=out)
+        out[: cut + 1] |= x[: cut + 1] == thr
+        return out
+    thr = kth_smallest(x, m - k + 1)
+    if _count(torch.ge(x, thr, out=out)) == k:  # no tie at the threshold (the usual case)
+        return out
     torch.gt(x, thr, out=out)
     _add_ties(out, x == thr, k - _count(out))
     return out
 
 
 def top_k_threshold(
-    row: torch.Tensor, k: int, *, ordered: torch.Tensor | None = None
+    row: torch.Tensor, k: int, *, order: torch.Tensor | None = None
 ) -> tuple[float, int]:
     """``(thr, cut)`` describing :func:`largest_mask` of ``|row|`` (1-D) for ``k`` without building it.
 
     The ``k`` kept entries are those with ``|x| > thr``, plus those with ``|x| == thr`` at flat index
-    ``<= cut`` (ties go to the lower index). ``cut`` is ``numel`` when every entry equal to ``thr`` is kept
-    (the usual case). ``k >= numel`` gives ``(-1.0, numel)``: everything is kept. ``ordered`` is
-    ``sort(|row|)`` ascending (see :func:`sorted_magnitudes`): the threshold is then read, not selected.
+    ``<= cut`` (ties go to the lower index). ``k >= numel`` gives ``(-1.0, numel)``: everything is kept.
+    ``order`` is :func:`magnitude_order` of ``row``: both are then read from it in O(1), not selected.
     """
     m = row.numel()
     if k >= m:
         return -1.0, m
-    if ordered is not None:
-        below, thr = ordered[m - k - 1 : m - k + 1].tolist()
-        if below < thr:  # the next smaller magnitude differs: no tie to split
-            return thr, m
-        thr_t = ordered[m - k]
-        n_gt = m - int(torch.searchsorted(ordered, thr_t.reshape(1), right=True))
-        n_ge = m - int(torch.searchsorted(ordered, thr_t.reshape(1)))
-        magnitude = None
-    else:
-        magnitude = row.abs()
-        thr_t = kth_smallest(magnitude, m - k + 1)
-        n_ge = _count(magnitude >= thr_t)
-        n_gt = -1
+    if order is not None:
+        thr_t, cut = _order_threshold(row, k, order)
+        return float(thr_t), cut
+    magnitude = row.abs()
+    thr_t = kth_smallest(magnitude, m - k + 1)
     thr = float(thr_t)
-    if n_ge == k:
+    ge = magnitude >= thr_t
+    if _count(ge) == k:
         return thr, m
-    if magnitude is None:
-        magnitude = row.abs()
-    if n_gt < 0:
-        n_gt = _count(magnitude > thr_t)
-    tied = torch.nonzero(magnitude == thr_t).view(-1)
+    n_gt = _count(torch.gt(magnitude, thr_t, out=ge))
+    tied = torch.nonzero(torch.eq(magnitude, thr_t, out=ge)).view(-1)
     return thr, int(tied[k - n_gt - 1])
 
 
 def _prune_to_largest(
-    row: torch.Tensor, k: int, magnitude: torch.Tensor, ordered: torch.Tensor | None, *, out: torch.Tensor,
+    row: torch.Tensor, k: int, magnitude: torch.Tensor, order: torch.Tensor | None, *, out: torch.Tensor,
     signs: torch.Tensor,
 ) -> bool:
     """Write ``row * largest_mask(|row|, k)`` into ``out`` in two passes when no magnitude ties the threshold.
 
     Returns False, writing nothing, when entries equal to the threshold would have to be split by index
     (then the caller builds the mask). ``out`` may be ``row`` itself; ``signs`` is a tensor with the
-    signs of ``row`` that ``out`` does not overlap (the row in its original dtype). ``ordered`` is the row's sorted magnitudes, if known; otherwise
-    ``magnitude`` receives ``|row|``. Bit-identical to the mask multiply: ``hardshrink`` by the largest
-    value below the threshold zeroes exactly ``|x| < thr``, and ``copysign`` restores the ``-0.0`` that
-    ``x * 0.0`` gives for negative ``x``.
+    signs of ``row`` that ``out`` does not overlap (the row in its original dtype). ``order`` is the
+    row's magnitude order, if known; otherwise ``magnitude`` receives ``|row|``. Bit-identical to the
+    mask multiply: ``hardshrink`` by the largest value below the threshold zeroes exactly ``|x| < thr``,
+    and ``copysign`` restores the ``-0.0`` that ``x * 0.0`` gives for negative ``x``.
     """
     m = row.numel()
     if k >= m:
         out.copy_(row)
         return True
-    if ordered is not None:
-        thr = ordered[m - k]
-        if m - int(torch.searchsorted(ordered, thr.reshape(1))) != k:
+    if order is not None:
+        thr, _ = _order_threshold(row, k, order)
+        if _tie_excluded(row, k, order, thr):
             return False
         thr = thr.to(row.dtype)
     else:
@@ -268,12 +281,12 @@ def _della_probs(magnitude: torch.Tensor, density: float, epsilon: float) -> tor
 
 def _row_mask(
     method: str, magnitude: torch.Tensor, shape: torch.Size, density: float, gamma: float, epsilon: float,
-    generator: torch.Generator | None, keep: torch.Tensor, ordered: torch.Tensor | None = None,
+    generator: torch.Generator | None, keep: torch.Tensor, order: torch.Tensor | None = None,
 ) -> None:
     """Write the boolean keep mask of one flattened row into ``keep``."""
     m = magnitude.numel()
     if method == "magnitude":
-        largest_mask(magnitude, max(1, int(density * m)), out=keep, ordered=ordered)
+        largest_mask(magnitude, max(1, int(density * m)), out=keep, order=order)
     elif method == "magnitude_outliers":
         target = int(density * m)
         n_bot = max(0, m - target - int(gamma * m))
@@ -331,15 +344,15 @@ def sparsify(
             if density >= 1.0:
                 continue
         row = flat[i] if deltas.dtype != dtype else src[i]
-        ordered = hints[i] if hints is not None else None
+        order = hints[i] if hints is not None else None
         if method == "magnitude" and not rescale and _prune_to_largest(
-            row, max(1, int(density * m)), magnitude, ordered, out=flat[i], signs=src[i]
+            row, max(1, int(density * m)), magnitude, order, out=flat[i], signs=src[i]
         ):
             continue
         torch.abs(row, out=magnitude)
         gamma = float(gammas[i]) if gammas is not None else 0.0
         epsilon = float(epsilons[i]) if epsilons is not None else 0.0
-        _row_mask(method, magnitude, shape, density, gamma, epsilon, generator, keep, ordered)
+        _row_mask(method, magnitude, shape, density, gamma, epsilon, generator, keep, order)
         keep_f.copy_(keep)
         torch.mul(row, keep_f, out=flat[i])
         if rescale:
