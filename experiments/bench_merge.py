@@ -81,13 +81,13 @@ def llama_config(size: str) -> dict:
     return cfg
 
 
-def live_model(config: dict) -> torch.nn.Module:
+def live_model(config: dict, device: str = "cpu") -> torch.nn.Module:
     """An uninitialized ``LlamaForCausalLM`` (parameters allocated, never random-initialized)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
-    return model.to_empty(device="cpu").eval().requires_grad_(False)
+    return model.to_empty(device=device).eval().requires_grad_(False)
 
 
 def build_sources(folder: Path, size: str, seed: int = 0) -> dict[str, Path]:
@@ -131,15 +131,22 @@ def best_of(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[flo
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return times
 
 
-def copy_bandwidth(nbytes: int = 256 * MiB, repeats: int = 5) -> float:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 256 * MiB, repeats: int = 5, device: str = "cpu") -> float:
     """Memory-copy bandwidth in bytes/s, counting read + write: ``2 * nbytes / best copy_ time``."""
-    src = torch.ones(nbytes // 4)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     return 2 * nbytes / min(best_of(lambda: dst.copy_(src), repeats))
 
@@ -379,7 +386,7 @@ def in_place_section(src: ResidentSources, model: torch.nn.Module, recs: dict[st
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        bw = copy_bandwidth()
+        bw = copy_bandwidth(device=args.device)
         runs = [(m, m, src, True) for m in args.methods]
         if sorted_src is not None:
             runs += [(m, f"{m} (sorted magnitudes)", sorted_src, True) for m in args.methods if m in SORTED_METHODS]
@@ -466,6 +473,7 @@ def machine_lines(args) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--device", default="cpu", help="device of the resident sources and the live model (cpu, cuda)")
     p.add_argument("--repeats", type=int, default=5, help="timed in-place merges per method (after 1 warm-up)")
     p.add_argument("--disk-repeats", type=int, default=2, help="merge-to-disk runs per tool")
     p.add_argument("--threads", default="1,2", help="torch threads for the in-place merges, a comma list")
@@ -501,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         with ModelFolder.open(paths["base"]) as ref:
             largest = max(ref.info(n).nbytes for n in ref.tensor_names)
         disk = bench_disk(work, recs["ties"], args, 2 * largest) if args.disk else None
-        src = ResidentSources.load(paths, "base", list(DELTAS))
-        model = live_model(llama_config(args.size))
+        src = ResidentSources.load(paths, "base", list(DELTAS), device=args.device)
+        model = live_model(llama_config(args.size), args.device)
         model_bytes = sum(b.numel() * b.element_size() for b in src.base.values())
         head = [f"- sources: random Llama ({args.size}: {json.dumps(SIZES[args.size])}), float32, "
                 f"{model_bytes / 1e6:.0f} MB per model, base + 3 fine-tunes (base + N(0, 2e-3) noise); "
@@ -510,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         sorted_src = None
         if args.sorted_magnitudes:
             t0 = time.perf_counter()
-            sorted_src = ResidentSources.load(paths, "base", list(DELTAS), sorted_magnitudes=True)
+            sorted_src = ResidentSources.load(paths, "base", list(DELTAS), sorted_magnitudes=True,
+                                              device=args.device)
             load_s = time.perf_counter() - t0
             merger = InPlaceMerger(src, model)
             merger.apply(recs["ties"])
