@@ -150,3 +150,20 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         enabled, reason = fused_status()
         assert enabled is False and "no C++ compiler found" in reason and "\n" not in reason
     assert torch.equal(out, METHODS.get("task_arithmetic").fn(base, deltas, {"weight": [0.5] * 3}, {}))
+
+
+def test_cache_scope_is_temporary_unless_a_cache_is_set(monkeypatch, tmp_path):
+    import os
+    from pathlib import Path
+
+    from evomerge.merge.kernels import cache_scope
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with cache_scope():
+        inside = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        assert inside.is_dir()
+    assert not inside.exists() and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with cache_scope():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    assert tmp_path.is_dir()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +42,7 @@ from evomerge.merge.methods.task_vectors import check_task_vector_args
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_SOURCES", "MIN_NUMEL", "fused_kernels", "fused_merge", "fused_status", "set_cache_dir"]
+__all__ = ["MAX_SOURCES", "MIN_NUMEL", "cache_scope", "fused_kernels", "fused_merge", "fused_status", "set_cache_dir"]
 
 #: Tensors smaller than this (elements) merge eagerly: compiling cannot pay off there.
 MIN_NUMEL = 1 << 16
@@ -136,6 +137,21 @@ def _compiled_kernel():  # noqa: ANN202 - a torch.compile wrapper
 def set_cache_dir(folder: str | Path) -> None:
     """Keep compiled kernels under ``folder`` unless ``TORCHINDUCTOR_CACHE_DIR`` is already set."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(folder).resolve()))
+
+
+@contextmanager
+def cache_scope() -> Iterator[None]:
+    """Within the block, compiled kernels go to a temporary folder removed afterwards, unless a cache folder is
+    set already (``TORCHINDUCTOR_CACHE_DIR``, e.g. a run folder's): one-off merges leave nothing behind."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="evomerge-kernels-") as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
+        try:
+            yield
+        finally:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
 def fused_status() -> tuple[bool | None, str]:

@@ -24,7 +24,7 @@ import torch
 
 import evomerge.merge.methods  # noqa: F401  (registers every method)
 from evomerge.errors import ConfigError, MaterializeError
-from evomerge.merge.kernels import fused_merge
+from evomerge.merge.kernels import cache_scope, fused_merge
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.merge.methods.rng import tensor_generator
 from evomerge.merge.methods.sparsify import sorted_magnitudes
@@ -180,10 +180,11 @@ def materialize_to_disk(
         tensors = iter_merged(recipe, folders, device=device)
     total = len(ref.tensor_names)
     t0 = time.perf_counter()
-    for i, (name, tensor) in enumerate(tensors):
-        writer.add(name, tensor.to("cpu"))
-        if progress:
-            progress(i + 1, total)
+    with cache_scope():
+        for i, (name, tensor) in enumerate(tensors):
+            writer.add(name, tensor.to("cpu"))
+            if progress:
+                progress(i + 1, total)
     out = writer.finish(
         config,
         tokenizer_from=folders[tok_src].path,
