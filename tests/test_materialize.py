@@ -237,9 +237,9 @@ def test_corrupt_source_file(family, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
-def test_fused_kernels_in_place_equal_to_disk_and_close_to_eager(family, tmp_path, method):
-    """With the fused kernels on every tensor (threshold lowered), in place == to disk bit for bit, with and
-    without the sorted-magnitude cache, and both agree with the eager methods to rounding."""
+def test_fused_kernels_in_place_equal_to_disk_and_to_eager(family, tmp_path, method):
+    """With the fused kernels on every tensor (threshold lowered), in place == to disk == eager, bit for bit,
+    with and without the magnitude-order cache."""
     from evomerge.merge.kernels import fused_kernels, fused_status
 
     paths = {k: str(v) for k, v in family.items()}
@@ -254,9 +254,6 @@ def test_fused_kernels_in_place_equal_to_disk_and_close_to_eager(family, tmp_pat
             InPlaceMerger(sources, live).apply(recipe)
             for name, p in live.state_dict().items():
                 assert torch.equal(p, disk[name]), (name, sorted_cache)
-    fused_any = False
+    assert any(t.numel() >= 256 for t in disk.values())
     for name, t in disk.items():
-        if t.numel() >= 256:
-            fused_any = True
-        torch.testing.assert_close(t, eager[name], rtol=1e-6, atol=1e-7)
-    assert fused_any
+        assert torch.equal(t, eager[name]), name

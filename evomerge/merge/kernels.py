@@ -11,11 +11,11 @@ reduction in the same pass.
 Served: ``ties`` (magnitude sparsification without rescale), ``task_arithmetic`` and ``linear``, on
 CPU tensors of at least :data:`MIN_NUMEL` elements with at most :data:`MAX_SOURCES` task vectors.
 Everything else (small tensors, other methods, CUDA tensors, a machine without a C++ compiler) runs
-the eager methods. The choice depends only on the method, the parameters, the tensor's size, dtype
-and device and whether compiling works here, so a worker merging in place and ``evomerge merge``
-writing to disk take the same path for the same tensor and give the same bits. Fused and eager
-results agree to rounding (the eager kernels may use fused multiply-adds; the compiled ones are
-built with ``-ffp-contract=off``); tests bound the difference.
+the eager methods. Fused and eager give the same bits: the kept entries are the same (ties at the
+threshold included) and the arithmetic is the same sequence of IEEE operations (each product rounded,
+then added, in source order; Inductor builds with ``-ffp-contract=off``, and the eager methods never
+use fused multiply-adds), so the path taken never changes a merged model: a worker merging in place,
+``evomerge merge`` on another machine, with or without a compiler, write identical tensors.
 
 Magnitude thresholds come from :func:`~evomerge.merge.methods.sparsify.top_k_threshold` (O(1) with the
 resident sorted-magnitude cache, an exact selection without), so the kept entries are exactly those of
@@ -66,17 +66,18 @@ def _kernel(
     sparse: bool,
     consensus: bool,
     normalize: bool,
-    scale_base: bool,
+    positive: bool,
+    scaled: tuple[bool, bool, bool],
 ) -> torch.Tensor:
     """``out <- base * coef + lambda * mix(deltas) / norm`` in one pass; returns 0 if the result is finite.
 
-    (``coef`` is applied only with ``scale_base``; the returned 0-d tensor is NaN where an entry is not.)
-
     ``deltas`` is ``(N, M)`` (any row stride), ``base`` and ``out`` ``(M,)``; ``weights`` and ``lows``
-    ``(N,)``; ``scalars = [coef, norm, lambda]``, all in the work dtype. With ``sparse`` row ``i`` keeps
-    the entries with ``|d| > lows[i]``. Without ``consensus``, ``mix = sum_i w_i d_i``; with it (TIES),
-    only the weighted entries that agree with the sign of that sum, divided with ``normalize`` by the
-    weights of the agreeing sources (1 where none agrees).
+    ``(N,)``; ``scalars = [coef, norm, lambda]``, all in the work dtype; ``scaled`` says which of them are
+    not 1 (only those are applied). With ``sparse`` row ``i`` keeps the entries with ``|d| > lows[i]``.
+    Without ``consensus``, ``mix = sum_i w_i d_i``; with it (TIES), only the weighted entries that agree
+    with the sign of that sum, divided with ``normalize`` by the weights of the agreeing sources (1 where
+    none agrees; with ``positive`` weights, all >= the smallest normal float, a clamp gives the same). The
+    returned 0-d tensor is ``sum(res - res)``: NaN when an entry is not finite.
     """
     wdt = weights.dtype
     terms = []
@@ -99,13 +100,16 @@ def _kernel(
             if normalize:
                 div = div + torch.where(agree, weights[i], torch.zeros_like(wd))
         if normalize:
-            mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+            if positive:  # no agreeing source <=> div 0 <=> mixed 0: 0 / tiny = 0
+                mixed = mixed / div.clamp_min(torch.finfo(wdt).tiny)
+            else:
+                mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
     else:
-        mixed = total / scalars[1]
+        mixed = total / scalars[1] if scaled[1] else total
     b = base.to(wdt)
-    res = (b * scalars[0] if scale_base else b) + mixed * scalars[2]
+    res = (b * scalars[0] if scaled[0] else b) + (mixed * scalars[2] if scaled[2] else mixed)
     out.copy_(res)
-    return (res - res).sum()  # 0 when every entry is finite, NaN otherwise (cheaper than isfinite + all)
+    return (res - res).sum()
 
 
 def _segments(m: int, thresholds: list[float], cuts: list[int], dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
@@ -251,13 +255,15 @@ def fused_merge(
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
     dest, src = out.view(-1), base.reshape(-1)
     w, sc = torch.tensor(weights, dtype=cd), torch.tensor(scalars, dtype=cd)
+    positive = min(weights) >= torch.finfo(cd).tiny
+    scaled = tuple(x != 1.0 for x in sc.tolist())
     finite = True
     try:
         with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
             for start, stop, lows in _segments(m, thresholds, cuts, cd):
                 check = _compiled_kernel()(
                     dest[start:stop], src[start:stop], flat[:, start:stop], w, lows, sc, sparse, consensus, normalize,
-                    scalars[0] != 1.0,
+                    positive, scaled,
                 )
                 finite = finite and bool(torch.isfinite(check))
     except Exception as exc:  # no C++ compiler, an unsupported platform …: merge eagerly from now on

@@ -14,6 +14,7 @@ worker that keeps them resident and a streaming merge produce the same tensors.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ import torch
 
 import evomerge.merge.methods  # noqa: F401  (registers every method)
 from evomerge.errors import ConfigError, MaterializeError
-from evomerge.merge.kernels import cache_scope, fused_merge
+from evomerge.merge.kernels import cache_scope, fused_kernels, fused_merge
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.merge.methods.rng import tensor_generator
 from evomerge.merge.methods.sparsify import sorted_magnitudes
@@ -32,6 +33,9 @@ from evomerge.merge.params import Role, delta_models, reference_model, tensor_pa
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+#: A merge to disk compiles the fused kernels (seconds) only for models of at least this many elements.
+ONE_OFF_FUSED_MIN_ELEMENTS = 1 << 28
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -156,8 +160,13 @@ def materialize_to_disk(
     device: str = "cpu",
     card_extra: str = "",
     progress: Callable[[int, int], None] | None = None,
+    fused: bool | None = None,
 ) -> Path:
-    """Merge ``recipe`` into an HF folder at ``out_dir`` (written atomically; streams tensor by tensor)."""
+    """Merge ``recipe`` into an HF folder at ``out_dir`` (written atomically; streams tensor by tensor).
+
+    ``fused``: use the compiled kernels of :mod:`evomerge.merge.kernels` (same bits either way); ``None``
+    decides by model size (:data:`ONE_OFF_FUSED_MIN_ELEMENTS`).
+    """
     from evomerge.io import ModelWriter
 
     folders = _open_sources(recipe, paths)
@@ -180,7 +189,9 @@ def materialize_to_disk(
         tensors = iter_merged(recipe, folders, device=device)
     total = len(ref.tensor_names)
     t0 = time.perf_counter()
-    with cache_scope():
+    if fused is None:  # compiling costs seconds: a one-off merge of a small model is faster without
+        fused = sum(math.prod(ref.shape(n)) for n in ref.tensor_names) >= ONE_OFF_FUSED_MIN_ELEMENTS
+    with cache_scope() if fused else fused_kernels(False):
         for i, (name, tensor) in enumerate(tensors):
             writer.add(name, tensor.to("cpu"))
             if progress:

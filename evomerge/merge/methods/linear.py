@@ -55,5 +55,5 @@ def linear(
     if normalize:
         mixed.div_(total).add_(base)
     else:
-        mixed.add_(base, alpha=total)
+        mixed.add_(torch.mul(base.to(cd), total))
     return mixed.to(base.dtype)

@@ -115,14 +115,19 @@ class Rows:
 
 
 def weighted_sum(rows: Rows) -> torch.Tensor:
-    """``sum_i w_i d_i`` accumulated row by row (no ``(N, *S)`` temporary); zeros when there are no rows."""
+    """``sum_i w_i d_i`` accumulated row by row (no ``(N, *S)`` temporary); zeros when there are no rows.
+
+    Each product is rounded before it is added (a multiply, then an add; never a fused multiply-add), the
+    arithmetic of the fused kernels (:mod:`evomerge.merge.kernels`), so both give the same bits.
+    """
     if rows.n == 0:
         return rows.zeros()
     r, a = rows.get(0)
     mixed = torch.mul(r, a)
+    term = torch.empty_like(mixed) if rows.n > 1 else None
     for i in range(1, rows.n):
         r, a = rows.get(i)
-        mixed.add_(r, alpha=a)
+        mixed.add_(torch.mul(r, a, out=term))
     return mixed
 
 

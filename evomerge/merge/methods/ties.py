@@ -49,9 +49,10 @@ def mix_agreeing(rows: Rows, weights: list[float], normalize: bool) -> torch.Ten
             x.clamp_(min=0)
         else:
             x.clamp_(max=0)
-        mixed.add_(x, alpha=a)
         if divisor is not None:
-            divisor.add_(x.sign_(), alpha=weights[i] if a >= 0 else -weights[i])
+            agree = x.sign()  # 1 (-1 for a < 0) where source i agrees, else 0: exact products below
+            divisor.add_(agree, alpha=weights[i] if a >= 0 else -weights[i])
+        mixed.add_(x.mul_(a))  # rounded product, then the add: the fused kernels' arithmetic
     mixed.mul_(sign)
     if divisor is not None:
         tiny = torch.finfo(divisor.dtype).tiny
