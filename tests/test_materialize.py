@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -236,6 +238,7 @@ def test_corrupt_source_file(family, tmp_path):
         materialize_state_dict(r.model_copy(update={"sources": {**r.sources, "b": str(bad)}}))
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler for torch.compile")
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
 def test_fused_kernels_in_place_equal_to_disk_and_to_eager(family, tmp_path, method):
     """With the fused kernels on every tensor (threshold lowered), in place == to disk == eager, bit for bit,
