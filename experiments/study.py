@@ -6,11 +6,21 @@
 For each problem (2 experts, 3 experts, layer routing over 2 experts) it scores the baselines (base, each
 expert, the multitask model as an upper reference, task arithmetic at λ = 1 and at the best λ of a grid chosen
 on calibration, TIES and DARE-TIES at density 0.5, SLERP t = 0.5 between two experts), then runs every search
-with equal budgets through the real driver (`evomerge.driver.run.start_run`, LocalPool), and reports for the
-best candidate (by calibration score) its held-out test score per task, relative to each task's expert (score /
-expert score: 1.0 = as good as the expert), mean and worst task; the evaluations needed to reach 0.95 of the
-experts on calibration (mean and worst task); wall time; and the calibration-vs-test gap.
-Results: ``experiments/results/study[-quick].md`` and ``.json``; Pareto plots in each run's ``report/``.
+with equal budgets through the real driver (`evomerge.driver.run.start_run`, LocalPool):
+
+* cold searches from the template's plain hand-set merge (CMA-ES, nevergrad, random over per-layer TIES);
+* M2N2 over per-segment combinations of the seeds (its archive starts with task-arithmetic children);
+* warm-started CMA-ES over per-layer, per-module-kind task arithmetic whose x0 is task arithmetic at the best
+  λ of the calibration grid (the grid's 5 evaluations are not counted in the search's budget), scalarized by
+  the mean over tasks and, for balanced merges, by the worst task.
+
+For the best candidate of each run (chosen on calibration by the run's own scalarization: mean normalized
+score, or worst task relative to the expert) it reports the held-out test score per task, relative to each
+task's expert (score / expert score: 1.0 = as good as the expert), mean and worst task; the evaluations needed
+to reach 0.95 of the experts on calibration (mean and worst task) and to reach the calibration score of task
+arithmetic at the best λ; wall time; and the calibration-vs-test gap. Nothing is tuned on the test split.
+Results: ``experiments/results/study[-quick].md``, ``.json`` and ``study[-quick]-pareto.png`` (calibration
+scores of every 2-task search, seed 0, with the hand-set merges); per-run reports in each run's ``report/``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ import numpy as np
 import torch
 import yaml
 
-from evomerge.archive import Archive
 from evomerge.driver.run import start_run
 from evomerge.recipe import Recipe
 from evomerge.testing.zoo import ZooManifest, build_zoo
@@ -38,28 +47,55 @@ log = logging.getLogger("study")
 REPO = Path(__file__).resolve().parents[1]
 
 
+WARM_TEMPLATE = "builtin:task-arithmetic-per-layer"
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search of a problem: optimizer, options, and the space when it is not the problem's own."""
+
+    label: str  # file-name safe; also the table label
+    optimizer: str
+    options: dict[str, Any]
+    template: str | None = None  # None: the problem's template
+    overrides: dict[str, Any] = field(default_factory=dict)
+    warm: bool = False  # x0 = task arithmetic at the best λ of the calibration grid (init.weight)
+    note: str = ""
+
+    @property
+    def pick(self) -> str:
+        """How the run's best candidate is chosen on calibration: ``mean`` or ``worst``."""
+        return "worst" if self.options.get("scalarize") == "worst" else "mean"
+
+
 @dataclass
 class Problem:
     name: str
     experts: list[str]
     suite: str
     template: str
-    searches: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (label, optimizer, options)
+    searches: list[Search] = field(default_factory=list)
 
 
 def problems(quick: bool) -> list[Problem]:
+    m2n2 = Search("m2n2", "m2n2", {"archive_size": 16}, template="builtin:segments", note="segments")
+    warm = {"popsize": 8, "sigma0": 0.1, "x0_first": True}
     ps_searches = [
-        ("cma_es", "cma_es", {"popsize": 8, "sigma0": 0.25}),
-        ("nevergrad", "nevergrad", {"optimizer": "TwoPointsDE"}),
-        ("random", "random", {}),
+        Search("cma_es", "cma_es", {"popsize": 8, "sigma0": 0.25}, note="per-layer TIES"),
+        Search("nevergrad", "nevergrad", {"optimizer": "TwoPointsDE"}, note="per-layer TIES"),
+        Search("random", "random", {}, note="per-layer TIES"),
+        m2n2,
+        Search("cma_es-warm", "cma_es", warm, template=WARM_TEMPLATE, warm=True,
+               note="per-layer TA, x0 = best λ"),
+        Search("cma_es-warm-worst", "cma_es", {**warm, "scalarize": "worst"}, template=WARM_TEMPLATE, warm=True,
+               note="per-layer TA, x0 = best λ, worst task"),
     ]
     out = [
-        Problem("2 experts (add, rev)", ["add", "rev"], "builtin:zoo-2", "builtin:ties-per-layer",
-                ps_searches + [("m2n2", "m2n2", {"archive_size": 12})]),
+        Problem("2 experts (add, rev)", ["add", "rev"], "builtin:zoo-2", "builtin:ties-per-layer", ps_searches),
         Problem("3 experts (add, rev, sort)", ["add", "rev", "sort"], "builtin:zoo", "builtin:ties-per-layer",
-                ps_searches + [("m2n2", "m2n2", {"archive_size": 12})]),
+                ps_searches),
         Problem("routing (add, rev)", ["add", "rev"], "builtin:zoo-2", "builtin:dfs-routing",
-                [("cma_es", "cma_es", {"popsize": 8, "sigma0": 0.2}), ("random", "random", {})]),
+                [Search("cma_es", "cma_es", {"popsize": 8, "sigma0": 0.2}), Search("random", "random", {})]),
     ]
     return out[:1] if quick else out
 
@@ -101,35 +137,45 @@ class Scorer:
         return self._score(self.model)
 
 
-def extra_baselines(sc: Scorer, experts: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+TA_GRID = (0.3, 0.5, 0.7, 0.9, 1.1)
+
+
+def extra_baselines(sc: Scorer, experts: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
+    """Baselines outside the runs, and the best task-arithmetic λ of :data:`TA_GRID` on calibration."""
     out: dict[str, dict[str, dict[str, float]]] = {"multitask (upper ref.)": sc.folder("multitask")}
 
     def ta(lam: float) -> Recipe:
         return Recipe(method="task_arithmetic", base_model="base",
                       models=tuple({"model": e, "parameters": {"weight": lam}} for e in experts))
 
-    grid = {lam: sc.recipe(ta(lam)) for lam in (0.3, 0.5, 0.7, 0.9, 1.1)}
+    grid = {lam: sc.recipe(ta(lam)) for lam in TA_GRID}
     best = max(grid, key=lambda lam: np.mean(list(grid[lam]["calibration"].values())))
-    out[f"task arithmetic, best λ={best} (calibration)"] = grid[best]
+    out[f"task arithmetic, best λ={best} (calibration)"] = {**grid[best], "kind": "handset", "ta_best": True}
     if len(experts) == 2:
         out["slerp t=0.5 (expert to expert)"] = sc.recipe(Recipe(
             method="slerp", base_model=experts[0], models=({"model": experts[1]},), parameters={"t": 0.5}))
-    return out
+    return out, best
 
 
 # ------------------------------------------------------------------ one search
-def run_search(zoo: ZooManifest, prob: Problem, label: str, opt: str, options: dict, seed: int, evals: int,
-               out_dir: Path) -> dict[str, Any]:
+def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals: int, out_dir: Path,
+               ta_best: tuple[float, dict[str, float]]) -> dict[str, Any]:
+    """Run (or reread) one search; ``ta_best`` is (λ, calibration means) of task arithmetic at the best λ."""
+    from evomerge.archive.report import write_report
+    from evomerge.events import read_events
     from evomerge.results import RunResults
 
-    name = f"{prob.template.split(':')[-1]}-{'-'.join(prob.experts)}-{label}-s{seed}"
-    template = "builtin:segments" if opt == "m2n2" else prob.template
+    template = search.template or prob.template
+    overrides = dict(search.overrides)
+    if search.warm:
+        overrides["init"] = {**overrides.get("init", {}), "weight": ta_best[0]}
+    name = f"{prob.template.split(':')[-1]}-{'-'.join(prob.experts)}-{search.label}-s{seed}"
     cfg = {
         "name": name, "seed": seed, "output_dir": str(out_dir / "runs"),
         "sources": {"base": str(zoo.base), **{e: str(zoo.expert(e)) for e in prob.experts}},
-        "base_model": "base", "space": {"template": template},
+        "base_model": "base", "space": {"template": template, "overrides": overrides},
         "fitness": {"suite": prob.suite, "scorer": "hf", "batch_size": 200},
-        "optimizer": {"name": opt, "options": options}, "budget": {"evaluations": evals},
+        "optimizer": {"name": search.optimizer, "options": search.options}, "budget": {"evaluations": evals},
         "resources": {"threads_per_worker": 1},
     }
     path = out_dir / "configs" / f"{name}.yaml"
@@ -137,36 +183,53 @@ def run_search(zoo: ZooManifest, prob: Problem, label: str, opt: str, options: d
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_dir = out_dir / "runs" / name
     t0 = time.perf_counter()
-    if not (run_dir / "checkpoint.json").exists():
+    if (run_dir / "checkpoint.json").exists():  # reuse a finished run only when it is the same search
+        done = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        for key, sub in (("optimizer", None), ("space", None), ("budget", "evaluations")):
+            was, want = done[key], cfg[key]
+            if sub is not None:
+                was, want = was[sub], want[sub]
+            if key == "space":
+                was = {"template": was["template"], "overrides": was.get("overrides") or {}}
+            if was != want:
+                raise SystemExit(f"{run_dir} holds another search ({key}: {was} != {want}); move it away")
+    else:
         start_run(path)
-    from evomerge.events import read_events
-
     evs = read_events(run_dir / "events.jsonl")  # the run's own wall time (also when it was run earlier)
     wall = evs[-1]["t"] - evs[0]["t"] if len(evs) > 1 else time.perf_counter() - t0
     res = RunResults(run_dir)
-    from evomerge.archive.report import write_report
-
     write_report(run_dir)
     tasks = res.tasks
     searched = [r for r in res.calib if r.candidate_id >= 0]
-    best = res.best()
     rel_cal = [res.relative_to_expert(r.result.task_means()) if r.ok else None for r in searched]
     mean_so_far = np.maximum.accumulate([np.mean(list(x.values())) if x else -np.inf for x in rel_cal])
     worst_so_far = np.maximum.accumulate([min(x.values()) if x else -np.inf for x in rel_cal])
+    ta_rel = res.relative_to_expert(ta_best[1])
+    ta_mean, ta_worst = float(np.mean(list(ta_rel.values()))), float(min(ta_rel.values()))
 
     def first(arr, thr):
         hit = np.flatnonzero(np.asarray(arr) >= thr)
         return int(hit[0]) + 1 if hit.size else None
 
+    if search.pick == "worst":  # max-min, ties to the better mean: a Pareto-front member, so rescored on test
+        def key(r):
+            rel = list(res.relative_to_expert(r.result.task_means()).values())
+            return (min(rel), float(np.mean(rel)))
+        best = max(res.searched, key=key) if res.searched else None
+    else:
+        best = res.best()
     test = res.test_scores(best.recipe_hash) if best else None
     cal = best.result.task_means() if best else None
     return {
-        "problem": prob.name, "search": label, "seed": seed, "evaluations": len(searched), "wall_s": wall,
-        "tasks": tasks, "expert_cal": res.high,
-        "best_cal": cal, "best_test": test,
+        "problem": prob.name, "search": search.label, "note": search.note, "pick": search.pick, "seed": seed,
+        "evaluations": len(searched), "wall_s": wall, "tasks": tasks, "expert_cal": res.high,
+        "best_candidate": best.candidate_id if best else None, "best_cal": cal, "best_test": test,
         "best_test_rel": res.relative_to_expert(test) if test else None,
         "best_cal_rel": res.relative_to_expert(cal) if cal else None,
         "evals_to_095_mean": first(mean_so_far, 0.95), "evals_to_095_worst": first(worst_so_far, 0.95),
+        "evals_to_ta_best": first(mean_so_far if search.pick == "mean" else worst_so_far,
+                                  (ta_mean if search.pick == "mean" else ta_worst) + 1e-12),
+        "ta_best_lambda": ta_best[0] if search.warm else None,
         "run_dir": str(run_dir),
         "baselines": {(f"expert {row.name}" if row.kind == "source" else row.name):
                       {"calibration": row.calibration, "test": row.test, "kind": row.kind}
@@ -185,14 +248,20 @@ def fmt(x: float | None, p: int = 3) -> str:
 
 
 def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooManifest, out: Path) -> str:
+    cmd = "python experiments/study.py" + (" --quick" if args.quick else "") + (
+        f" --evals {args.evals}" if args.evals else "") + (f" --seeds {args.seeds}" if args.seeds else "")
     lines = [f"# Search-quality study ({'quick' if args.quick else 'full'})", "",
              f"Date {date.today()}, machine: {platform.machine()} {platform.processor() or ''}, "
              f"{__import__('os').cpu_count()} CPUs, torch {torch.__version__}, zoo size `{zoo.size.name}` seed "
-             f"{zoo.seed}. Command: `python experiments/study.py{' --quick' if args.quick else ''}`.", "",
+             f"{zoo.seed}. Command: `{cmd}`.", "",
              "Scores are exact match on the **held-out test split**; *rel.* = score / the task's expert's test "
-             "score (1.0 = as good as the expert). Searches: mean ± std over seeds of the best candidate (chosen "
-             "on calibration). *evals to 0.95*: evaluations until the best candidate so far reaches 0.95 of the "
-             "experts on calibration (mean over tasks / worst task); — = not reached within the budget.", ""]
+             "score (1.0 = as good as the expert). Searches: mean ± std over seeds of the best candidate, chosen "
+             "on calibration by the run's own scalarization (mean normalized score; *worst* runs: worst task "
+             "relative to the expert). *evals to 0.95*: evaluations until the best candidate so far reaches 0.95 "
+             "of the experts on calibration (mean over tasks / worst task), with the number of seeds that got "
+             "there; *evals to TA λ\\**: until it reaches the calibration score (mean, or worst task for *worst* "
+             "runs) of task arithmetic at the best λ of the grid; — = not reached within the budget. Warm-started "
+             f"searches start from that λ (the grid {list(TA_GRID)} costs {len(TA_GRID)} further evaluations).", ""]
     for prob_name in dict.fromkeys(r["problem"] for r in results):
         rs = [r for r in results if r["problem"] == prob_name]
         tasks = rs[0]["tasks"]
@@ -202,16 +271,17 @@ def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooMan
         for t in tasks:
             vals = [v["test"][t] for v in base_rows.values() if v.get("kind") == "source" and v.get("test")]
             expert_test[t] = max(vals) if vals else rs[0]["expert_cal"][t]
-        lines += [f"## {prob_name}", "", "| model | " + " | ".join(tasks) + " | mean rel. | worst rel. | evals to 0.95 (mean / worst) | wall s | cal.−test gap (mean rel.) |",
-                  "|---|" + "---|" * (len(tasks) + 5)]
-        best_hand = -np.inf
+        lines += [f"## {prob_name}", "", "| model | " + " | ".join(tasks) + " | mean rel. | worst rel. | "
+                  "evals to 0.95 (mean / worst) | evals to TA λ\\* | wall s | cal.−test gap (mean rel.) |",
+                  "|---|" + "---|" * (len(tasks) + 6)]
+        best_hand, best_evolved = -np.inf, (-np.inf, "")
         for name, v in base_rows.items():
             if not v.get("test"):
                 continue
             m, w = _rel(v["test"], expert_test, tasks)
             if v.get("kind", "handset") == "handset" and not name.startswith("multitask"):
                 best_hand = max(best_hand, m)
-            lines.append(f"| {name} | " + " | ".join(fmt(v["test"][t]) for t in tasks) + f" | {fmt(m)} | {fmt(w)} | | | |")
+            lines.append(f"| {name} | " + " | ".join(fmt(v["test"][t]) for t in tasks) + f" | {fmt(m)} | {fmt(w)} | | | | |")
         for label in dict.fromkeys(r["search"] for r in rs):
             group = [r for r in rs if r["search"] == label and r["best_test"]]
             if not group:
@@ -220,19 +290,63 @@ def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooMan
             rel = np.array([_rel(r["best_test"], expert_test, tasks) for r in group])
             cal_rel = np.array([np.mean([r["best_cal"][t] / r["expert_cal"][t] if r["expert_cal"][t] > 0 else np.nan
                                          for t in tasks]) for r in group])
-            e_mean = [r["evals_to_095_mean"] for r in group]
-            e_worst = [r["evals_to_095_worst"] for r in group]
-            def ev(v):  # noqa: E306
+
+            def ev(key, group=group):  # noqa: E306
+                v = [r[key] for r in group]
                 hit = [x for x in v if x is not None]
                 return f"{np.mean(hit):.0f} ({len(hit)}/{len(v)})" if hit else "—"
+            note = f", {group[0]['note']}" if group[0].get("note") else ""
+            if rel[:, 0].mean() > best_evolved[0]:
+                best_evolved = (float(rel[:, 0].mean()), label)
             lines.append(
-                f"| **evolved: {label}** ({len(group)} seeds, {group[0]['evaluations']} evals) | "
+                f"| **evolved: {label}** ({len(group)} seeds, {group[0]['evaluations']} evals{note}) | "
                 + " | ".join(f"{per[:, j].mean():.3f} ± {per[:, j].std():.3f}" for j in range(len(tasks)))
-                + f" | {rel[:, 0].mean():.3f} ± {rel[:, 0].std():.3f} | {rel[:, 1].mean():.3f} | {ev(e_mean)} / {ev(e_worst)}"
+                + f" | {rel[:, 0].mean():.3f} ± {rel[:, 0].std():.3f} | {rel[:, 1].mean():.3f} ± {rel[:, 1].std():.3f}"
+                + f" | {ev('evals_to_095_mean')} / {ev('evals_to_095_worst')} | {ev('evals_to_ta_best')}"
                 + f" | {np.mean([r['wall_s'] for r in group]):.0f} | {np.mean(cal_rel - rel[:, 0]):+.3f} |")
-        lines += ["", f"Best hand-set merge, mean rel.: {fmt(best_hand)}.", ""]
-    text = "\n".join(lines) + "\n"
-    return text
+        lines += ["", f"Best hand-set merge, mean rel.: {fmt(best_hand)}; best search: {best_evolved[1]} "
+                  f"{fmt(best_evolved[0])} ({(best_evolved[0] - best_hand) * 100:+.1f} points).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_fronts(results: list[dict], extras: dict[str, dict], path: Path) -> None:
+    """Calibration scores of every candidate of each 2-task search (seed 0), its Pareto front and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evomerge.results import RunResults
+
+    runs = [r for r in results if r["seed"] == 0 and len(r["tasks"]) == 2 and not r["problem"].startswith("routing")]
+    if not runs:
+        return
+    cols = 3
+    rows = (len(runs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, r in zip(axes.ravel(), runs, strict=False):
+        res = RunResults(r["run_dir"])
+        t0, t1 = r["tasks"]
+        pts = np.array([[x.result.task_means()[t0], x.result.task_means()[t1]] for x in res.searched])
+        ax.scatter(pts[:, 0], pts[:, 1], s=8, color="0.7", label="candidates")
+        fp = np.array([[x.result.task_means()[t0], x.result.task_means()[t1]] for x in res.front()])
+        order = np.argsort(fp[:, 0])
+        ax.plot(fp[order, 0], fp[order, 1], "o-", ms=3, color="C3", label="Pareto front")
+        marks = {**{k: v for k, v in r["baselines"].items()}, **extras.get(r["problem"], {})}
+        for k, (name, v) in enumerate(marks.items()):
+            ax.scatter([v["calibration"][t0]], [v["calibration"][t1]], marker="*" if v.get("ta_best") else "^",
+                       s=70 if v.get("ta_best") else 30, color=f"C{k % 10}", label=name, zorder=3)
+        ax.scatter([r["best_cal"][t0]], [r["best_cal"][t1]], marker="o", s=80, facecolors="none", edgecolors="k",
+                   label="picked", zorder=4)
+        ax.set(xlabel=t0, ylabel=t1, title=f"{r['search']} (seed 0)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(runs):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"{runs[0]['problem']}: calibration exact match")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -242,6 +356,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--evals", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated search labels to run (default: all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -253,20 +368,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or (1 if args.quick else 3)
     evals = args.evals or (20 if args.quick else 150)
+    only = set(args.only.split(",")) if args.only else None
     results, extras = [], {}
     for prob in problems(args.quick):
         sc = Scorer(zoo, prob.suite, prob.experts)
-        extras[prob.name] = extra_baselines(sc, prob.experts)
-        for label, opt, options in prob.searches:
+        extras[prob.name], lam = extra_baselines(sc, prob.experts)
+        ta_cal = next(v["calibration"] for v in extras[prob.name].values() if v.get("ta_best"))
+        for search in prob.searches:
+            if only is not None and search.label not in only:
+                continue
             for seed in range(seeds):
-                r = run_search(zoo, prob, label, opt, options, seed, evals, out)
-                log.info("%s / %s / seed %d: test %s (%.0f s)", prob.name, label, seed, r["best_test"], r["wall_s"])
+                r = run_search(zoo, prob, search, seed, evals, out, (lam, ta_cal))
+                log.info("%s / %s / seed %d: test %s (%.0f s)", prob.name, search.label, seed, r["best_test"],
+                         r["wall_s"])
                 results.append(r)
     text = write_tables(results, extras, args, zoo, out)
     name = "study-quick" if args.quick else "study"
-    (REPO / "experiments" / "results" / f"{name}.md").write_text(text) if args.out is None else None
-    (out / f"{name}.md").write_text(text)
+    dests = [out] + ([REPO / "experiments" / "results"] if args.out is None else [])
+    for d in dests:
+        (d / f"{name}.md").write_text(text)
+        plot_fronts(results, extras, d / f"{name}-pareto.png")
     (out / f"{name}.json").write_text(json.dumps({"results": results, "extras": extras}, indent=1, default=str))
+    if args.out is None:
+        (REPO / "experiments" / "results" / f"{name}.json").write_text(
+            json.dumps({"results": results, "extras": extras}, indent=1, default=str))
     print(text)
 
 

@@ -36,9 +36,9 @@ segments space includes it, which it lists first) and draws one weight ``λ_m ~ 
 seed: ``C[:, 0] = 1 - sum_m λ_m``, ``C[:, m] = λ_m`` in every segment, i.e. the merge
 ``seed_0 + sum_m λ_m (seed_m - seed_0)``. When that leaves the bounds, all ``λ`` are scaled down by the
 largest common factor that keeps every coefficient inside. Why: SLERP crossover never leaves the span
-between its parents, so an archive that starts from the bare seeds only reaches interpolations of them
-(at best ``λ = 1/M`` per task vector), while merges of fine-tuned experts usually need ``λ`` near 1 on
-every task vector at once; starting from merged children puts such points in the archive, the archive
+between its parents, so an archive that starts from the bare seeds only reaches their interpolations
+(with k experts, at most ``λ = 1/k`` on every task vector at once), while merges of fine-tuned experts
+often work best with every ``λ`` well above that (0.7-0.9 on the demo zoo); starting from merged children puts such points in the archive, the archive
 being larger than the seed count lets the children survive next to the specialist seeds, and crossover
 then recombines them segment by segment. The reference code starts from its two seed models only and
 runs thousands of children; with a budget of a few hundred evaluations that start keeps one seed.
