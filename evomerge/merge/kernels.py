@@ -134,6 +134,11 @@ def _segments(m: int, thresholds: list[float], cuts: list[int], dtype: torch.dty
 def _compiled_kernel():  # noqa: ANN202 - a torch.compile wrapper
     global _compiled
     if _compiled is None:
+        # One specialization per (source count, dtype, flags): allow more than Dynamo's default 8 so that a long
+        # search never falls back to an uncompiled call. Only raised, once (a config patch per call costs ~1 ms).
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 256)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
         _compiled = torch.compile(_kernel, dynamic=True, fullgraph=True)
     return _compiled
 
@@ -257,18 +262,17 @@ def fused_merge(
     w, sc = torch.tensor(weights, dtype=cd), torch.tensor(scalars, dtype=cd)
     positive = min(weights) >= torch.finfo(cd).tiny
     scaled = tuple(x != 1.0 for x in sc.tolist())
-    finite = True
+    checks = []
     try:
-        with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-            for start, stop, lows in _segments(m, thresholds, cuts, cd):
-                check = _compiled_kernel()(
-                    dest[start:stop], src[start:stop], flat[:, start:stop], w, lows, sc, sparse, consensus, normalize,
-                    positive, scaled,
-                )
-                finite = finite and bool(torch.isfinite(check))
+        kernel = _compiled_kernel()
+        for start, stop, lows in _segments(m, thresholds, cuts, cd):
+            checks.append(kernel(
+                dest[start:stop], src[start:stop], flat[:, start:stop], w, lows, sc, sparse, consensus, normalize,
+                positive, scaled,
+            ))
     except Exception as exc:  # no C++ compiler, an unsupported platform …: merge eagerly from now on
         _enabled, _disabled_reason = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         log.warning("fused merge kernels unavailable, merging eagerly: %s", _disabled_reason)
         return None
     _enabled = True
-    return out, finite
+    return out, bool(torch.isfinite(sum(checks)))
