@@ -11,7 +11,13 @@ import torch
 from evomerge.merge import kernels
 from evomerge.merge.kernels import fused_kernels, fused_merge, fused_status
 from evomerge.merge.methods.base import METHODS
-from evomerge.merge.methods.sparsify import largest_mask, magnitude_order, sorted_magnitudes, top_k_threshold
+from evomerge.merge.methods.sparsify import (
+    excluded_ties,
+    largest_mask,
+    magnitude_order,
+    sorted_magnitudes,
+    top_k_threshold,
+)
 
 M = 1 << 12  # above the lowered threshold used in these tests
 #: Inductor compiles the kernels with this C++ compiler; without one the library merges eagerly (tested below).
@@ -84,6 +90,9 @@ def test_top_k_threshold_describes_largest_mask(seed):
             got = (a > thr) | ((a == thr) & (idx <= cut))
             assert torch.equal(got, expected), (k, hint is not None)
             assert int(got.sum()) == k
+            if cut < row.numel():
+                left_out = torch.nonzero((a == thr) & ~expected).view(-1)
+                assert torch.equal(excluded_ties(row, k, thr, cut, order=hint), left_out)
 
 
 def test_not_served_cases_return_none():

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from evomerge.merge.methods.arguments import resolve, work_dtype
-from evomerge.merge.methods.sparsify import current_sorted_magnitudes, top_k_threshold
+from evomerge.merge.methods.sparsify import current_sorted_magnitudes, excluded_ties, top_k_threshold
 from evomerge.merge.methods.task_vectors import check_task_vector_args
 
 log = logging.getLogger(__name__)
@@ -112,23 +112,12 @@ def _kernel(
     return (res - res).sum()
 
 
-def _segments(m: int, thresholds: list[float], cuts: list[int], dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
-    """Split ``[0, m)`` so that each row keeps ``|d| > low`` with one ``low`` per row and segment.
-
-    Row ``i`` keeps ``|d| > thr_i`` everywhere and ``|d| == thr_i`` up to flat index ``cut_i``: inclusive
-    (``low = `` the float just below ``thr_i``) on ``[0, cut_i]``, exclusive (``low = thr_i``) after it.
-    Rows without a tie to split have ``cut_i >= m - 1`` and one inclusive low everywhere.
-    """
+def _inclusive_lows(thresholds: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """Per row, the largest value below its threshold (``|d| > low`` keeps ``|d| >= thr``); -1 keeps every entry."""
     thr = torch.tensor(thresholds, dtype=dtype)
-    inclusive = torch.nextafter(thr, torch.full_like(thr, -torch.inf))
-    keep_all = thr < 0  # density 1: the kept set is every entry
-    inclusive[keep_all] = -1.0
-    bounds = sorted({0, m, *(c + 1 for c in cuts if c + 1 < m)})
-    segs = []
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        lows = torch.where(torch.tensor([start <= c for c in cuts]), inclusive, thr)
-        segs.append((start, stop, lows))
-    return segs
+    lows = torch.nextafter(thr, torch.full_like(thr, -torch.inf))
+    lows[thr < 0] = -1.0  # density 1
+    return lows
 
 
 def _compiled_kernel():  # noqa: ANN202 - a torch.compile wrapper
@@ -248,31 +237,45 @@ def fused_merge(
     cd = work_dtype(base.dtype)
     m = base.numel()
     flat = deltas.reshape(n, m)
-    thresholds, cuts = [-1.0] * n, [m] * n
+    thresholds = [-1.0] * n
+    excluded: list[torch.Tensor | None] = [None] * n
     sparse = densities is not None and any(d < 1.0 for d in densities)
     if sparse:
         assert densities is not None
         hints = current_sorted_magnitudes(n, m)
         for i, d in enumerate(densities):
             if d < 1.0:
-                thresholds[i], cuts[i] = top_k_threshold(flat[i], max(1, int(d * m)), order=hints[i] if hints else None)
+                k = max(1, int(d * m))
+                order = hints[i] if hints else None
+                thresholds[i], cut = top_k_threshold(flat[i], k, order=order)
+                if cut < m:
+                    excluded[i] = excluded_ties(flat[i], k, thresholds[i], cut, order=order)
     if out is None or not out.is_contiguous() or out.shape != base.shape or out.dtype != base.dtype:
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
     dest, src = out.view(-1), base.reshape(-1)
     w, sc = torch.tensor(weights, dtype=cd), torch.tensor(scalars, dtype=cd)
-    positive = min(weights) >= torch.finfo(cd).tiny
-    scaled = tuple(x != 1.0 for x in sc.tolist())
-    checks = []
+    lows = _inclusive_lows(thresholds, cd)
+    flags = (sparse, consensus, normalize, min(weights) >= torch.finfo(cd).tiny, tuple(x != 1.0 for x in sc.tolist()))
     try:
         kernel = _compiled_kernel()
-        for start, stop, lows in _segments(m, thresholds, cuts, cd):
-            checks.append(kernel(
-                dest[start:stop], src[start:stop], flat[:, start:stop], w, lows, sc, sparse, consensus, normalize,
-                positive, scaled,
-            ))
+        check = kernel(dest, src, flat, w, lows, sc, *flags)
+        ties = [e for e in excluded if e is not None]
+        if ties:
+            # Entries whose magnitude equals a row's threshold but lie past its tie cut were kept above; merge
+            # them again with those rows' entries dropped (a dropped entry is a zero), by the same kernel.
+            pos = torch.unique(torch.cat(ties))
+            rows = flat[:, pos]
+            for i, e in enumerate(excluded):
+                if e is not None:
+                    rows[i, torch.isin(pos, e)] = 0
+            fixed = torch.empty(pos.numel(), dtype=base.dtype, device=base.device)
+            check = check + kernel(fixed, src[pos], rows, w, lows, sc, *flags)
+            dest[pos] = fixed
     except Exception as exc:  # no C++ compiler, an unsupported platform …: merge eagerly from now on
         _enabled, _disabled_reason = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         log.warning("fused merge kernels unavailable, merging eagerly: %s", _disabled_reason)
         return None
     _enabled = True
-    return out, bool(torch.isfinite(sum(checks)))
+    # (a non-finite value at a re-merged entry may flag a finite result: check the output itself then)
+    finite = bool(torch.isfinite(check)) or bool(torch.isfinite(dest).all())
+    return out, finite

@@ -42,6 +42,7 @@ import torch
 __all__ = [
     "SPARSIFICATIONS",
     "current_sorted_magnitudes",
+    "excluded_ties",
     "kth_smallest",
     "largest_mask",
     "magnitude_order",
@@ -226,6 +227,31 @@ def top_k_threshold(
     n_gt = _count(torch.gt(magnitude, thr_t, out=ge))
     tied = torch.nonzero(torch.eq(magnitude, thr_t, out=ge)).view(-1)
     return thr, int(tied[k - n_gt - 1])
+
+
+def excluded_ties(
+    row: torch.Tensor, k: int, thr: float, cut: int, *, order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flat indices (int64, ascending) of the entries with ``|x| == thr`` that the top-``k`` mask leaves out.
+
+    ``(thr, cut)`` come from :func:`top_k_threshold`: those are the entries equal to ``thr`` past ``cut``.
+    With ``order`` (:func:`magnitude_order`) they are read from it — they follow the ``k`` kept entries —
+    touching only the tie run; without, one pass finds them.
+    """
+    flat = row.reshape(-1)
+    m = flat.numel()
+    if order is None:
+        tied = torch.nonzero(flat[cut + 1 :].abs() == thr).view(-1)
+        return tied.add_(cut + 1)
+    stop, step = k, 64
+    while stop < m:  # gallop to the end of the tie run (the run is ordered by index)
+        hi = min(m, stop + step)
+        differ = torch.nonzero(flat[order[stop:hi].long()].abs() != thr)
+        if differ.numel():
+            stop += int(differ[0])
+            break
+        stop, step = hi, step * 8
+    return torch.sort(order[k:stop].long()).values
 
 
 def _prune_to_largest(
