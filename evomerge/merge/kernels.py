@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 from evomerge.merge.methods.arguments import resolve, work_dtype
+from evomerge.merge.methods.linear import weight_total
 from evomerge.merge.methods.sparsify import current_sorted_magnitudes, excluded_ties, top_k_threshold
-from evomerge.merge.methods.task_vectors import check_task_vector_args
+from evomerge.merge.methods.task_vectors import check_task_vector_args, weight_norm
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,8 @@ def _plan(
     cd = work_dtype(base.dtype)
     weights = torch.tensor(args.floats("weight"), dtype=cd).tolist()
     if method == "linear":
-        contributing = ([float(args.ref["weight"])] if args.ref is not None else []) + weights  # type: ignore[arg-type]
-        total = float(torch.tensor(contributing, dtype=cd).sum())
+        total = weight_total(args, cd)
         if args.flag("normalize"):
-            if total == 0:
-                return None  # the eager method raises the error that names the weights
             return weights, None, [1.0, total, 1.0], False, False
         return weights, None, [total, 1.0, 1.0], False, False
     sparse = method == "ties"
@@ -200,8 +198,7 @@ def _plan(
             return None
         densities = args.floats("density")
         return weights, densities, [1.0, 1.0, lam], True, normalize
-    norm = float(torch.tensor(weights, dtype=cd).sum()) if normalize else 1.0
-    return weights, None, [1.0, norm if abs(norm) >= 1e-8 else 1.0, lam], False, False
+    return weights, None, [1.0, weight_norm(weights, cd) if normalize else 1.0, lam], False, False
 
 
 def fused_merge(

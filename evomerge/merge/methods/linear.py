@@ -15,11 +15,25 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods.arguments import resolve, work_dtype
+from evomerge.merge.methods.arguments import Arguments, resolve, work_dtype
 from evomerge.merge.methods.base import ParamSpec, merge_method
 from evomerge.merge.methods.task_vectors import Rows, weighted_sum
 
-__all__ = ["linear"]
+__all__ = ["linear", "weight_total"]
+
+
+def weight_total(args: Arguments, dtype: torch.dtype) -> float:
+    """Sum of the contributing weights (the reference's own, when it contributes, and each source's) in ``dtype``.
+
+    Raises :class:`ConfigError` when no model contributes, or when the sum is 0 and ``normalize`` is set.
+    """
+    contributing = ([float(args.ref["weight"])] if args.ref is not None else []) + args.floats("weight")  # type: ignore[arg-type]
+    if not contributing:
+        raise ConfigError("linear: no model to merge")
+    total = float(torch.tensor(contributing, dtype=dtype).sum())
+    if args.flag("normalize") and total == 0:
+        raise ConfigError(f"linear: the weights {contributing} sum to 0, cannot normalize")
+    return total
 
 
 @merge_method(
@@ -44,13 +58,8 @@ def linear(
     args = resolve("linear", base, deltas, sp, gp, ref_sp)
     cd = work_dtype(base.dtype)
     weights = args.floats("weight")
-    contributing = ([float(args.ref["weight"])] if args.ref is not None else []) + weights  # type: ignore[arg-type]
-    if not contributing:
-        raise ConfigError("linear: no model to merge")
-    total = float(torch.tensor(contributing, dtype=cd).sum())
+    total = weight_total(args, cd)
     normalize = args.flag("normalize")
-    if normalize and total == 0:
-        raise ConfigError(f"linear: the weights {contributing} sum to 0, cannot normalize")
     mixed = weighted_sum(Rows(deltas, torch.tensor(weights, dtype=cd).tolist(), cd))
     if normalize:
         mixed.div_(total).add_(base)

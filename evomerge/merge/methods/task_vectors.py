@@ -23,7 +23,7 @@ from evomerge.merge.methods.arguments import Arguments, check_range, work_dtype
 from evomerge.merge.methods.base import ParamSpec
 from evomerge.merge.methods.sparsify import sparsify
 
-__all__ = ["ConsensusMix", "Rows", "merge_task_vectors", "task_vector_params", "weighted_sum"]
+__all__ = ["ConsensusMix", "Rows", "merge_task_vectors", "task_vector_params", "weight_norm", "weighted_sum"]
 
 #: ``(rows, weights w_i, normalize) -> mixed task vector`` (a new tensor in the work dtype).
 ConsensusMix = Callable[["Rows", list[float], bool], torch.Tensor]
@@ -114,6 +114,12 @@ class Rows:
         return torch.zeros(self.shape, dtype=self.dtype, device=self.deltas.device)
 
 
+def weight_norm(weights: list[float], dtype: torch.dtype) -> float:
+    """The divisor of ``normalize`` without consensus: the weights' sum in ``dtype`` (1 when ``|sum| < 1e-8``)."""
+    total = float(torch.tensor(weights, dtype=dtype).sum())
+    return total if abs(total) >= 1e-8 else 1.0
+
+
 def weighted_sum(rows: Rows) -> torch.Tensor:
     """``sum_i w_i d_i`` accumulated row by row (no ``(N, *S)`` temporary); zeros when there are no rows.
 
@@ -170,8 +176,7 @@ def merge_task_vectors(
     else:
         mixed = weighted_sum(rows)
         if normalize:
-            total = float(torch.tensor(weights, dtype=cd).sum())
-            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+            mixed.div_(weight_norm(weights, cd))
     lam = args.num("lambda")
     if lam != 1:
         mixed.mul_(lam)
