@@ -73,6 +73,41 @@ def test_local_run_end_to_end_with_cli(setup, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_fresh_process_runs_keep_their_kernel_cache_in_their_own_folder(setup, tmp_path):
+    """In a new process (no Inductor cache folder set yet) a run starts although loading the models creates the
+    cache folder inside the run folder before that exists, and a second run uses its own folder, not the first's."""
+    _, fam, suite = setup
+    a = write_run_config(tmp_path / "a.yaml", fam, suite, name="a", evals=2)
+    b = write_run_config(tmp_path / "b.yaml", fam, suite, name="b", evals=2)
+    code = (
+        "import os, sys\n"
+        "from evomerge.driver.run import start_run\n"
+        "for cfg in sys.argv[1:]:\n"
+        "    d = start_run(cfg)\n"
+        "    print(d.name, os.environ['TORCHINDUCTOR_CACHE_DIR'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln.split() for ln in out.stdout.splitlines() if ln.strip()]
+    runs = tmp_path / "runs"
+    assert lines == [["a", str((runs / "a" / "cache" / "kernels").resolve())],
+                     ["b", str((runs / "b" / "cache" / "kernels").resolve())]]
+    for name in ("a", "b"):
+        assert (runs / name / "checkpoint.json").is_file()
+    # a folder holding anything besides cache/ is still refused
+    (runs / "c").mkdir()
+    (runs / "c" / "cache").mkdir()
+    (runs / "c" / "notes.txt").write_text("mine")
+    c = write_run_config(tmp_path / "c.yaml", fam, suite, name="c", evals=2)
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="already exists"):
+        start_run(c)
+    assert (runs / "c" / "notes.txt").read_text() == "mine"
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "evomerge.cli", *args]
 

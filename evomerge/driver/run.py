@@ -164,10 +164,13 @@ def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: i
     return use
 
 
+CACHE_DIR = "cache"  # per-run caches (compiled merge kernels); a worker may create it before the run folder
+
+
 def make_pool(prep: Prepared, run_dir: Path) -> Pool:
     res = prep.cfg.resources
     # compiled merge kernels are cached inside the run folder (on a cluster: the same path on each node)
-    spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / "cache" / "kernels").resolve()))
+    spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / CACHE_DIR / "kernels").resolve()))
     if res.backend == "local":
         return LocalPool(Worker(spec))
     init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
@@ -181,9 +184,12 @@ def run_dir_of(cfg: RunConfig) -> Path:
 
 
 def create_run_dir(prep: Prepared) -> Path:
-    """Create the run folder atomically with the resolved config and the space description."""
+    """Create the run folder atomically with the resolved config and the space description.
+
+    A folder holding nothing but ``cache/`` (made by this run's workers while they started) is taken over.
+    """
     run_dir = run_dir_of(prep.cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != CACHE_DIR for p in run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
                           "or choose another name")
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
@@ -193,6 +199,8 @@ def create_run_dir(prep: Prepared) -> Path:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
         (tmp / "space.txt").write_text(prep.space.describe() + "\n")
         if run_dir.exists():
+            if (run_dir / CACHE_DIR).exists():
+                os.replace(run_dir / CACHE_DIR, tmp / CACHE_DIR)
             run_dir.rmdir()
         os.replace(tmp, run_dir)
     except BaseException:
@@ -228,7 +236,7 @@ def start_run(
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     prep = preflight(cfg)
     run_dir = run_dir_of(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != CACHE_DIR for p in run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
                           "or choose another name")
     pool = (pool_factory or make_pool)(prep, run_dir)

@@ -65,10 +65,6 @@ class Worker:
         from evomerge.scoring.suite import load_suite
 
         t0 = time.perf_counter()
-        if spec.kernel_cache:
-            from evomerge.merge.kernels import set_cache_dir
-
-            set_cache_dir(spec.kernel_cache)
         self.spec = spec
         self.name = name
         self.device = resolve_device(spec.device)
@@ -96,6 +92,10 @@ class Worker:
         if self.wants_state_dict and hasattr(self.scorer, "bind"):
             self.scorer.bind(ref_dir)
         self._routed: Any = None
+        if spec.kernel_cache:  # after the loads above (loading a model creates Inductor's cache folder)
+            from evomerge.merge.kernels import set_cache_dir
+
+            set_cache_dir(spec.kernel_cache)
         log.info("worker %s ready on %s in %.1fs", name, self.device, time.perf_counter() - t0)
 
     def _model_for(self, job: Job) -> tuple[Any, dict[str, float]]:

@@ -133,24 +133,57 @@ def _compiled_kernel():  # noqa: ANN202 - a torch.compile wrapper
     return _compiled
 
 
+_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
+_own_cache_dir: str | None = None  # the value this module put in the variable
+
+
+def _user_cache_dir() -> str | None:
+    """The cache folder the user chose, or None: unset, set by this module, or Inductor's own default (Inductor
+    writes its default into the variable the first time it looks, and loading a transformers model does)."""
+    current = os.environ.get(_CACHE_VAR)
+    if not current or current == _own_cache_dir:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+            return None
+    except ImportError:  # pragma: no cover - other torch layouts: treat any value as the user's
+        pass
+    return current
+
+
 def set_cache_dir(folder: str | Path) -> None:
-    """Keep compiled kernels under ``folder`` unless ``TORCHINDUCTOR_CACHE_DIR`` is already set."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(folder).resolve()))
+    """Keep compiled kernels under ``folder`` unless the user set ``TORCHINDUCTOR_CACHE_DIR`` themselves.
+
+    A folder set here earlier (by a previous run in the same process) is replaced, so each run's kernels stay in
+    its own run folder. Inductor creates the folder as soon as it looks at it (loading a transformers model does),
+    so call this once the models are loaded and the run folder exists or will be created around it.
+    """
+    global _own_cache_dir
+    if _user_cache_dir() is not None:
+        return
+    _own_cache_dir = str(Path(folder).resolve())
+    os.environ[_CACHE_VAR] = _own_cache_dir
 
 
 @contextmanager
 def cache_scope() -> Iterator[None]:
-    """Within the block, compiled kernels go to a temporary folder removed afterwards, unless a cache folder is
-    set already (``TORCHINDUCTOR_CACHE_DIR``, e.g. a run folder's): one-off merges leave nothing behind."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    """Within the block, compiled kernels go to a temporary folder removed afterwards, unless the user or a run
+    chose a cache folder (``TORCHINDUCTOR_CACHE_DIR``, e.g. a run folder's): one-off merges leave nothing behind."""
+    if _user_cache_dir() is not None or (_own_cache_dir and os.environ.get(_CACHE_VAR) == _own_cache_dir):
         yield
         return
+    before = os.environ.get(_CACHE_VAR)
     with tempfile.TemporaryDirectory(prefix="evomerge-kernels-") as tmp:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
+        os.environ[_CACHE_VAR] = tmp
         try:
             yield
         finally:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            if before is None:
+                os.environ.pop(_CACHE_VAR, None)
+            else:
+                os.environ[_CACHE_VAR] = before
 
 
 def fused_status() -> tuple[bool | None, str]:
