@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MODULE_KINDS = ("embed", "attn", "mlp", "norm", "lm_head", "other")
 MERGED = "@merge"
 
-Scalar = Union[float, bool]
-LayerValue = Union[float, list[float]]
-ParamValue = Union[bool, float, list[float], dict[str, LayerValue]]
+Scalar = float | bool
+LayerValue = float | list[float]
+ParamValue = bool | float | list[float] | dict[str, LayerValue]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 # libyaml's safe dumper/loader when available (same output, ~10x faster than the pure-Python ones)

@@ -46,7 +46,7 @@ def family(tmp_path_factory) -> dict[str, Path]:
         model = LlamaForCausalLM(_config())
         sd = {k: v.clone() for k, v in base.state_dict().items()}
         if i:
-            for k, v in sd.items():
+            for v in sd.values():
                 if v.is_floating_point():
                     v.add_(torch.randn(v.shape, generator=g) * 0.05)
         model.load_state_dict(sd)
@@ -57,7 +57,7 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 
 def _recipe(family, method="ties", **params):
-    models = [{"model": m, "parameters": {"weight": w, "density": 0.6}} for m, w in zip("abc", (0.5, 0.3, 0.8))]
+    models = [{"model": m, "parameters": {"weight": w, "density": 0.6}} for m, w in zip("abc", (0.5, 0.3, 0.8), strict=True)]
     if method in ("task_arithmetic", "linear"):
         models = [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in models]
     return Recipe.model_validate(
@@ -76,7 +76,7 @@ def test_in_place_equals_merge_to_disk_exactly(family, tmp_path, method):
     sources = ResidentSources.load({k: str(v) for k, v in family.items()}, "base", ["a", "b", "c"])
     live = AutoModelForCausalLM.from_pretrained(family["base"])
     InPlaceMerger(sources, live).apply(recipe)
-    for (n1, p1), (n2, p2) in zip(disk.state_dict().items(), live.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(disk.state_dict().items(), live.state_dict().items(), strict=True):
         assert n1 == n2
         assert torch.equal(p1, p2), n1
     # the merged model is a real model: it generates

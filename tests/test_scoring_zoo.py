@@ -62,7 +62,7 @@ def test_lmeval_equals_hf_on_a_zoo_task(models):
         lm = make_scorer("lmeval", batch_size=50).score(model, tok, lm_suite, subset=40, seed=1)
     (h,), (m,) = hf.tasks.values(), lm.tasks.values()
     assert h.mean > 0.9
-    hs = dict(zip(h.example_ids, h.scores))
-    ms = dict(zip(m.example_ids, m.scores))
+    hs = dict(zip(h.example_ids, h.scores, strict=True))
+    ms = dict(zip(m.example_ids, m.scores, strict=True))
     assert set(hs) == set(ms)
     assert all(hs[k] == ms[k] for k in hs)

@@ -324,7 +324,7 @@ class Driver:
             log.info(
                 "eval %d (candidate %d, %s): %s | mean %.3f | best %.3f | failures %d",
                 self.told, cand.id, job.fidelity,
-                " ".join(f"{t} {v:.3f}" for t, v in zip(self.tasks, obs.objectives)), score, self.best, self.failures,
+                " ".join(f"{t} {v:.3f}" for t, v in zip(self.tasks, obs.objectives, strict=True)), score, self.best, self.failures,
             )
         if self.subset is not None and res.ok:
             score = float(np.mean(obs.objectives))

@@ -6,6 +6,7 @@ hold up the others. Only this module and ``worker.py`` know about Ray, and Ray i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -151,10 +152,8 @@ class RayPool:
             self.running[ref] = (actor, job, time.monotonic())
 
     def _replace(self, actor: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already dead
             self.ray.kill(actor, no_restart=True)
-        except Exception:  # already dead
-            pass
         self.idle.append(self._spawn(self._next_actor))
         self._next_actor += 1
 
@@ -197,10 +196,8 @@ class RayPool:
 
     def close(self) -> None:
         for actor in self.idle + [a for a, _, _ in self.running.values()]:
-            try:
+            with contextlib.suppress(Exception):
                 self.ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
         self.idle, self.running = [], {}
 
 

@@ -8,59 +8,16 @@ generator) and, with ``rescale`` (default), is rescaled to its original L1 norm 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import torch
-
-from evomerge.merge.methods.arguments import require_generator, resolve
-from evomerge.merge.methods.base import merge_method
-from evomerge.merge.methods.task_vectors import merge_task_vectors, task_vector_params
+from evomerge.merge.methods.task_vectors import task_vector_method
 from evomerge.merge.methods.ties import mix_agreeing
 
 __all__ = ["dare_linear", "dare_ties"]
 
-
-@merge_method(
-    "dare_linear",
-    params=task_vector_params(sparsification="random", normalize=False, rescale=True),
-    min_models=1,
-    randomized=True,
+dare_linear = task_vector_method(
+    "dare_linear", sparsification="random", consensus=None, normalize=False, rescale=True,
+    doc="DARE + task arithmetic: random drop with L1 rescale, then the weighted sum.",
 )
-def dare_linear(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DARE + task arithmetic: random drop with L1 rescale, then the weighted sum."""
-    args = resolve("dare_linear", base, deltas, sp, gp, ref_sp)
-    return merge_task_vectors(
-        "dare_linear", base, deltas, args, sparsification="random", consensus=None,
-        generator=require_generator("dare_linear", generator),
-    )
-
-
-@merge_method(
-    "dare_ties",
-    params=task_vector_params(sparsification="random", normalize=False, rescale=True),
-    min_models=1,
-    randomized=True,
+dare_ties = task_vector_method(
+    "dare_ties", sparsification="random", consensus=mix_agreeing, normalize=False, rescale=True,
+    doc="DARE + TIES: random drop with L1 rescale, then sign election over the weighted task vectors.",
 )
-def dare_ties(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DARE + TIES: random drop with L1 rescale, then sign election over the weighted task vectors."""
-    args = resolve("dare_ties", base, deltas, sp, gp, ref_sp)
-    return merge_task_vectors(
-        "dare_ties", base, deltas, args, sparsification="random", consensus=mix_agreeing,
-        generator=require_generator("dare_ties", generator),
-    )

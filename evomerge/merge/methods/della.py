@@ -8,59 +8,16 @@ election (``della``) or the weighted sum (``della_linear``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import torch
-
-from evomerge.merge.methods.arguments import require_generator, resolve
-from evomerge.merge.methods.base import merge_method
-from evomerge.merge.methods.task_vectors import merge_task_vectors, task_vector_params
+from evomerge.merge.methods.task_vectors import task_vector_method
 from evomerge.merge.methods.ties import mix_agreeing
 
 __all__ = ["della", "della_linear"]
 
-
-@merge_method(
-    "della",
-    params=task_vector_params(sparsification="della_magprune", normalize=True, rescale=True),
-    min_models=1,
-    randomized=True,
+della = task_vector_method(
+    "della", sparsification="della_magprune", consensus=mix_agreeing, normalize=True, rescale=True,
+    doc="DELLA: magnitude-ranked random pruning with L1 rescale, then sign election.",
 )
-def della(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DELLA: magnitude-ranked random pruning with L1 rescale, then sign election."""
-    args = resolve("della", base, deltas, sp, gp, ref_sp)
-    return merge_task_vectors(
-        "della", base, deltas, args, sparsification="della_magprune", consensus=mix_agreeing,
-        generator=require_generator("della", generator),
-    )
-
-
-@merge_method(
-    "della_linear",
-    params=task_vector_params(sparsification="della_magprune", normalize=False, rescale=True),
-    min_models=1,
-    randomized=True,
+della_linear = task_vector_method(
+    "della_linear", sparsification="della_magprune", consensus=None, normalize=False, rescale=True,
+    doc="DELLA + task arithmetic: magnitude-ranked random pruning with L1 rescale, then the weighted sum.",
 )
-def della_linear(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DELLA + task arithmetic: magnitude-ranked random pruning with L1 rescale, then the weighted sum."""
-    args = resolve("della_linear", base, deltas, sp, gp, ref_sp)
-    return merge_task_vectors(
-        "della_linear", base, deltas, args, sparsification="della_magprune", consensus=None,
-        generator=require_generator("della_linear", generator),
-    )

@@ -9,21 +9,28 @@ the elected sign (TIES consensus), optionally divide by the weights that contrib
 * consensus: ``mixed = sum_i w_i d_i [agree_i]``, divided elementwise by ``sum_i w_i [agree_i]``
   (1 where no source agrees); see :mod:`evomerge.merge.methods.ties`.
 
-Every method of this family is a thin registration over :func:`merge_task_vectors`.
+Every method of this family is one :func:`task_vector_method` call: a registration over
+:func:`merge_task_vectors` that fixes the sparsification, the consensus and the defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods.arguments import Arguments, check_range, work_dtype
-from evomerge.merge.methods.base import ParamSpec
+from evomerge.merge.methods.arguments import Arguments, check_range, require_generator, resolve, work_dtype
+from evomerge.merge.methods.base import MergeFn, ParamSpec, merge_method
 from evomerge.merge.methods.sparsify import sparsify
 
-__all__ = ["ConsensusMix", "Rows", "merge_task_vectors", "task_vector_params", "weight_norm", "weighted_sum"]
+__all__ = [
+    "RANDOM_SPARSIFICATIONS", "ConsensusMix", "Rows", "merge_task_vectors", "task_vector_method", "task_vector_params",
+    "weight_norm", "weighted_sum",
+]
+
+#: Sparsifications that draw random masks (their methods take the tensor's generator).
+RANDOM_SPARSIFICATIONS = frozenset({"random", "della_magprune"})
 
 #: ``(rows, weights w_i, normalize) -> mixed task vector`` (a new tensor in the work dtype).
 ConsensusMix = Callable[["Rows", list[float], bool], torch.Tensor]
@@ -182,3 +189,33 @@ def merge_task_vectors(
         mixed.mul_(lam)
     mixed.add_(base)
     return mixed.to(base.dtype)
+
+
+def task_vector_method(
+    name: str, *, sparsification: str | None, consensus: ConsensusMix | None, normalize: bool, rescale: bool,
+    doc: str,
+) -> MergeFn:
+    """Define and register the task-vector method ``name``: sparsify each task vector with ``sparsification``
+    (``None``: keep all), then sum them (``consensus=None``) or mix them by ``consensus`` (TIES sign election);
+    ``normalize`` and ``rescale`` are the defaults of those parameters. Returns the merge function."""
+    randomized = sparsification in RANDOM_SPARSIFICATIONS
+
+    def fn(
+        base: torch.Tensor,
+        deltas: torch.Tensor,
+        sp: Mapping[str, Sequence[float]],
+        gp: Mapping[str, float | bool],
+        *,
+        ref_sp: Mapping[str, float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        args = resolve(name, base, deltas, sp, gp, ref_sp)
+        return merge_task_vectors(
+            name, base, deltas, args, sparsification=sparsification, consensus=consensus,
+            generator=require_generator(name, generator) if randomized else None,
+        )
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    params = task_vector_params(sparsification=sparsification, normalize=normalize, rescale=rescale)
+    return merge_method(name, params=params, min_models=1, randomized=randomized)(fn)

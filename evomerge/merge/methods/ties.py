@@ -9,13 +9,9 @@ e.g. a pruned entry, never agrees). The merged entry is the sum of the agreeing 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-from evomerge.merge.methods.arguments import resolve
-from evomerge.merge.methods.base import merge_method
-from evomerge.merge.methods.task_vectors import Rows, merge_task_vectors, task_vector_params, weighted_sum
+from evomerge.merge.methods.task_vectors import Rows, task_vector_method, weighted_sum
 
 __all__ = ["elect_signs", "mix_agreeing", "ties"]
 
@@ -65,20 +61,7 @@ def mix_agreeing(rows: Rows, weights: list[float], normalize: bool) -> torch.Ten
     return mixed
 
 
-@merge_method(
-    "ties",
-    params=task_vector_params(sparsification="magnitude", normalize=True, rescale=False),
-    min_models=1,
+ties = task_vector_method(
+    "ties", sparsification="magnitude", consensus=mix_agreeing, normalize=True, rescale=False,
+    doc="TIES: keep each task vector's largest-magnitude entries (density), elect signs, merge the agreeing entries.",
 )
-def ties(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """TIES: keep each task vector's largest-magnitude entries (density), elect signs, merge the agreeing entries."""
-    args = resolve("ties", base, deltas, sp, gp, ref_sp)
-    return merge_task_vectors("ties", base, deltas, args, sparsification="magnitude", consensus=mix_agreeing)
