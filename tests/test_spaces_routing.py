@@ -157,3 +157,22 @@ def test_x0_route_reproduces_the_start_model():
     ids = torch.arange(3, 12).reshape(1, -1)
     with torch.no_grad():
         torch.testing.assert_close(live(ids).logits, models["a"](ids).logits, rtol=0, atol=0)
+
+
+def test_builtin_hybrid_task_arithmetic_starts_at_the_warm_merge_unrouted():
+    """`builtin:hybrid-task-arithmetic` with a tuned weight: x0 is that task-arithmetic merge, run layer by layer."""
+    from evomerge.merge.methods import METHODS
+    from evomerge.spaces.template import load_template
+
+    data = load_template("builtin:hybrid-task-arithmetic").model_dump(mode="json")
+    data["params"]["init"] = {"weight": 0.9}
+    space = build_space(parse_template(data), MODELS, methods=METHODS)
+    assert isinstance(space, HybridSpace)
+    assert space.dim == 2 * 3 * 3 + 3 * 3 + 6  # weights (2 models x 3 layers x attn/mlp/rest) + slots + scales
+    recipe = space.decode(space.x0)
+    assert recipe.method == "task_arithmetic"
+    for m in recipe.models:
+        assert {k: v for k, v in m.parameters["weight"].items()} == {
+            "attn": [0.9] * 3, "mlp": [0.9] * 3, "default": [0.9] * 3}
+    assert recipe.routing.frame == MERGED and _path(recipe) == [(MERGED, 0), (MERGED, 1), (MERGED, 2)]
+    assert all(s.scale == 1.0 for s in recipe.routing.steps)
