@@ -163,6 +163,57 @@ def test_ctrl_c_stops_gracefully_and_resume_completes(setup, tmp_path):
     assert _rows(run_dir) == _rows(tmp_path / "runs" / "r")
 
 
+def test_warm_start_starts_at_the_best_grid_merge_and_resumes_exactly(setup, tmp_path):
+    from evomerge.events import read_events
+
+    _, fam, suite = setup
+    extra = {"space": {"template": "builtin:task-arithmetic-per-layer", "warm_start": {"weights": [0.2, 0.6, 1.0]}}}
+    opts = {"popsize": 4, "sigma0": 0.1, "x0_first": True}
+    run_dir = start_run(write_run_config(tmp_path / "r.yaml", fam, suite, name="r", evals=10, options=opts,
+                                         extra=extra))
+    res = RunResults(run_dir)
+    rows = {x.meta["baseline"]: x for x in res.calib if x.candidate_id < 0}
+    grid = {w: rows[f"task_arithmetic w={w:g}"] for w in (0.2, 0.6, 1.0)}
+    # the best grid merge by the mean normalized score (base = 0, best source = 1), computed here from the raw scores
+    lo = rows["base"].result.task_means()
+    hi = {t: max(rows[m].result.task_means()[t] for m in ("m1", "m2")) for t in lo}
+
+    def norm_mean(rec):
+        return np.mean([(v - lo[t]) / (hi[t] - lo[t]) for t, v in rec.result.task_means().items()])
+    best = max(grid, key=lambda w: norm_mean(grid[w]))
+    (ev,) = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "warm_start"]
+    assert ev["weight"] == best
+    # the first searched candidate is that merge: every per-layer weight of every model at the chosen value
+    first = res.by_candidate(0)
+    for m in first.recipe.models:
+        assert {v for vals in m.parameters["weight"].values() for v in vals} == {best}
+    assert first.result.task_means() == pytest.approx(grid[best].result.task_means(), abs=1e-12)
+    # an interrupted warm-started run resumes to the same archive as the uninterrupted one
+    cfg = write_run_config(tmp_path / "c.yaml", fam, suite, name="c", evals=10, options=opts, extra=extra)
+
+    def interrupt(info):
+        if info["told"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    resume_run(start_run(cfg, on_progress=interrupt))
+    assert _rows(tmp_path / "runs" / "c") == _rows(run_dir)
+
+
+def test_warm_start_needs_a_space_that_searches_weights(setup, tmp_path):
+    from evomerge.errors import ConfigError
+
+    _, fam, suite = setup
+    cfg = write_run_config(tmp_path / "w.yaml", fam, suite, name="w", evals=2, extra={
+        "space": {"template": "builtin:dfs-routing", "warm_start": {}}})
+    with pytest.raises(ConfigError, match="space.warm_start: needs a params or hybrid template"):
+        start_run(cfg)
+    cfg = write_run_config(tmp_path / "v.yaml", fam, suite, name="v", evals=2, extra={
+        "space": {"template": "builtin:task-arithmetic-per-layer", "warm_start": {"weights": [0.5, 0]}}})
+    with pytest.raises(ConfigError, match="space.warm_start"):
+        start_run(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.ray
 def test_ray_pool_run_survives_a_killed_worker(setup, tmp_path):
     ray = pytest.importorskip("ray")

@@ -21,10 +21,33 @@ class ZooConfig(BaseModel):
     seed: int = 0
 
 
+class WarmStartConfig(BaseModel):
+    """Start the search at the best task-arithmetic merge of a grid of weights (scored before the search)."""
+
+    model_config = _FROZEN
+    weights: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.1], min_length=1,
+        description="task-arithmetic weights tried (every merged model gets the same weight); the best on "
+                    "calibration, by the optimizer's scalarization, becomes the space's start weight",
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> WarmStartConfig:
+        bad = [w for w in self.weights if not (w == w and 0 < w < float("inf"))]
+        if bad:
+            raise ValueError(f"weights must be finite and > 0, got {bad}")
+        if len(set(self.weights)) != len(self.weights):
+            raise ValueError(f"weights listed more than once: {self.weights}")
+        return self
+
+
 class SpaceConfig(BaseModel):
     model_config = _FROZEN
     template: str = Field(description="builtin:NAME or a path to a search-space YAML")
     overrides: dict[str, Any] = Field(default_factory=dict, description="template fields to replace")
+    warm_start: WarmStartConfig | None = Field(
+        default=None, description="score task arithmetic on a grid of weights first and start the search at the "
+                                  "best (templates that search 'weight': params and hybrid)")
 
 
 class FitnessConfig(BaseModel):

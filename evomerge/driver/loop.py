@@ -85,6 +85,8 @@ class Driver:
         promote_quantile: float,
         rescore_test: bool,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        warm_start: Callable[[float], Any] | None = None,
+        warm_grid: dict[str, float] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.space = space
@@ -100,7 +102,10 @@ class Driver:
         self.promote_quantile = promote_quantile
         self.rescore_test = rescore_test
         self.on_progress = on_progress
+        self.warm_start = warm_start  # weight -> optimizer started there (space.warm_start)
+        self.warm_grid = dict(warm_grid or {})  # baseline name -> its task-arithmetic weight
         # state (checkpointed)
+        self.warm: dict[str, Any] | None = None  # {"weight": chosen or None} once the warm start was decided
         self.phase = "baselines"
         self.next_key = 0
         self.told = 0
@@ -136,6 +141,7 @@ class Driver:
                 }
                 for j, c in self.inflight.values()
             ],
+            "warm": self.warm,
             "optimizer": self.opt.state_dict(),
             "archive_len": len(self.archive),
         }
@@ -162,6 +168,9 @@ class Driver:
         self.norm = Normalizer(**state["norm"])
         self.subset_scores = list(state["subset_scores"])
         self.promoted = set(state["promoted"])
+        self.warm = state.get("warm")
+        if self.warm is not None and self.warm.get("weight") is not None and self.warm_start is not None:
+            self.opt = self.warm_start(self.warm["weight"])  # the same optimizer object the run searched with
         self.opt.load_state_dict(state["optimizer"])
         for d in state["inflight"]:
             cand = Candidate(d["candidate_id"], np.asarray(d["genome"], dtype=np.float64), d["meta"])
@@ -231,6 +240,8 @@ class Driver:
             if self._stop:
                 return
             self._set_references()
+            if self.warm_start is not None and self.warm is None:
+                self._apply_warm_start()
             self.phase = "search"
             self.save()
         if self.phase == "search":
@@ -354,6 +365,27 @@ class Driver:
             high[t] = max(srcs) if srcs else 1.0
         self.norm = Normalizer(low, high)
         self.events.emit("references", low=low, high=high)
+
+    def _apply_warm_start(self) -> None:
+        """Start the search at the grid weight whose task-arithmetic merge scored best on calibration, by the
+        optimizer's own scalarization of the normalized task scores (ties: the first weight of the grid)."""
+        scores: dict[float, float] = {}
+        for r in self.archive.records():
+            name = r.meta.get("baseline")
+            if (r.candidate_id < 0 and name in self.warm_grid and r.ok and r.result.fidelity == "full"
+                    and r.split == "calibration"):
+                scores[self.warm_grid[name]] = float(self.opt.scalarizer(self.norm.objectives(r.result, self.tasks)))
+        order = [w for w in self.warm_grid.values() if w in scores]
+        if not order:
+            log.warning("warm start: no task-arithmetic merge of the grid was scored; starting at the template's x0")
+            self.warm = {"weight": None, "scores": {}}
+            return
+        best = max(order, key=lambda w: (scores[w], -order.index(w)))
+        self.opt = self.warm_start(best)  # type: ignore[misc]
+        self.warm = {"weight": best, "scores": {f"{w:g}": scores[w] for w in order}}
+        self.events.emit("warm_start", weight=best, scores=self.warm["scores"])
+        log.info("warm start: task arithmetic at weight %g (%s)", best,
+                 ", ".join(f"{w:g}: {scores[w]:.3f}" for w in order))
 
     def _submit_test_rescoring(self) -> None:
         from evomerge.archive.pareto import pareto_front

@@ -47,6 +47,9 @@ class Prepared:
     spec: WorkerSpec
     baselines: list[Baseline]
     reference: str
+    #: space.warm_start: weight -> a fresh optimizer starting at that weight, and the grid baselines' weights
+    warm_start: Callable[[float], Any] | None = None
+    warm_grid: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _ensure_zoo(cfg: RunConfig) -> None:
@@ -124,6 +127,9 @@ def preflight(cfg: RunConfig) -> Prepared:
     if "budget" in fields and cfg.budget.evaluations:
         options.setdefault("budget", cfg.budget.evaluations)
     optimizer = factory(problem, seed=cfg.seed, **options)
+    warm_start, warm_grid = None, {}
+    if cfg.space.warm_start is not None:
+        warm_start, warm_grid, grid = _warm_start(cfg, template, models, space, x0_recipe, problem, factory, options)
     reference = x0_recipe.base_model or x0_recipe.models[0].model
     order = tuple(n for n in cfg.sources if n != reference)
     spec = WorkerSpec(
@@ -135,9 +141,50 @@ def preflight(cfg: RunConfig) -> Prepared:
         sorted_magnitudes=use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order)),
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed)
+    if warm_start is not None:
+        baselines += grid
     for f in folders.values():
         f.close()
-    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference)
+    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, warm_grid)
+
+
+def _warm_start(cfg: RunConfig, template: Any, models: Any, space: Any, x0_recipe: Recipe, problem: Any,
+                factory: Any, options: dict[str, Any]) -> tuple[Callable[[float], Any], dict[str, float], list[Baseline]]:
+    """``space.warm_start``: the grid's task-arithmetic baselines and a factory of optimizers whose start point
+    gives every searched ``weight`` the chosen value (the rest of the start point is the template's)."""
+    from evomerge.spaces.base import build_space
+    from evomerge.spaces.params import ParamGenes
+    from evomerge.spaces.template import parse_template
+
+    where = "space.warm_start"
+    genes = getattr(space, "block", None) or getattr(space, "params", None)
+    if not isinstance(genes, ParamGenes):
+        raise ConfigError(f"{where}: needs a params or hybrid template; {cfg.space.template} is a "
+                          f"{getattr(template, 'kind', '?')} template")
+    if not any(p.spec.name == "weight" and p.spec.scope == "source" for p in genes.searched):
+        raise ConfigError(f"{where}: the template does not search a per-model 'weight' ({cfg.space.template})")
+    if cfg.base_model is None or x0_recipe.base_model != cfg.base_model:
+        raise ConfigError(f"{where}: needs base_model (task arithmetic adds task vectors to the base)")
+    merged = [m.model for m in x0_recipe.models]
+    grid: list[Baseline] = []
+    weights: dict[str, float] = {}
+    for w in cfg.space.warm_start.weights:  # type: ignore[union-attr]
+        name = f"task_arithmetic w={w:g}"
+        weights[name] = float(w)
+        grid.append(Baseline(name, Recipe(method="task_arithmetic", base_model=cfg.base_model,
+                                          models=tuple({"model": m, "parameters": {"weight": float(w)}}
+                                                       for m in merged)), "handset"))
+    data = template.model_dump(mode="json")
+    section = data["params"] if data["kind"] == "hybrid" else data
+
+    def make(weight: float) -> Any:
+        section["init"] = {**section.get("init", {}), "weight": float(weight)}
+        warm = build_space(parse_template(data, source=f"{where} (weight {weight:g})"), models)
+        if warm.dim != space.dim:  # pragma: no cover - the init never changes the layout
+            raise ConfigError(f"{where}: the start weight changed the space's layout")
+        return factory(dataclasses.replace(problem, x0=warm.x0), seed=cfg.seed, **options)
+
+    return make, weights, grid
 
 
 def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: int) -> bool:
@@ -217,7 +264,7 @@ def build_driver(prep: Prepared, run_dir: Path, pool: Pool, on_progress: Callabl
         tasks=prep.tasks, baselines=prep.baselines, budget_evals=cfg.budget.evaluations,
         budget_seconds=cfg.budget.wall_time_s, subset=cfg.fidelity.subset,
         promote_quantile=cfg.fidelity.promote_quantile, rescore_test=cfg.fidelity.rescore_test,
-        on_progress=on_progress,
+        on_progress=on_progress, warm_start=prep.warm_start, warm_grid=prep.warm_grid,
     )
 
 
