@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from evomerge.events import EventLog
 from evomerge.optim.base import Observation
 from evomerge.recipe import Recipe
 from evomerge.types import Candidate, EvalResult
+
+if TYPE_CHECKING:
+    from evomerge.driver.warm import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,7 @@ class Driver:
         promote_quantile: float,
         rescore_test: bool,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
-        warm_start: Callable[[float], Any] | None = None,
-        warm_grid: dict[str, float] | None = None,
+        warm_start: WarmStart | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.space = space
@@ -102,8 +104,7 @@ class Driver:
         self.promote_quantile = promote_quantile
         self.rescore_test = rescore_test
         self.on_progress = on_progress
-        self.warm_start = warm_start  # weight -> optimizer started there (space.warm_start)
-        self.warm_grid = dict(warm_grid or {})  # baseline name -> its task-arithmetic weight
+        self.warm_start = warm_start  # space.warm_start: the grid and weight -> optimizer started there
         # state (checkpointed)
         self.warm: dict[str, Any] | None = None  # {"weight": chosen or None} once the warm start was decided
         self.phase = "baselines"
@@ -170,7 +171,7 @@ class Driver:
         self.promoted = set(state["promoted"])
         self.warm = state.get("warm")
         if self.warm is not None and self.warm.get("weight") is not None and self.warm_start is not None:
-            self.opt = self.warm_start(self.warm["weight"])  # the same optimizer object the run searched with
+            self.opt = self.warm_start.make_optimizer(self.warm["weight"])  # the optimizer the run searched with
         self.opt.load_state_dict(state["optimizer"])
         for d in state["inflight"]:
             cand = Candidate(d["candidate_id"], np.asarray(d["genome"], dtype=np.float64), d["meta"])
@@ -369,23 +370,21 @@ class Driver:
     def _apply_warm_start(self) -> None:
         """Start the search at the grid weight whose task-arithmetic merge scored best on calibration, by the
         optimizer's own scalarization of the normalized task scores (ties: the first weight of the grid)."""
-        scores: dict[float, float] = {}
-        for r in self.archive.records():
-            name = r.meta.get("baseline")
-            if (r.candidate_id < 0 and name in self.warm_grid and r.ok and r.result.fidelity == "full"
-                    and r.split == "calibration"):
-                scores[self.warm_grid[name]] = float(self.opt.scalarizer(self.norm.objectives(r.result, self.tasks)))
-        order = [w for w in self.warm_grid.values() if w in scores]
-        if not order:
+        from evomerge.driver.warm import choose
+
+        assert self.warm_start is not None
+        scored = [(r.meta.get("baseline"), float(self.opt.scalarizer(self.norm.objectives(r.result, self.tasks))))
+                  for r in self.archive.records()
+                  if r.candidate_id < 0 and r.ok and r.result.fidelity == "full" and r.split == "calibration"]
+        best, scores = choose(scored, self.warm_start.weights)
+        self.warm = {"weight": best, "scores": {f"{w:g}": v for w, v in scores.items()}}
+        if best is None:
             log.warning("warm start: no task-arithmetic merge of the grid was scored; starting at the template's x0")
-            self.warm = {"weight": None, "scores": {}}
             return
-        best = max(order, key=lambda w: (scores[w], -order.index(w)))
-        self.opt = self.warm_start(best)  # type: ignore[misc]
-        self.warm = {"weight": best, "scores": {f"{w:g}": scores[w] for w in order}}
+        self.opt = self.warm_start.make_optimizer(best)
         self.events.emit("warm_start", weight=best, scores=self.warm["scores"])
         log.info("warm start: task arithmetic at weight %g (%s)", best,
-                 ", ".join(f"{w:g}: {scores[w]:.3f}" for w in order))
+                 ", ".join(f"{w:g}: {v:.3f}" for w, v in scores.items()))
 
     def _submit_test_rescoring(self) -> None:
         from evomerge.archive.pareto import pareto_front

@@ -24,8 +24,10 @@ import yaml
 from evomerge.archive import Archive
 from evomerge.config import RunConfig, load_run_config
 from evomerge.config.load import format_validation_error
+from evomerge.driver import warm
 from evomerge.driver.loop import Baseline, Driver
 from evomerge.driver.pool import LocalPool, Pool, RayPool, init_ray
+from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
@@ -47,9 +49,7 @@ class Prepared:
     spec: WorkerSpec
     baselines: list[Baseline]
     reference: str
-    #: space.warm_start: weight -> a fresh optimizer starting at that weight, and the grid baselines' weights
-    warm_start: Callable[[float], Any] | None = None
-    warm_grid: dict[str, float] = dataclasses.field(default_factory=dict)
+    warm_start: WarmStart | None = None  # space.warm_start
 
 
 def _ensure_zoo(cfg: RunConfig) -> None:
@@ -127,9 +127,9 @@ def preflight(cfg: RunConfig) -> Prepared:
     if "budget" in fields and cfg.budget.evaluations:
         options.setdefault("budget", cfg.budget.evaluations)
     optimizer = factory(problem, seed=cfg.seed, **options)
-    warm_start, warm_grid = None, {}
+    warm_start = None
     if cfg.space.warm_start is not None:
-        warm_start, warm_grid, grid = _warm_start(cfg, template, models, space, x0_recipe, problem, factory, options)
+        warm_start = warm.prepare(cfg, template, models, space, x0_recipe, problem, factory, options)
     reference = x0_recipe.base_model or x0_recipe.models[0].model
     order = tuple(n for n in cfg.sources if n != reference)
     spec = WorkerSpec(
@@ -142,49 +142,10 @@ def preflight(cfg: RunConfig) -> Prepared:
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed)
     if warm_start is not None:
-        baselines += grid
+        baselines += warm_start.baselines
     for f in folders.values():
         f.close()
-    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, warm_grid)
-
-
-def _warm_start(cfg: RunConfig, template: Any, models: Any, space: Any, x0_recipe: Recipe, problem: Any,
-                factory: Any, options: dict[str, Any]) -> tuple[Callable[[float], Any], dict[str, float], list[Baseline]]:
-    """``space.warm_start``: the grid's task-arithmetic baselines and a factory of optimizers whose start point
-    gives every searched ``weight`` the chosen value (the rest of the start point is the template's)."""
-    from evomerge.spaces.base import build_space
-    from evomerge.spaces.params import ParamGenes
-    from evomerge.spaces.template import parse_template
-
-    where = "space.warm_start"
-    genes = getattr(space, "block", None) or getattr(space, "params", None)
-    if not isinstance(genes, ParamGenes):
-        raise ConfigError(f"{where}: needs a params or hybrid template; {cfg.space.template} is a "
-                          f"{getattr(template, 'kind', '?')} template")
-    if not any(p.spec.name == "weight" and p.spec.scope == "source" for p in genes.searched):
-        raise ConfigError(f"{where}: the template does not search a per-model 'weight' ({cfg.space.template})")
-    if cfg.base_model is None or x0_recipe.base_model != cfg.base_model:
-        raise ConfigError(f"{where}: needs base_model (task arithmetic adds task vectors to the base)")
-    merged = [m.model for m in x0_recipe.models]
-    grid: list[Baseline] = []
-    weights: dict[str, float] = {}
-    for w in cfg.space.warm_start.weights:  # type: ignore[union-attr]
-        name = f"task_arithmetic w={w:g}"
-        weights[name] = float(w)
-        grid.append(Baseline(name, Recipe(method="task_arithmetic", base_model=cfg.base_model,
-                                          models=tuple({"model": m, "parameters": {"weight": float(w)}}
-                                                       for m in merged)), "handset"))
-    data = template.model_dump(mode="json")
-    section = data["params"] if data["kind"] == "hybrid" else data
-
-    def make(weight: float) -> Any:
-        section["init"] = {**section.get("init", {}), "weight": float(weight)}
-        warm = build_space(parse_template(data, source=f"{where} (weight {weight:g})"), models)
-        if warm.dim != space.dim:  # pragma: no cover - the init never changes the layout
-            raise ConfigError(f"{where}: the start weight changed the space's layout")
-        return factory(dataclasses.replace(problem, x0=warm.x0), seed=cfg.seed, **options)
-
-    return make, weights, grid
+    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start)
 
 
 def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: int) -> bool:
@@ -230,15 +191,20 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that holds anything but ``cache/`` (which this run's workers may have made)."""
+    if run_dir.exists() and any(p.name != CACHE_DIR for p in run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
+                          "or choose another name")
+
+
 def create_run_dir(prep: Prepared) -> Path:
     """Create the run folder atomically with the resolved config and the space description.
 
     A folder holding nothing but ``cache/`` (made by this run's workers while they started) is taken over.
     """
     run_dir = run_dir_of(prep.cfg)
-    if run_dir.exists() and any(p.name != CACHE_DIR for p in run_dir.iterdir()):
-        raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
-                          "or choose another name")
+    check_new_run_dir(run_dir)
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -264,7 +230,7 @@ def build_driver(prep: Prepared, run_dir: Path, pool: Pool, on_progress: Callabl
         tasks=prep.tasks, baselines=prep.baselines, budget_evals=cfg.budget.evaluations,
         budget_seconds=cfg.budget.wall_time_s, subset=cfg.fidelity.subset,
         promote_quantile=cfg.fidelity.promote_quantile, rescore_test=cfg.fidelity.rescore_test,
-        on_progress=on_progress, warm_start=prep.warm_start, warm_grid=prep.warm_grid,
+        on_progress=on_progress, warm_start=prep.warm_start,
     )
 
 
@@ -283,9 +249,7 @@ def start_run(
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     prep = preflight(cfg)
     run_dir = run_dir_of(cfg)
-    if run_dir.exists() and any(p.name != CACHE_DIR for p in run_dir.iterdir()):
-        raise ConfigError(f"run folder {run_dir} already exists; resume it with `evomerge resume {run_dir}` "
-                          "or choose another name")
+    check_new_run_dir(run_dir)
     pool = (pool_factory or make_pool)(prep, run_dir)
     try:
         run_dir = create_run_dir(prep)
