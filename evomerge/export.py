@@ -14,10 +14,16 @@ log = logging.getLogger(__name__)
 def _card(res: RunResults, rec) -> str:  # noqa: ANN001
     cal = rec.result.task_means()
     test = res.test_scores(rec.recipe_hash)
-    lines = ["", "## Scores", "", "| task | calibration | held-out test | expert (calibration) |", "|---|---|---|---|"]
+    try:
+        expert_test: dict[str, float] | None = res.references("test")[1]
+    except ConfigError:
+        expert_test = None
+    lines = ["", "## Scores", "", "| task | calibration | held-out test | best expert (calibration) | best expert (test) |",
+             "|---|---|---|---|---|"]
     for t in res.tasks:
         tv = f"{test[t]:.3f}" if test else "n/a"
-        lines.append(f"| {t} | {cal[t]:.3f} | {tv} | {res.high[t]:.3f} |")
+        ev = f"{expert_test[t]:.3f}" if expert_test else "n/a"
+        lines.append(f"| {t} | {cal[t]:.3f} | {tv} | {res.high[t]:.3f} | {ev} |")
     lines += ["", f"Run `{res.cfg.name}`, candidate {rec.candidate_id}, optimizer `{res.cfg.optimizer.name}`."]
     return "\n".join(lines) + "\n"
 

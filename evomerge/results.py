@@ -45,7 +45,10 @@ class RunResults:
         self.calib = [r for r in self.records if r.split == "calibration"]
         self.full = [r for r in self.calib if r.result.fidelity == "full"]
         self.tasks = self._tasks()
-        self.low, self.high = self._references()
+        # Per split: a held-out score is set against the base's and experts' held-out scores, never against
+        # their calibration scores (the two differ by sampling noise, which would tilt every relative score).
+        self._refs = {split: self._references(split) for split in ("calibration", "test")}
+        self.low, self.high = self._refs["calibration"]
 
     def _tasks(self) -> list[str]:
         for r in self.records:
@@ -53,24 +56,40 @@ class RunResults:
                 return list(r.result.tasks)
         return list(self.cfg.fitness.tasks or [])
 
-    def _references(self) -> tuple[dict[str, float], dict[str, float]]:
-        base = [r for r in self.full if r.ok and r.meta.get("kind") == "base"]
-        srcs = [r for r in self.full if r.ok and r.meta.get("kind") == "source"]
+    def _references(self, split: str) -> tuple[dict[str, float], dict[str, float]] | None:
+        """(base score, best source score) per task on ``split``; ``None`` when a test split lacks them."""
+        recs = self.full if split == "calibration" else [
+            r for r in self.records if r.split == split and r.ok and r.candidate_id < 0]
+        base = [r for r in recs if r.ok and r.meta.get("kind") == "base"]
+        srcs = [r for r in recs if r.ok and r.meta.get("kind") == "source"]
+        if split != "calibration" and not (base or srcs):
+            return None
         low = {t: (base[0].result.tasks[t].mean if base else 0.0) for t in self.tasks}
         high = {t: (max(r.result.tasks[t].mean for r in srcs) if srcs else 1.0) for t in self.tasks}
         return low, high
 
+    def references(self, split: str = "calibration") -> tuple[dict[str, float], dict[str, float]]:
+        """(low, high) per task on ``split``: the base's score and the best source's score there."""
+        refs = self._refs.get(split)
+        if refs is None:
+            raise ConfigError(f"{self.run_dir}: no {split} scores of the base and source models to compare "
+                              f"{split} scores with (run with fidelity.rescore_test: true)")
+        return refs
+
     # ------------------------------------------------------------------ scores
-    def normalize(self, means: dict[str, float]) -> dict[str, float]:
+    def normalize(self, means: dict[str, float], split: str = "calibration") -> dict[str, float]:
+        """(score - base) / (best source - base) per task, with the references of ``split``."""
+        low, high = self.references(split)
         out = {}
         for t in self.tasks:
-            lo, hi = self.low[t], self.high[t]
+            lo, hi = low[t], high[t]
             out[t] = (means[t] - lo) / (hi - lo) if hi - lo > 1e-9 else means[t] - lo
         return out
 
-    def relative_to_expert(self, means: dict[str, float]) -> dict[str, float]:
-        """Score / best source's score per task (1.0 = as good as the expert)."""
-        return {t: (means[t] / self.high[t] if self.high[t] > 0 else float("nan")) for t in self.tasks}
+    def relative_to_expert(self, means: dict[str, float], split: str = "calibration") -> dict[str, float]:
+        """Score / best source's score on ``split`` per task (1.0 = as good as the expert)."""
+        high = self.references(split)[1]
+        return {t: (means[t] / high[t] if high[t] > 0 else float("nan")) for t in self.tasks}
 
     def scalar(self, record: Record) -> float:
         return float(np.mean(list(self.normalize(record.result.task_means()).values())))
@@ -133,8 +152,8 @@ class RunResults:
             means = row.test if split == "test" else row.calibration
             if means is None:
                 continue
-            rel = self.relative_to_expert(means)
-            norm = self.normalize(means)
+            rel = self.relative_to_expert(means, split)
+            norm = self.normalize(means, split)
             cells = [row.name, row.kind, *(f"{means[t]:.3f}" for t in self.tasks),
                      f"{np.mean(list(rel.values())):.3f}", f"{min(rel.values()):.3f}",
                      f"{np.mean(list(norm.values())):.3f}"]

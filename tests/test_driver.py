@@ -54,6 +54,17 @@ def test_local_run_end_to_end_with_cli(setup, tmp_path):
     # the Pareto set and the baselines were re-scored on the held-out split
     test_rows = [x for x in r.records if x.split == "test"]
     assert {x.recipe_hash for x in r.front()} <= {x.recipe_hash for x in test_rows}
+    # held-out scores are set against the base's and the sources' held-out scores, not their calibration ones
+    test_of = {x.meta["baseline"]: x.result.task_means() for x in test_rows if x.candidate_id < 0}
+    low, high = r.references("test")
+    assert low == test_of["base"]
+    assert high == {t: max(test_of["m1"][t], test_of["m2"][t]) for t in r.tasks}
+    best_test = r.test_scores(r.best().recipe_hash)
+    spread = [t for t in r.tasks if high[t] - low[t] > 1e-9]  # tasks where the sources beat the base on test
+    assert spread
+    norm = r.normalize(best_test, "test")
+    assert [norm[t] for t in spread] == pytest.approx([(best_test[t] - low[t]) / (high[t] - low[t]) for t in spread])
+    assert r.references("calibration") == (r.low, r.high)
     assert "evolved" in res.output and "held-out" in res.output
     st = runner.invoke(app, ["status", str(run_dir)])
     assert st.exit_code == 0 and '"evaluations": 10' in st.output
