@@ -133,8 +133,8 @@ def main() -> None:
             v = [r[key] for r in rs]
             return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
         lines.append(f"| {variant} (hidden {size.hidden_size}, expert lr {size.expert_lr:g}) | {n / 1e6:.2f}M | "
-                     f"{rel[0]:.3f}, {rel[1]:.3f} | {cos:+.3f} | w={rs[0]['ta_weight']:g}: {ms('ta_mean')} / "
-                     f"{ms('ta_worst')} | {ms('mean')} / {ms('worst')} | {ms('cal_worst_ceiling')} |")
+                     f"{rel[0]:.3f}, {rel[1]:.3f} | {cos:+.3f} | w={rs[0]['ta_weight']:g}: {rs[0]['ta_mean']:.3f} / "
+                     f"{rs[0]['ta_worst']:.3f} | {ms('mean')} / {ms('worst')} | {ms('cal_worst_ceiling')} |")
         log.info(lines[-1])
     text = "\n".join(lines) + "\n"
     (REPO / "experiments" / "results" / "zoo_variants.md").write_text(text)
