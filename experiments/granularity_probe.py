@@ -1,6 +1,6 @@
 """Is the 2-expert ceiling the space's granularity? Task arithmetic with a weight per tensor vs per module kind.
 
-    python experiments/granularity_probe.py --seeds 3 --evals 450     # ~10 min on 2 cores (one thread)
+    python experiments/granularity_probe.py --seeds 3 --evals 450     # ~13 min (one thread)
 
 The study's warm searches (a task-arithmetic weight per layer and module kind: attention, MLP, the rest) never
 meet a candidate holding 0.97 of both experts, even on calibration. This probe runs the same optimizer (CMA-ES
