@@ -57,13 +57,19 @@ class RunResults:
         return list(self.cfg.fitness.tasks or [])
 
     def _references(self, split: str) -> tuple[dict[str, float], dict[str, float]] | None:
-        """(base score, best source score) per task on ``split``; ``None`` when a test split lacks them."""
+        """(base score, best source score) per task on ``split``; ``None`` when the split lacks a reference
+        model that calibration has (e.g. no test rescoring), so the two splits always use the same models."""
+        def scored(recs: list[Record], kind: str) -> list[Record]:
+            return [r for r in recs if r.ok and r.meta.get("kind") == kind]
+
         recs = self.full if split == "calibration" else [
-            r for r in self.records if r.split == split and r.ok and r.candidate_id < 0]
-        base = [r for r in recs if r.ok and r.meta.get("kind") == "base"]
-        srcs = [r for r in recs if r.ok and r.meta.get("kind") == "source"]
-        if split != "calibration" and not (base or srcs):
-            return None
+            r for r in self.records if r.split == split and r.candidate_id < 0]
+        base, srcs = scored(recs, "base"), scored(recs, "source")
+        if split != "calibration":
+            names = {str(r.meta.get("baseline")) for r in base + srcs}
+            wanted = {str(r.meta.get("baseline")) for r in scored(self.full, "base") + scored(self.full, "source")}
+            if names != wanted:
+                return None
         low = {t: (base[0].result.tasks[t].mean if base else 0.0) for t in self.tasks}
         high = {t: (max(r.result.tasks[t].mean for r in srcs) if srcs else 1.0) for t in self.tasks}
         return low, high
