@@ -30,11 +30,9 @@ from pathlib import Path
 import cma
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from study import Scorer
 
 from evomerge.io import ModelFolder
-from evomerge.scoring.base import make_scorer
-from evomerge.scoring.suite import load_suite
 from evomerge.testing.zoo import build_zoo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,31 +54,23 @@ def group_of(name: str, granularity: str) -> str:
 class Probe:
     def __init__(self, zoo_dir: Path) -> None:
         zoo = build_zoo(zoo_dir, size="demo", seed=0)
+        self.sc = Scorer(zoo, "builtin:zoo-2", list(EXPERTS))  # the study's scorer: resident model, hf scorer
         with ModelFolder.open(zoo.base) as f:
             self.base = f.load_all()
         self.taus = []
         for e in EXPERTS:
             with ModelFolder.open(zoo.expert(e)) as f:
                 self.taus.append({n: f.get(n) - b for n, b in self.base.items()})
-        self.tok = AutoTokenizer.from_pretrained(zoo.base)
-        self.model = AutoModelForCausalLM.from_pretrained(zoo.base)
-        self.params = dict(self.model.named_parameters())
-        self.suite = load_suite("builtin:zoo-2")
-        self.scorer = make_scorer("hf", batch_size=200)
-        self.expert = {}
-        for split in ("calibration", "test"):
-            per = [self._score_folder(zoo.expert(e), split) for e in EXPERTS]
-            self.expert[split] = {t: max(p[t] for p in per) for t in EXPERTS}
-
-    def _score_folder(self, path: Path, split: str) -> dict[str, float]:
-        return self.scorer.score(AutoModelForCausalLM.from_pretrained(path), self.tok, self.suite, split=split).means()
+        self.params = dict(self.sc.model.named_parameters())
+        per = [self.sc.folder(e) for e in EXPERTS]
+        self.expert = {split: {t: max(p[split][t] for p in per) for t in EXPERTS} for split in ("calibration", "test")}
 
     def score(self, weights: dict[str, np.ndarray], split: str) -> dict[str, float]:
         """Merge ``weights[tensor][m]`` into the resident model and score it on ``split``."""
         with torch.no_grad():
             for n, b in self.base.items():
                 self.params[n].copy_(b + sum(float(w) * tau[n] for w, tau in zip(weights[n], self.taus, strict=True)))
-        return self.scorer.score(self.model, self.tok, self.suite, split=split).means()
+        return self.sc.scorer.score(self.sc.model, self.sc.tok, self.sc.suite, split=split).means()
 
     def rel(self, means: dict[str, float], split: str) -> list[float]:
         return [means[t] / self.expert[split][t] for t in EXPERTS]

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from evomerge.driver.run import start_run
+from evomerge.events import read_events
 from evomerge.io import ModelFolder
 from evomerge.results import RunResults
 from evomerge.testing.zoo import SIZES, ZooManifest, ZooSize, build_zoo
@@ -88,9 +89,8 @@ def run(zoo: ZooManifest, variant: str, seed: int, evals: int, out: Path) -> Pat
 def summarize(run_dir: Path) -> dict[str, float]:
     res = RunResults(run_dir)
     _, expert_test = res.references("test")
-    rows = {x.meta["baseline"]: x for x in res.calib if x.candidate_id < 0}
-    grid = {w: rows[f"task_arithmetic w={w:g}"] for w in GRID}
-    ta = max(grid.values(), key=res.scalar)
+    (warm,) = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "warm_start"]  # the run's choice
+    ta = next(x for x in res.calib if x.candidate_id < 0 and x.meta["baseline"] == f"task_arithmetic w={warm['weight']:g}")
     best = res.best()
 
     def rel_test(rec) -> list[float]:  # noqa: ANN001
@@ -99,7 +99,7 @@ def summarize(run_dir: Path) -> dict[str, float]:
 
     ta_rel, best_rel = rel_test(ta), rel_test(best)
     cal_worst = max(min(res.relative_to_expert(r.result.task_means()).values()) for r in res.searched)
-    return {"ta_weight": float(ta.meta["baseline"].split("=")[1]), "ta_mean": float(np.mean(ta_rel)),
+    return {"ta_weight": float(warm["weight"]), "ta_mean": float(np.mean(ta_rel)),
             "ta_worst": min(ta_rel), "mean": float(np.mean(best_rel)), "worst": min(best_rel),
             "cal_worst_ceiling": cal_worst, "evaluations": len(res.searched)}
 

@@ -51,7 +51,7 @@ def test_quick_study_produces_the_table(zoo_test, tmp_path):
 def test_speedup_over_random_counts_misses_as_the_budget():
     sys.path.insert(0, str(REPO / "experiments"))
     try:
-        from study import speedup_vs_random
+        from study_report import speedup_vs_random
     finally:
         sys.path.pop(0)
     assert speedup_vs_random([50, 70], [180, 240], 450) == (3.5, False)

@@ -59,15 +59,22 @@ def prepare(cfg: RunConfig, template: Any, models: Any, space: Any, x0_recipe: R
     data = template.model_dump(mode="json")
 
     def make_optimizer(weight: float) -> Any:
-        warm = copy.deepcopy(data)
-        section = warm["params"] if warm["kind"] == "hybrid" else warm
-        section["init"] = {**section.get("init", {}), "weight": float(weight)}
+        warm = with_start_weight(data, weight)
         warm_space = build_space(parse_template(warm, source=f"{WHERE} (weight {weight:g})"), models)
         if warm_space.dim != space.dim:  # pragma: no cover - the init never changes the layout
             raise ConfigError(f"{WHERE}: the start weight changed the space's layout")
         return factory(dataclasses.replace(problem, x0=warm_space.x0), seed=cfg.seed, **options)
 
     return WarmStart(baselines, weights, make_optimizer)
+
+
+def with_start_weight(template: dict[str, Any], weight: float) -> dict[str, Any]:
+    """A copy of a template's data whose searched per-model ``weight`` starts at ``weight`` (``init`` of a params
+    template, ``params.init`` of a hybrid one)."""
+    out = copy.deepcopy(template)
+    section = out["params"] if out["kind"] == "hybrid" else out
+    section["init"] = {**section.get("init", {}), "weight": float(weight)}
+    return out
 
 
 def choose(scored: Iterable[tuple[str, float]], weights: dict[str, float]) -> tuple[float | None, dict[float, float]]:
