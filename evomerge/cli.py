@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, RunStopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evolutionary search for LLM merge recipes.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The built-in tiny model zoo.")
@@ -46,6 +46,9 @@ def user_errors(fn: F) -> F:
         except EvomergeError as exc:
             if _state["verbose"]:
                 console.print_exception()
+            if isinstance(exc, RunStopped):
+                console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(exc.exit_code) from None
             console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

@@ -45,3 +45,15 @@ class CheckpointError(EvomergeError):
 
 class BackendUnavailableError(EvomergeError):
     """An optional backend (ray, vllm, lm-eval) is not installed or not in the supported range."""
+
+
+class RunStopped(EvomergeError):
+    """A run stopped before its end on request (Ctrl-C, SIGTERM); it resumes with ``evomerge resume``."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunFolderError(EvomergeError):
+    """The run folder cannot be written (disk full, read-only) or is held by another live driver."""

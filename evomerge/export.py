@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.results import RunResults
@@ -29,11 +30,10 @@ def _card(res: RunResults, rec) -> str:  # noqa: ANN001
 
 
 def export_run(run_dir: str | Path, *, pick: str = "best", out: str | Path | None = None, overwrite: bool = False) -> list[Path]:
-    """Export ``best``, every ``pareto`` member, or candidate ``ID``; returns the written folders."""
-    from evomerge.io import ModelFolder, tensor_role
-    from evomerge.merge.materialize import materialize_to_disk
-    from evomerge.merge.params import Role
-    from evomerge.mergekit_compat import to_mergekit_yaml
+    """Export ``best``, every ``pareto`` member, or candidate ``ID``; returns the written folders.
+
+    The export folder is written whole or not at all (a killed export leaves the previous one, or none)."""
+    from evomerge.io.atomic import atomic_folder
 
     res = RunResults(run_dir)
     if pick == "best":
@@ -49,11 +49,22 @@ def export_run(run_dir: str | Path, *, pick: str = "best", out: str | Path | Non
     if not picked:
         raise ConfigError(f"{run_dir}: no successful evaluation to export yet")
     out_root = Path(out) if out is not None else res.run_dir / "export"
+    with atomic_folder(out_root, overwrite=overwrite, what="export") as tmp_root:
+        written = _export(res, picked, tmp_root)
+    return [out_root / p.relative_to(tmp_root) for p in written]
+
+
+def _export(res: RunResults, picked: list[Any], out_root: Path) -> list[Path]:
+    from evomerge.io import ModelFolder, tensor_role
+    from evomerge.merge.materialize import materialize_to_disk
+    from evomerge.merge.params import Role
+    from evomerge.mergekit_compat import to_mergekit_yaml
+
     written = []
     for rec in picked:
         target = out_root if len(picked) == 1 else out_root / f"candidate-{rec.candidate_id}"
         recipe = rec.recipe.model_copy(update={"sources": dict(res.cfg.sources)})
-        path = materialize_to_disk(recipe, target, overwrite=overwrite, card_extra=_card(res, rec))
+        path = materialize_to_disk(recipe, target, overwrite=True, card_extra=_card(res, rec))
         (path / "recipe.yaml").write_text(recipe.to_yaml())
         folder = ModelFolder.open(Path(res.cfg.sources[recipe.base_model or recipe.models[0].model]))
         tensors = [(n, Role(tensor_role(n, folder.model_type).layer, tensor_role(n, folder.model_type).kind))

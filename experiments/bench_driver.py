@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.archive import Archive
-from evomerge.driver.loop import Driver
+from evomerge.driver.loop import Driver, Settings
 from evomerge.driver.pool import Job
 from evomerge.events import EventLog
 from evomerge.optim import OPTIMIZERS
@@ -113,10 +113,11 @@ def run_one(optimizer: str, options: dict, workers: int, evals: int, sigma: floa
     ref["pool"] = pool
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        drv = Driver(run_dir=run_dir, space=space, optimizer=opt, pool=pool,
+        settings = Settings(tasks=TASKS, baselines=[], budget_evals=evals, budget_seconds=None, subset=None,
+                            promote_quantile=1.0, rescore_test=False)
+        drv = Driver(run_dir=run_dir, space=space, start=lambda scored, refs: (opt, None), pool=pool,
                      archive=Archive(run_dir / "archive.sqlite"), events=EventLog(run_dir / "events.jsonl"),
-                     tasks=TASKS, baselines=[], budget_evals=evals, budget_seconds=None, subset=None,
-                     promote_quantile=1.0, rescore_test=False)
+                     settings=settings)
         t0 = time.perf_counter()
         drv.run()
         wall = time.perf_counter() - t0

@@ -167,7 +167,12 @@ def test_ctrl_c_stops_gracefully_and_resume_completes(setup, tmp_path):
         if info["told"] == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
-    run_dir = start_run(cfg, on_progress=interrupt)
+    from evomerge.errors import RunStopped
+
+    with pytest.raises(RunStopped, match="SIGINT after the evaluations in flight finished") as stopped:
+        start_run(cfg, on_progress=interrupt)
+    assert stopped.value.exit_code == 130
+    run_dir = tmp_path / "runs" / "c"
     with Archive(run_dir / "archive.sqlite", readonly=True) as a:
         assert 5 <= len([r for r in a.records() if r.candidate_id >= 0]) < 12
     resume_run(run_dir)
@@ -206,7 +211,11 @@ def test_warm_start_starts_at_the_best_grid_merge_and_resumes_exactly(setup, tmp
         if info["told"] == 4:
             os.kill(os.getpid(), signal.SIGINT)
 
-    resume_run(start_run(cfg, on_progress=interrupt))
+    from evomerge.errors import RunStopped
+
+    with pytest.raises(RunStopped):
+        start_run(cfg, on_progress=interrupt)
+    resume_run(tmp_path / "runs" / "c")
     assert _rows(tmp_path / "runs" / "c") == _rows(run_dir)
 
 

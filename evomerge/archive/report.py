@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,16 +15,24 @@ log = logging.getLogger(__name__)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report/`` (or ``out``): progress and Pareto plots and ``report.md``; replaced whole or not at all."""
+    from evomerge.io.atomic import atomic_folder
+    from evomerge.results import RunResults
+
+    res = RunResults(run_dir)
+    out_dir = Path(out) if out is not None else res.run_dir / "report"
+    with atomic_folder(out_dir, overwrite=True, what="report") as tmp:
+        _write(res, tmp)
+    log.info("report written to %s", out_dir)
+    return out_dir
+
+
+def _write(res: Any, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evomerge.results import RunResults
-
-    res = RunResults(run_dir)
-    out_dir = Path(out) if out is not None else res.run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
     tasks = res.tasks
     searched = [r for r in res.calib if r.candidate_id >= 0]
     fid = "full" if any(r.result.fidelity == "full" for r in searched) and res.cfg.fidelity.subset is None else None
@@ -80,5 +89,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
           "## Calibration split (full)", "", res.markdown_table("calibration"), "",
           "![progress](progress.png)", "", "![pareto](pareto.png)", ""]
     (out_dir / "report.md").write_text("\n".join(md))
-    log.info("report written to %s", out_dir)
-    return out_dir

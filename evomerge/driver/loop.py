@@ -1,411 +1,271 @@
-"""The search loop: ask -> decode -> dispatch -> (archive, tell, checkpoint), in completion order.
+"""The search loop: ask -> dispatch -> collect -> tell -> checkpoint, one result at a time in completion order.
 
-Phases: ``baselines`` (each source and the base, scored to normalize task scores: base = 0, best
-source = 1), ``search`` (until the budget is spent), ``final`` (the Pareto set re-scored on the held-out
-test split beside the baselines), ``done``.
+Phases: ``baselines`` (each source and the base, scored to set the references: base = 0, best source = 1, and
+the warm-start grid), ``search`` (until the budget is spent), ``final`` (the Pareto set and the baselines
+re-scored on the held-out test split), ``done``.
 
-Resume: the archive is appended *before* the optimizer is told and the checkpoint is written, so after
-a crash the archive may hold results the checkpoint has not seen yet. Resuming restores the checkpoint,
-re-handles those results in archive order (told, not re-evaluated), resubmits the jobs that were in
-flight, and continues: with the same seed and an in-order pool it proposes exactly what an uninterrupted
-run would have.
+Exact resume by construction. Every result is appended to the archive before anything acts on it, and the
+driver's state (optimizer, references, promotions, phase, counters) is a pure function of the config, the seed
+and the sequence of results it handled: the loop asks for new candidates after each single result, with as
+many free slots as the pool has workers without a job, so how the pool batches its answers does not matter.
+Resuming runs the same loop from the start with the archive as its journal: a dispatched job is answered by the
+next archived result instead of the pool, and only when the journal is exhausted do the jobs still in flight
+go to the pool. Nothing archived is evaluated again and the optimizer sees what the uninterrupted run showed it,
+in the same order. The checkpoint only adds what the archive cannot know: the wall time used and when a time
+budget ran out (see :mod:`evomerge.driver.journal`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from evomerge.archive import Archive
-from evomerge.checkpoint import check_cursor, read_checkpoint, save_checkpoint
+from evomerge.driver.baselines import Baseline
+from evomerge.driver.journal import Journal, Stop
 from evomerge.driver.pool import Job, Pool
-from evomerge.errors import CheckpointError
+from evomerge.driver.promotion import Promotion
 from evomerge.events import EventLog
 from evomerge.optim.base import Observation
 from evomerge.recipe import Recipe
-from evomerge.types import Candidate, EvalResult
-
-if TYPE_CHECKING:
-    from evomerge.driver.warm import WarmStart
+from evomerge.references import References
+from evomerge.types import Candidate, EvalResult, TaskScores
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+#: Builds the search's optimizer from the scored baselines and the references: (optimizer, warm-start info).
+StartPolicy = Callable[[list["Handled"], References], tuple[Any, "dict[str, Any] | None"]]
+
+
+@dataclass(frozen=True)
+class Handled:
+    """One result the driver has handled (and the archive holds), in handling order."""
+
+    job: Job
+    candidate: Candidate
+    result: EvalResult
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def split(self) -> str:
+        return self.job.split
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
 
 
 @dataclass
-class Normalizer:
-    """Per-task linear normalization: ``(raw - low) / (high - low)`` (base = 0, best source = 1)."""
+class Settings:
+    """What the run config says about the loop."""
 
-    low: dict[str, float] = field(default_factory=dict)
-    high: dict[str, float] = field(default_factory=dict)
-
-    def __call__(self, task: str, value: float) -> float:
-        lo, hi = self.low.get(task, 0.0), self.high.get(task, 1.0)
-        return (value - lo) / (hi - lo) if hi - lo > 1e-9 else value - lo
-
-    def objectives(self, result: EvalResult, tasks: list[str]) -> np.ndarray:
-        means = result.task_means()
-        return np.array([self(t, means[t]) for t in tasks], dtype=np.float64)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"low": self.low, "high": self.high}
-
-
-@dataclass
-class Baseline:
-    """A reference recipe scored before the search (a source model or a hand-set merge)."""
-
-    name: str
-    recipe: Recipe
-    kind: str  # "source" | "base" | "handset"
+    tasks: list[str]
+    baselines: list[Baseline]
+    budget_evals: int | None
+    budget_seconds: float | None
+    subset: int | None
+    promote_quantile: float
+    rescore_test: bool
 
 
 class Driver:
     """Runs one search in ``run_dir`` (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        run_dir: Any,
-        space: Any,
-        optimizer: Any,
-        pool: Pool,
-        archive: Archive,
-        events: EventLog,
-        tasks: list[str],
-        baselines: list[Baseline],
-        budget_evals: int | None,
-        budget_seconds: float | None,
-        subset: int | None,
-        promote_quantile: float,
-        rescore_test: bool,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-        warm_start: WarmStart | None = None,
-    ) -> None:
-        self.run_dir = run_dir
-        self.space = space
-        self.opt = optimizer
-        self.pool = pool
+    def __init__(self, *, run_dir: Any, space: Any, start: StartPolicy, pool: Pool, archive: Archive,
+                 events: EventLog, settings: Settings,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.run_dir, self.space, self.start, self.pool = run_dir, space, start, pool
+        self.events, self.cfg, self.on_progress = events, settings, on_progress
+        self.tasks = settings.tasks
         self.archive = archive
-        self.events = events
-        self.tasks = tasks
-        self.baselines = baselines
-        self.budget_evals = budget_evals
-        self.budget_seconds = budget_seconds
-        self.subset = subset
-        self.promote_quantile = promote_quantile
-        self.rescore_test = rescore_test
-        self.on_progress = on_progress
-        self.warm_start = warm_start  # space.warm_start: the grid and weight -> optimizer started there
-        # state (checkpointed)
-        self.warm: dict[str, Any] | None = None  # {"weight": chosen or None} once the warm start was decided
+        self.journal = Journal(run_dir, archive, pool)
+        self.opt: Any = None
+        self.warm: dict[str, Any] | None = None
+        self.refs = References()
+        self.promotion = Promotion(settings.promote_quantile)
         self.phase = "baselines"
         self.next_key = 0
-        self.told = 0
-        self.failures = 0
+        self.told = self.failures = 0
         self.best: float | None = None
-        self.elapsed = 0.0
-        self.norm = Normalizer()
         self.inflight: dict[int, tuple[Job, Candidate]] = {}
-        self.subset_scores: list[float] = []
-        self.promoted: set[int] = set()
-        self._stop = False
-        self._t0 = time.monotonic()
-        self._replay: dict[tuple[int, str, str], EvalResult] = {}
-        self._resubmit: list[tuple[Job, Candidate]] = []
+        self.history: list[Handled] = []
+        self.seen: dict[tuple[str, str, str], EvalResult] = {}  # (recipe hash, fidelity, split) -> first ok
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint shows of the run (resume rebuilds all of it but the clock from the archive)."""
         return {
-            "state_version": STATE_VERSION,
-            "phase": self.phase,
-            "next_key": self.next_key,
-            "told": self.told,
-            "failures": self.failures,
-            "best": self.best,
-            "elapsed": self.elapsed + (time.monotonic() - self._t0),
-            "norm": self.norm.state_dict(),
-            "subset_scores": self.subset_scores,
-            "promoted": sorted(self.promoted),
-            "inflight": [
-                {
-                    "key": j.key, "candidate_id": j.candidate_id, "split": j.split, "subset": j.subset,
-                    "attempt": j.attempt, "genome": c.genome.tolist(), "meta": c.meta, "recipe": j.recipe.model_dump(mode="json"),
-                }
-                for j, c in self.inflight.values()
-            ],
-            "warm": self.warm,
-            "optimizer": self.opt.state_dict(),
-            "archive_len": len(self.archive),
+            "phase": self.phase, "told": self.told, "failures": self.failures, "best": self.best,
+            "references": self.refs.state_dict(), "warm": self.warm,
+            "promoted": sorted(self.promotion.promoted),
+            "optimizer": None if self.opt is None else self.opt.state_dict(),
         }
 
-    def save(self) -> None:
-        state = self.state_dict()
-        save_checkpoint(self.run_dir, state, cursor=state.pop("archive_len"))
-
     def restore(self) -> None:
-        """Load the checkpoint and replay archive rows appended after it (see the module docstring)."""
-        ckpt = read_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
-        check_cursor(ckpt, len(self.archive))
-        state = ckpt.state
-        if state.get("state_version") != STATE_VERSION:
-            raise CheckpointError(f"{self.run_dir}: checkpoint state_version {state.get('state_version')} unsupported")
-        self.phase = state["phase"]
-        self.next_key = state["next_key"]
-        self.told = state["told"]
-        self.failures = state["failures"]
-        self.best = state.get("best")
-        self.elapsed = state["elapsed"]
-        self.norm = Normalizer(**state["norm"])
-        self.subset_scores = list(state["subset_scores"])
-        self.promoted = set(state["promoted"])
-        self.warm = state.get("warm")
-        if self.warm is not None and self.warm.get("weight") is not None and self.warm_start is not None:
-            self.opt = self.warm_start.make_optimizer(self.warm["weight"])  # the optimizer the run searched with
-        self.opt.load_state_dict(state["optimizer"])
-        for d in state["inflight"]:
-            cand = Candidate(d["candidate_id"], np.asarray(d["genome"], dtype=np.float64), d["meta"])
-            job = Job(d["key"], d["candidate_id"], Recipe.model_validate(d["recipe"]), d["split"], d["subset"], d["attempt"])
-            self.inflight[job.key] = (job, cand)
-        cursor = ckpt.cursor
-        replay = self.archive.records(split=None)[cursor:]
-        self._replay = {(r.candidate_id, r.result.fidelity, r.split): r.result for r in replay}
-        pending = sorted(self.inflight.values(), key=lambda jc: jc[0].key)
-        self.inflight = {}
-        self._resubmit = pending
-        log.info("resumed %s: phase %s, %d told, %d results to replay, %d jobs in flight",
-                 self.run_dir, self.phase, self.told, len(replay), len(pending))
+        """Resume: replay the archive through the loop (see the module docstring)."""
+        self.journal.restore()
+
+    def request_stop(self, *_: Any) -> None:
+        self.journal.request_stop()
 
     # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        """Run to the end, or raise :class:`~evomerge.errors.RunStopped` after Ctrl-C / SIGTERM (checkpointed)."""
+        with self.journal.signals():
+            try:
+                self._phases()
+            except Stop as stop:
+                self.journal.save(self.state_dict())
+                raise stop.error(self.run_dir) from None
+            self.journal.save(self.state_dict())
+
+    def _phases(self) -> None:
+        for i, b in enumerate(self.cfg.baselines):
+            for subset in sorted({self.cfg.subset, None}, key=lambda s: (s is None, s or 0)):
+                self._submit(Candidate(-1 - i, np.zeros(0), {"baseline": b.name, "kind": b.kind}), b.recipe,
+                             subset=subset)
+        self._drain()
+        self.journal.stop_now_if_requested()
+        full = [h for h in self.history if h.candidate.id < 0 and h.job.subset is None]
+        self.refs = References.from_scored(full, self.tasks)
+        self.opt, self.warm = self.start(full, self.refs)
+        self._emit("references", low=self.refs.low, high=self.refs.high)
+        if self.warm is not None:
+            self._emit("warm_start", **self.warm)
+        self._phase("search")
+        self._search()
+        self.journal.stop_now_if_requested()
+        self._phase("final")
+        if self.cfg.rescore_test:
+            self._submit_test_rescoring()
+        self._drain()
+        self._phase("done")
+        self._emit("done", told=self.told, failures=self.failures)
+
+    def _phase(self, phase: str) -> None:
+        self.phase = phase
+        self.journal.checkpoint(self.state_dict())
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.journal.live:  # a replay does not repeat the events of the run it replays
+            self.events.emit(event, **fields)
+
     def _submit(self, cand: Candidate, recipe: Recipe, *, split: str = "calibration", subset: int | None = None) -> None:
         job = Job(self.next_key, cand.id, recipe, split, subset)
         self.next_key += 1
-        self._dispatch(job, cand)
-
-    def _dispatch(self, job: Job, cand: Candidate) -> None:
-        """Send a job to the pool, unless the archive already holds its result from before a crash."""
-        replayed = self._replay.pop((cand.id, job.fidelity, job.split), None)
-        if replayed is not None:
-            self._handle(job, cand, replayed, append=False)
-            return
         self.inflight[job.key] = (job, cand)
-        self.pool.submit(job)
-
-    def _budget_left(self) -> int:
-        asked = self.opt.n_told + self.opt.n_pending
-        left = math.inf if self.budget_evals is None else self.budget_evals - asked
-        if self.budget_seconds is not None and self.elapsed + time.monotonic() - self._t0 > self.budget_seconds:
-            left = 0
-        return int(max(0, min(left, 1 << 30)))
-
-    def request_stop(self, *_: Any) -> None:
-        if not self._stop:
-            log.warning("stop requested: finishing in-flight evaluations, then saving")
-        self._stop = True
-
-    def run(self) -> None:
-        prev = signal.getsignal(signal.SIGINT)
-        try:
-            signal.signal(signal.SIGINT, self.request_stop)
-        except ValueError:  # not the main thread
-            prev = None
-        try:
-            resubmit, self._resubmit = self._resubmit, []
-            for job, cand in resubmit:
-                self._dispatch(job, cand)
-            self._run_phases()
-        finally:
-            if prev is not None:
-                signal.signal(signal.SIGINT, prev)
-            self.save()
-
-    def _run_phases(self) -> None:
-        if self.phase == "baselines":
-            if not self.inflight:
-                for i, b in enumerate(self.baselines):
-                    for subset in sorted({self.subset, None}, key=lambda s: (s is None, s or 0)):
-                        self._submit(Candidate(-1 - i, np.zeros(0), {"baseline": b.name, "kind": b.kind}),
-                                     b.recipe, subset=subset)
-                self.save()
-            self._drain()
-            if self._stop:
-                return
-            self._set_references()
-            if self.warm_start is not None and self.warm is None:
-                self._apply_warm_start()
-            self.phase = "search"
-            self.save()
-        if self.phase == "search":
-            self._search()
-            if self._stop:
-                return
-            self.phase = "final"
-            self.save()
-        if self.phase == "final":
-            if self.rescore_test and not self.inflight :
-                self._submit_test_rescoring()
-                self.save()
-            self._drain()
-            if self._stop:
-                return
-            self.phase = "done"
-            self.events.emit("done", told=self.told, failures=self.failures)
+        self.journal.submit(job)
 
     def _drain(self) -> None:
-        while self.inflight and not self._stop:
-            for job, res in self.pool.wait():
-                job0, cand = self.inflight.pop(job.key)
-                self._handle(job, cand, res)
-        # after a stop request, finish what is in flight so nothing computed is lost
-        while self._stop and self.inflight:
-            for job, res in self.pool.wait():
-                job0, cand = self.inflight.pop(job.key)
-                self._handle(job, cand, res)
+        while self.inflight:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        job, res = self.journal.next_result(self.inflight)
+        _, cand = self.inflight.pop(job.key)
+        self._handle(job, cand, res)
+
+    def _budget_left(self) -> int:
+        if self.journal.stopping or self.journal.time_up(self.cfg.budget_seconds, len(self.history)):
+            return 0
+        asked = self.opt.n_told + self.opt.n_pending
+        left = math.inf if self.cfg.budget_evals is None else self.cfg.budget_evals - asked
+        return int(max(0, min(left, 1 << 30)))
 
     def _search(self) -> None:
-        fidelity = "full" if self.subset is None else f"subset:{self.subset}"
-        while not self._stop:
+        fidelity = "full" if self.cfg.subset is None else f"subset:{self.cfg.subset}"
+        while True:
+            free = self.pool.size - len(self.inflight)
             left = self._budget_left()
-            free = self.pool.free()
             if left > 0 and free > 0 and not self.opt.should_stop():
                 for cand in self.opt.ask(min(free, left)):
                     recipe = self.space.decode(cand.genome)
-                    cached = self.archive.lookup(recipe.hash, fidelity, include_failed=False)
-                    if cached is not None and (cand.id, fidelity, "calibration") not in self._replay:
-                        res = EvalResult(cand.id, cached.status, dict(cached.tasks), cached.error,
-                                         {"cached": 1.0}, cached.worker, fidelity)
-                        job = Job(self.next_key, cand.id, recipe, "calibration", self.subset)
-                        self.next_key += 1
-                        self._handle(job, cand, res, meta={"cached": True})
-                    else:
-                        self._submit(cand, recipe, subset=self.subset)
+                    cached = self.seen.get((recipe.hash, fidelity, "calibration"))
+                    if cached is None:
+                        self._submit(cand, recipe, subset=self.cfg.subset)
+                        continue
+                    job = Job(self.next_key, cand.id, recipe, "calibration", self.cfg.subset)
+                    self.next_key += 1
+                    res = EvalResult(cand.id, cached.status, dict(cached.tasks), cached.error, {"cached": 1.0},
+                                     cached.worker, fidelity)
+                    self._handle(job, cand, self.journal.inline(job, res), meta={"cached": True})
             if not self.inflight:
-                if left == 0 or self.opt.should_stop():
-                    break
-                continue
-            for job, res in self.pool.wait():
-                job0, cand = self.inflight.pop(job.key)
-                self._handle(job, cand, res)
-        while self.inflight:  # finish (or, after Ctrl-C, abandon nothing) what is in flight
-            for job, res in self.pool.wait():
-                job0, cand = self.inflight.pop(job.key)
-                self._handle(job, cand, res)
+                return  # budget spent, optimizer stopped, or nothing more to ask until a result arrives
+            self._collect_one()
 
     # ------------------------------------------------------------------ results
-    def _handle(
-        self, job: Job, cand: Candidate, res: EvalResult, *, append: bool = True, meta: dict[str, Any] | None = None
-    ) -> None:
-        res = _check_finite(res)
-        if append:
-            self.archive.append(cand, job.recipe, res, split=job.split, meta={"fidelity": job.fidelity, **(meta or {})})
-        self.events.emit(
-            "eval", candidate=cand.id, hash=job.recipe.hash, status=res.status, fidelity=job.fidelity,
-            split=job.split, scores=res.task_means() if res.ok else None, error=res.error, timings=res.timings,
-        )
-        if cand.id < 0 or job.split != "calibration" or (job.subset is None and self.subset is not None):
-            # baselines, test re-scoring and promotions of already told candidates are not told
-            self.save()
-            return
-        obs = (
-            Observation(
-                candidate_id=cand.id,
-                objectives=self.norm.objectives(res, self.tasks),
-                per_example=np.concatenate([res.tasks[t].scores for t in self.tasks]),
-            )
-            if res.ok
-            else Observation.failure(cand.id)
-        )
+    def _handle(self, job: Job, cand: Candidate, res: EvalResult, *, meta: dict[str, Any] | None = None) -> None:
+        res = _archived_form(res)
+        meta = {"fidelity": job.fidelity, **(meta or {})}
+        self.journal.record(cand, job, res, meta)
+        self.history.append(Handled(job, cand, res, {**cand.meta, **meta}))  # the archive record's meta
+        if res.ok:
+            self.seen.setdefault((job.recipe.hash, job.fidelity, job.split), res)
+        self._emit("eval", candidate=cand.id, hash=job.recipe.hash, status=res.status, fidelity=job.fidelity,
+                   split=job.split, scores=res.task_means() if res.ok else None, error=res.error, timings=res.timings)
+        if cand.id >= 0 and job.split == "calibration" and (job.subset is not None or self.cfg.subset is None):
+            self._tell(job, cand, res)  # baselines, test re-scoring and promotions of told candidates are not told
+        self.journal.settle(self.inflight)
+        self.journal.checkpoint(self.state_dict())
+        if self.on_progress and self.journal.live and cand.id >= 0:
+            self.on_progress(self.progress())
+
+    def _tell(self, job: Job, cand: Candidate, res: EvalResult) -> None:
+        if res.ok:
+            obs = Observation(candidate_id=cand.id, objectives=self.refs.objectives(res, self.tasks),
+                              per_example=np.concatenate([res.tasks[t].scores for t in self.tasks]))
+        else:
+            obs = Observation.failure(cand.id)
         self.opt.tell([obs])
         self.told += 1
         if not res.ok:
             self.failures += 1
             log.info("eval %d (candidate %d): failed: %s", self.told, cand.id, res.error)
-        else:
-            score = float(np.mean(obs.objectives))
-            self.best = score if self.best is None else max(self.best, score)
-            log.info(
-                "eval %d (candidate %d, %s): %s | mean %.3f | best %.3f | failures %d",
-                self.told, cand.id, job.fidelity,
-                " ".join(f"{t} {v:.3f}" for t, v in zip(self.tasks, obs.objectives, strict=True)), score, self.best, self.failures,
-            )
-        if self.subset is not None and res.ok:
-            score = float(np.mean(obs.objectives))
-            self.subset_scores.append(score)
-            cut = float(np.quantile(self.subset_scores, 1 - self.promote_quantile))
-            if score >= cut and cand.id not in self.promoted:
-                self.promoted.add(cand.id)
-                self._submit(cand, job.recipe, subset=None)
-        self.save()
-        if self.on_progress:
-            self.on_progress(self.progress())
+            return
+        assert obs.objectives is not None
+        score = float(np.mean(obs.objectives))
+        self.best = score if self.best is None else max(self.best, score)
+        if self.journal.live:
+            log.info("eval %d (candidate %d, %s): %s | mean %.3f | best %.3f | failures %d", self.told, cand.id,
+                     job.fidelity, " ".join(f"{t} {v:.3f}" for t, v in zip(self.tasks, obs.objectives, strict=True)),
+                     score, self.best, self.failures)
+        if self.cfg.subset is not None and self.promotion.decide(cand.id, score):
+            self._submit(cand, job.recipe, subset=None)
 
     def progress(self) -> dict[str, Any]:
-        return {"told": self.told, "failures": self.failures, "budget": self.budget_evals, "phase": self.phase,
+        return {"told": self.told, "failures": self.failures, "budget": self.cfg.budget_evals, "phase": self.phase,
                 "best": self.best}
-
-    def _set_references(self) -> None:
-        """Normalization: base = 0, best non-base source = 1, per task, on the full calibration set."""
-        recs = [r for r in self.archive.records() if r.candidate_id < 0 and r.ok and r.result.fidelity == "full"
-                and r.split == "calibration"]
-        low: dict[str, float] = {}
-        high: dict[str, float] = {}
-        for t in self.tasks:
-            base = [r.result.tasks[t].mean for r in recs if r.meta.get("kind") == "base"]
-            srcs = [r.result.tasks[t].mean for r in recs if r.meta.get("kind") == "source"]
-            low[t] = base[0] if base else 0.0
-            high[t] = max(srcs) if srcs else 1.0
-        self.norm = Normalizer(low, high)
-        self.events.emit("references", low=low, high=high)
-
-    def _apply_warm_start(self) -> None:
-        """Start the search at the grid weight whose task-arithmetic merge scored best on calibration, by the
-        optimizer's own scalarization of the normalized task scores (ties: the first weight of the grid)."""
-        from evomerge.driver.warm import choose
-
-        assert self.warm_start is not None
-        scored = [(r.meta.get("baseline"), float(self.opt.scalarizer(self.norm.objectives(r.result, self.tasks))))
-                  for r in self.archive.records()
-                  if r.candidate_id < 0 and r.ok and r.result.fidelity == "full" and r.split == "calibration"]
-        best, scores = choose(scored, self.warm_start.weights)
-        self.warm = {"weight": best, "scores": {f"{w:g}": v for w, v in scores.items()}}
-        if best is None:
-            log.warning("warm start: no task-arithmetic merge of the grid was scored; starting at the template's x0")
-            return
-        self.opt = self.warm_start.make_optimizer(best)
-        self.events.emit("warm_start", weight=best, scores=self.warm["scores"])
-        log.info("warm start: task arithmetic at weight %g (%s)", best,
-                 ", ".join(f"{w:g}: {v:.3f}" for w, v in scores.items()))
 
     def _submit_test_rescoring(self) -> None:
         from evomerge.archive.pareto import pareto_front
 
-        recs = [r for r in self.archive.records() if r.ok and r.split == "calibration" and r.result.fidelity == "full"]
-        searched = [r for r in recs if r.candidate_id >= 0]
+        full = [h for h in self.history if h.result.ok and h.split == "calibration" and h.job.subset is None]
+        searched = [h for h in full if h.candidate.id >= 0]
         front = pareto_front(searched, self.tasks) if searched else []
-        seen = {r.recipe_hash for r in self.archive.records(split="test")}
-        for r in [*(r for r in recs if r.candidate_id < 0), *front]:
-            if r.recipe_hash in seen:
+        seen: set[str] = set()
+        for h in [*(h for h in full if h.candidate.id < 0), *front]:
+            if h.job.recipe.hash in seen:
                 continue
-            seen.add(r.recipe_hash)
-            cand = Candidate(r.candidate_id, r.genome, {k: v for k, v in r.meta.items() if k in ("baseline", "kind")})
-            self._submit(cand, r.recipe, split="test")
+            seen.add(h.job.recipe.hash)
+            meta = {k: v for k, v in h.candidate.meta.items() if k in ("baseline", "kind")}
+            self._submit(Candidate(h.candidate.id, h.candidate.genome, meta), h.job.recipe, split="test")
 
 
-def _check_finite(res: EvalResult) -> EvalResult:
+def _archived_form(res: EvalResult) -> EvalResult:
+    """``res`` as the archive gives it back: float64 scores, non-finite scores turned into a failure."""
     if not res.ok:
         return res
+    tasks: dict[str, TaskScores] = {}
     for name, ts in res.tasks.items():
-        if not np.all(np.isfinite(ts.scores)):
+        scores = np.asarray(ts.scores, dtype=np.float64)
+        if not np.all(np.isfinite(scores)):
             return EvalResult(res.candidate_id, "failed", {}, f"non-finite scores in task {name!r}",
                               res.timings, res.worker, res.fidelity)
-    return res
+        tasks[name] = TaskScores(tuple(ts.example_ids), scores, ts.metric)
+    return EvalResult(res.candidate_id, res.status, tasks, res.error, res.timings, res.worker, res.fidelity)
+

@@ -25,13 +25,14 @@ from evomerge.archive import Archive
 from evomerge.config import RunConfig, load_run_config
 from evomerge.config.load import format_validation_error
 from evomerge.driver import warm
-from evomerge.driver.loop import Baseline, Driver
+from evomerge.driver.baselines import Baseline, baseline_recipes
+from evomerge.driver.lock import RunLock
+from evomerge.driver.loop import Driver, Settings
 from evomerge.driver.pool import LocalPool, Pool, RayPool, init_ray
 from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
-from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +63,6 @@ def _ensure_zoo(cfg: RunConfig) -> None:
 
     log.info("building the %s zoo in %s (first run only)", cfg.zoo.size, zoo_dir)
     build_zoo(zoo_dir, size=cfg.zoo.size, seed=cfg.zoo.seed)
-
-
-def baseline_recipes(reference: str, sources: list[str], base: str | None, seed: int) -> list[Baseline]:
-    """Each source model alone, and the usual hand-set merges (TA λ=1, TIES and DARE-TIES at density 0.5).
-
-    Every recipe is expressed relative to the workers' ``reference`` model (their resident task vectors), so a
-    source ``m`` is ``reference + 1.0 * (m - reference)``. The hand-set merges need the base model as reference.
-    """
-    def ta(models: dict[str, float]) -> Recipe:
-        return Recipe(method="task_arithmetic", base_model=reference,
-                      models=tuple({"model": m, "parameters": {"weight": w}} for m, w in models.items()))
-
-    out: list[Baseline] = []
-    for m in [reference, *sources]:
-        recipe = ta({sources[0]: 0.0}) if m == reference else ta({m: 1.0})
-        out.append(Baseline(m, recipe, "base" if m == base else "source"))
-    experts = [s for s in sources if s != base]
-    if base is not None and reference == base and experts:
-        out.append(Baseline("task_arithmetic", ta(dict.fromkeys(experts, 1.0)), "handset"))
-        for method in ("ties", "dare_ties"):
-            out.append(Baseline(method, Recipe(
-                method=method, base_model=reference, seed=seed,
-                models=tuple({"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts),
-            ), "handset"))
-    return out
 
 
 def preflight(cfg: RunConfig) -> Prepared:
@@ -224,14 +200,18 @@ def create_run_dir(prep: Prepared) -> Path:
 
 def build_driver(prep: Prepared, run_dir: Path, pool: Pool, on_progress: Callable[..., None] | None = None) -> Driver:
     cfg = prep.cfg
-    return Driver(
-        run_dir=run_dir, space=prep.space, optimizer=prep.optimizer, pool=pool,
-        archive=Archive(run_dir / "archive.sqlite"), events=EventLog(run_dir / "events.jsonl"),
+
+    def start(scored: list[Any], refs: Any) -> tuple[Any, dict[str, Any] | None]:
+        return warm.start_optimizer(prep.optimizer, prep.warm_start, scored, refs, prep.tasks)
+
+    settings = Settings(
         tasks=prep.tasks, baselines=prep.baselines, budget_evals=cfg.budget.evaluations,
         budget_seconds=cfg.budget.wall_time_s, subset=cfg.fidelity.subset,
         promote_quantile=cfg.fidelity.promote_quantile, rescore_test=cfg.fidelity.rescore_test,
-        on_progress=on_progress, warm_start=prep.warm_start,
     )
+    return Driver(run_dir=run_dir, space=prep.space, start=start, pool=pool,
+                  archive=Archive(run_dir / "archive.sqlite"), events=EventLog(run_dir / "events.jsonl"),
+                  settings=settings, on_progress=on_progress)
 
 
 PoolFactory = Callable[[Prepared, Path], Pool]
@@ -253,9 +233,10 @@ def start_run(
     pool = (pool_factory or make_pool)(prep, run_dir)
     try:
         run_dir = create_run_dir(prep)
-        driver = build_driver(prep, run_dir, pool, on_progress)
-        driver.events.emit("start", name=cfg.name, dim=prep.space.dim, optimizer=cfg.optimizer.name)
-        driver.run()
+        with RunLock(run_dir):
+            driver = build_driver(prep, run_dir, pool, on_progress)
+            driver.events.emit("start", name=cfg.name, dim=prep.space.dim, optimizer=cfg.optimizer.name)
+            driver.run()
     finally:
         pool.close()
     return run_dir
@@ -279,13 +260,14 @@ def resume_run(
     """Continue a run from its checkpoint and archive (see :class:`~evomerge.driver.loop.Driver`)."""
     run_dir = Path(run_dir)
     cfg = load_run(run_dir)
-    prep = preflight(cfg)
-    pool = (pool_factory or make_pool)(prep, run_dir)
-    try:
-        driver = build_driver(prep, run_dir, pool, on_progress)
-        driver.restore()
-        driver.events.emit("resume", phase=driver.phase, told=driver.told)
-        driver.run()
-    finally:
-        pool.close()
+    with RunLock(run_dir):
+        prep = preflight(cfg)
+        pool = (pool_factory or make_pool)(prep, run_dir)
+        try:
+            driver = build_driver(prep, run_dir, pool, on_progress)
+            driver.restore()
+            driver.events.emit("resume", archived=len(driver.journal.rows))
+            driver.run()
+        finally:
+            pool.close()
     return run_dir

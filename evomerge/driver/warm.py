@@ -3,8 +3,9 @@ at the best of them.
 
 :func:`prepare` (preflight) checks the space, builds the grid's baselines and a factory of optimizers whose start
 point gives every searched per-model ``weight`` one value (the rest of the start point is the template's);
-:func:`choose` (driver, once the baselines are scored and the normalization is known) picks the weight. The
-driver keeps the choice in its checkpoint and rebuilds the same optimizer on resume.
+:func:`start_optimizer` (driver, once the baselines are scored and the references are known) picks the weight and
+builds the optimizer there. The choice is a function of the scored baselines, so a resumed run, which replays
+them from its archive, builds the same optimizer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from evomerge.config import RunConfig
-from evomerge.driver.loop import Baseline
+from evomerge.driver.baselines import Baseline
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 
@@ -85,3 +86,23 @@ def choose(scored: Iterable[tuple[str, float]], weights: dict[str, float]) -> tu
     if not order:
         return None, {}
     return max(order, key=lambda w: (scores[w], -order.index(w))), {w: scores[w] for w in order}
+
+
+def start_optimizer(default: Any, warm: WarmStart | None, scored: Iterable[Any], refs: Any,
+                    tasks: list[str]) -> tuple[Any, dict[str, Any] | None]:
+    """The optimizer the search runs with, and the warm-start choice (None without a warm start).
+
+    ``default`` is the optimizer built at the template's start point; ``scored`` the baselines' results (objects
+    with ``meta`` and ``result``) on the full calibration set, ``refs`` the run's
+    :class:`~evomerge.references.References`. The grid weight is chosen by the optimizer's own scalarization of
+    the normalized task scores (ties: the first weight of the grid).
+    """
+    if warm is None:
+        return default, None
+    pairs = [(str(s.meta.get("baseline")), float(default.scalarizer(refs.objectives(s.result, tasks))))
+             for s in scored if s.result.ok]
+    best, scores = choose(pairs, warm.weights)
+    info = {"weight": best, "scores": {f"{w:g}": v for w, v in scores.items()}}
+    if best is None:
+        return default, info
+    return warm.make_optimizer(best), info

@@ -1,0 +1,203 @@
+"""Exact resume: a run crashed at seeded random moments and resumed after each crash ends identical to the
+uninterrupted run — every optimizer, with and without multi-fidelity promotions, in every phase.
+
+A crash is injected in-process right after the k-th archive write or the k-th checkpoint write (the two moments
+whose order a SIGKILL can catch differently; every other moment leaves the same files as one of these): a
+``BaseException`` unwinds the driver without any of its exit handling, like a SIGKILL. The moments are printed
+with each case so a failure reproduces. ``test_driver.py`` SIGKILLs real processes through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.archive import Archive
+from evomerge.checkpoint import read_checkpoint
+from evomerge.driver import journal as journal_mod
+from evomerge.driver.run import resume_run, start_run
+from evomerge.errors import CheckpointError
+from evomerge.testing.family import build_family, write_perplexity_suite, write_run_config
+
+
+class Crash(BaseException):
+    """Stands for a SIGKILL: nothing catches it."""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exact")
+    fam = build_family(root / "fam", 2)
+    return fam, write_perplexity_suite(root / "suite"), _choice_suite(root / "choice")
+
+
+def _choice_suite(root: Path) -> Path:
+    """Two multiple-choice tasks (0/1 per-example scores, which M2N2's fitness sharing needs)."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    for task, alphabet in (("digits", "0123456789"), ("letters", "abcdefghij")):
+        for split in ("calibration", "test"):
+            lines = []
+            for i in range(8):
+                opts = ["".join(rng.choice(list(alphabet), 4)) for _ in range(3)]
+                lines.append(json.dumps({"id": f"{task}-{split}-{i}", "prompt": "".join(rng.choice(list(alphabet), 6)),
+                                         "options": opts, "answer": int(rng.integers(3))}))
+            (root / f"{task}.{split}.jsonl").write_text("\n".join(lines) + "\n")
+    suite = root / "suite.yaml"
+    suite.write_text("name: choice\ntasks:\n" + "".join(
+        f"  - {{name: {t}, kind: choice, data: {{calibration: {t}.calibration.jsonl, test: {t}.test.jsonl}}}}\n"
+        for t in ("digits", "letters")))
+    return suite
+
+
+MULTI = {"fidelity": {"subset": 3, "promote_quantile": 0.4, "rescore_test": True}}
+CASES = {
+    "cma_es": ("cma_es", {"popsize": 4}, "builtin:ties-per-layer"),
+    "nevergrad": ("nevergrad", {"optimizer": "TwoPointsDE"}, "builtin:ties-per-layer"),
+    "m2n2": ("m2n2", {"archive_size": 4}, "builtin:segments"),  # scored on the choice suite
+    "random": ("random", {}, "builtin:ties-per-layer"),
+}
+
+
+def _rows(run_dir: Path) -> list[tuple]:
+    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+        return [(r.candidate_id, r.recipe_hash, r.split, r.result.fidelity, r.result.status,
+                 tuple((t, ts.scores.tobytes()) for t, ts in r.result.tasks.items()))
+                for r in a.records(split=None)]
+
+
+def _final_state(run_dir: Path) -> dict:
+    """The final checkpoint's state without the clock, the optimizer's opaque blob (cma pickles its own timer)
+    replaced by what it decides: the genomes of the next 5 candidates an optimizer restored from it proposes."""
+    from evomerge.driver.run import load_run, preflight
+
+    ckpt = read_checkpoint(run_dir)
+    assert ckpt is not None
+    state = {k: v for k, v in ckpt.state.items() if k != "elapsed"}
+    opt = preflight(load_run(run_dir)).optimizer
+    opt.load_state_dict(state["optimizer"])
+    state["optimizer"] = {k: v for k, v in state["optimizer"].items() if k != "blob"}
+    state["next"] = [c.genome.tolist() for c in opt.ask(5)]
+    return state
+
+
+class Crasher:
+    """Raises :class:`Crash` after the n-th archive append or checkpoint save counted from ``arm``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.target: tuple[str, int] | None = None
+        self.counts = {"archive": 0, "checkpoint": 0}
+        orig_append = Archive.append
+        orig_save = journal_mod.save_checkpoint
+
+        def append(archive, *a, **kw):
+            seq = orig_append(archive, *a, **kw)
+            self._tick("archive")
+            return seq
+
+        def save(*a, **kw):
+            path = orig_save(*a, **kw)
+            self._tick("checkpoint")
+            return path
+
+        monkeypatch.setattr(Archive, "append", append)
+        monkeypatch.setattr(journal_mod, "save_checkpoint", save)
+
+    def arm(self, kind: str, n: int) -> None:
+        self.target, self.counts = (kind, n), {"archive": 0, "checkpoint": 0}
+
+    def _tick(self, kind: str) -> None:
+        self.counts[kind] += 1
+        if self.target == (kind, self.counts[kind]):
+            self.target = None
+            raise Crash(kind)
+
+
+def _config(tmp_path: Path, setup, case: str, multi: bool, name: str, evals: int) -> Path:
+    fam, suite, choice = setup
+    opt, options, template = CASES[case]
+    suite = choice if opt == "m2n2" else suite
+    return write_run_config(tmp_path / f"{name}.yaml", fam, suite, name=name, evals=evals, optimizer=opt,
+                            options=options, template=template, extra=MULTI if multi else None)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["full", "multi-fidelity"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_crash_anywhere_then_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, case, multi):
+    from evomerge.export import export_run
+
+    evals = 8
+    ref_dir = start_run(_config(tmp_path, setup, case, multi, "ref", evals))
+    expected = _rows(ref_dir)
+    crasher = Crasher(monkeypatch)
+    rng = np.random.default_rng([zlib.crc32(case.encode()), multi])
+    # seeded moments: (what, after how many writes of it since the (re)start); printed for a reproduction
+    moments = [("archive" if rng.random() < 0.6 else "checkpoint", int(rng.integers(1, 12))) for _ in range(4)]
+    print(f"{case} multi={multi}: crashes after {moments}")
+    cfg = _config(tmp_path, setup, case, multi, "k", evals)
+    run_dir = tmp_path / "runs" / "k"
+    crashes = 0
+    for kind, n in moments:
+        crasher.arm(kind, n)
+        try:
+            if (run_dir / "archive.sqlite").exists():
+                resume_run(run_dir)
+            else:
+                start_run(cfg)
+        except Crash:
+            crashes += 1
+            continue
+        break
+    crasher.target = None
+    resume_run(run_dir)  # finishes the run (a no-op replay when it already finished)
+    assert crashes >= 2, f"the moments {moments} crashed only {crashes} times"
+    got = _rows(run_dir)
+    assert len({(r[0], r[2], r[3]) for r in got}) == len(got), "an evaluation was stored twice"
+    assert got == expected
+    assert _final_state(run_dir) == _final_state(ref_dir)
+    a = export_run(ref_dir, pick="best", out=tmp_path / "ea")[0]
+    b = export_run(run_dir, pick="best", out=tmp_path / "eb")[0]
+    assert (a / "recipe.yaml").read_text() == (b / "recipe.yaml").read_text()
+
+
+def test_every_prefix_of_a_promoting_run_resumes_exactly(setup, tmp_path, monkeypatch):
+    """A crash after each single archive write of a multi-fidelity CMA-ES run, resumed each time."""
+    evals = 6
+    ref_dir = start_run(_config(tmp_path, setup, "cma_es", True, "ref", evals))
+    expected = _rows(ref_dir)
+    crasher = Crasher(monkeypatch)
+    run_dir = tmp_path / "runs" / "k"
+    cfg = _config(tmp_path, setup, "cma_es", True, "k", evals)
+    crashes = 0
+    while True:
+        crasher.arm("archive", 1)
+        try:
+            resume_run(run_dir) if run_dir.exists() else start_run(cfg)
+        except Crash:
+            crashes += 1
+            continue
+        break
+    assert crashes == len(expected)  # the last write's crash leaves nothing to do but the final checkpoint
+    assert _rows(run_dir) == expected
+    assert _final_state(run_dir) == _final_state(ref_dir)
+
+
+def test_an_archive_that_is_not_this_runs_is_refused_naming_the_row(setup, tmp_path):
+    """A resumed run whose config no longer matches its archive (here: the seed was edited) stops at the first
+    archived evaluation the config would not have made, instead of mixing two runs."""
+    import yaml
+
+    run_dir = start_run(_config(tmp_path, setup, "random", False, "a", 3))
+    path = run_dir / "config.resolved.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["seed"] = 7
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = _rows(run_dir)
+    with pytest.raises(CheckpointError, match=r"evaluation \d+ \(candidate -?\d+, full, calibration\) is not what "
+                                              r"this run evaluates at that point"):
+        resume_run(run_dir)
+    assert _rows(run_dir) == before  # nothing was added
