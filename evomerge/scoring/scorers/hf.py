@@ -2,7 +2,8 @@
 
 * ``generate``: batched greedy decoding with the KV cache and left padding (``model.generate`` with
   ``do_sample=False`` and a fresh generation config, so the model's own sampling defaults never apply),
-  stopped at the task's stop strings or EOS, and cut at the first stop string.
+  stopped at the task's stop strings (found in the decoded text, whatever the tokenizer) or EOS, and cut
+  at the first stop string.
 * ``choice`` and ``perplexity``: batched log-likelihoods (right padding, one forward pass per batch).
 * ``lmeval`` tasks are handed to the lmeval scorer on the same live model.
 
@@ -29,7 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from evomerge.errors import ConfigError, ScoreError
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
@@ -65,6 +72,31 @@ class _FiniteFirstStep(LogitsProcessor):
             if not bool(torch.isfinite(scores).all()):
                 raise ScoreError("the model produced non-finite logits (NaN/inf) while generating")
         return scores
+
+
+class StopOnText(StoppingCriteria):
+    """Stops each row once its decoded completion (the tokens after ``start``) holds a stop string.
+
+    This works on decoded text, so it works whatever the tokenizer: transformers' token-level
+    ``stop_strings`` refuse a stop string that no token of the vocabulary spells (e.g. a newline for a
+    tokenizer without a newline token) and can miss one that a tokenizer writes differently in its
+    vocabulary (byte-fallback or byte-level tokens).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], start: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.start = start
+        self.done: list[bool] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.done is None:
+            self.done = [False] * input_ids.shape[0]
+        rows = [i for i, d in enumerate(self.done) if not d]
+        texts = self.tokenizer.batch_decode(input_ids[rows, self.start :].tolist(), skip_special_tokens=True)
+        for i, text in zip(rows, texts, strict=True):
+            self.done[i] = any(s in text for s in self.stops)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -128,7 +160,6 @@ def generate(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=eos,
-        stop_strings=list(stops) or None,
         use_cache=True,
     )
     room = max_length - max_new_tokens
@@ -149,12 +180,13 @@ def generate(
             ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[j, width - len(r) :] = 1
         procs = LogitsProcessorList([_FiniteFirstStep()] if check_finite else [])
+        criteria = StoppingCriteriaList([StopOnText(tokenizer, stops, width)] if any(stops) else [])
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             generation_config=config,
-            tokenizer=tokenizer,
             logits_processor=procs,
+            stopping_criteria=criteria,
         )
         texts = tokenizer.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
