@@ -62,10 +62,11 @@ def load_recipe_file(path: Path) -> Any:
     from evomerge.errors import ConfigError
     from evomerge.mergekit_compat import from_mergekit_yaml
     from evomerge.recipe import Recipe
+    from evomerge.resources import read_text
 
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    text = path.read_text()
+    text = read_text(path)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -169,7 +170,7 @@ def _finish(run_dir: Path, export: bool) -> None:
     from evomerge.results import RunResults
 
     res = RunResults(run_dir)
-    write_report(run_dir)
+    write_report(run_dir)  # a run whose every evaluation failed stops here, naming the first error
     if export and res.best() is not None:
         from evomerge.export import export_run
 

@@ -35,6 +35,10 @@ class ScoreError(EvomergeError):
     """A candidate could not be scored (non-finite logits, backend failure)."""
 
 
+class RunFailedError(ScoreError):
+    """Every evaluation of a run failed, so there is nothing to report or export (names the first error)."""
+
+
 class OptimizerError(EvomergeError):
     """An optimizer was misused or its state cannot be restored."""
 

@@ -47,6 +47,7 @@ def export_run(run_dir: str | Path, *, pick: str = "best", out: str | Path | Non
         except ValueError:
             raise ConfigError(f"--pick: expected best, pareto or a candidate id, got {pick!r}") from None
     if not picked:
+        res.require_success()
         raise ConfigError(f"{run_dir}: no successful evaluation to export yet")
     out_root = Path(out) if out is not None else res.run_dir / "export"
     with atomic_folder(out_root, overwrite=overwrite, what="export") as tmp_root:

@@ -37,3 +37,19 @@ def resolve(ref: str | Path, kind: str, *, base_dir: Path | None = None) -> Path
     if not path.is_file():
         raise ConfigError(f"{kind} file not found: {path}")
     return path
+
+
+def read_text(path: Path, *, error: type[ConfigError] = ConfigError) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped); anything else raises ``error``
+    naming the file, the line and the byte offset of the first undecodable byte."""
+    data = path.read_bytes()
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise error(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); "
+            "save the file as UTF-8"
+        ) from None

@@ -14,7 +14,7 @@ import numpy as np
 from evomerge.archive import Archive
 from evomerge.archive.pareto import hypervolume, pareto_front
 from evomerge.archive.store import Record
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, RunFailedError
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,19 @@ class RunResults:
             raise ConfigError(f"{self.run_dir}: no {split} scores of the base and source models to compare "
                               f"{split} scores with (run with fidelity.rescore_test: true)")
         return refs
+
+    def require_success(self) -> None:
+        """Raise :class:`RunFailedError` with the first error when the run has evaluations but none succeeded."""
+        if not self.records or any(r.ok for r in self.records):
+            return
+        first = min(self.records, key=lambda r: r.seq)
+        who = (f"baseline {first.meta['baseline']!r}" if first.candidate_id < 0 and first.meta.get("baseline")
+               else f"candidate {first.candidate_id}")
+        error = " ".join((first.result.error or "no error recorded").split())
+        raise RunFailedError(
+            f"all {len(self.records)} evaluations of {self.run_dir} failed; the first ({who}, "
+            f"{first.split}): {error}"
+        )
 
     # ------------------------------------------------------------------ scores
     def normalize(self, means: dict[str, float], split: str = "calibration") -> dict[str, float]:

@@ -212,6 +212,45 @@ c_regex_never = _suite_case(lambda d: (
         " data: {calibration: g.calibration.jsonl, test: g.test.jsonl}}\n"))))
 
 
+c_not_utf8 = _suite_case(lambda d: (d / "digits.calibration.jsonl").write_bytes(
+    b'{"id": "a", "text": "12"}\n{"id": "b", "text": "caf\xe9"}\n'))
+
+
+def c_int_tensor(cfg, tmp, fam, suite):
+    from safetensors.torch import load_file, save_file
+
+    d = _copy_model(fam["m1"], tmp / "quantized")
+    tensors = load_file(d / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(torch.int8)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return {**cfg, "sources": {**cfg["sources"], "m1": str(d)}}
+
+
+def c_output_is_file(cfg, tmp, fam, suite):
+    (tmp / "out").write_text("not a folder\n")
+    return cfg
+
+
+def c_output_under_file(cfg, tmp, fam, suite):
+    (tmp / "out").write_text("not a folder\n")
+    return {**cfg, "output_dir": str(tmp / "out" / "runs")}
+
+
+def c_run_dir_is_file(cfg, tmp, fam, suite):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "x").write_text("not a folder\n")
+    return cfg
+
+
+def c_bad_device(cfg, tmp, fam, suite):
+    return {**cfg, "resources": {"device": "gpu0"}}
+
+
+def c_subset_too_large(cfg, tmp, fam, suite):
+    return {**cfg, "fidelity": {"subset": 100}}
+
+
 def c_template_unknown_key(cfg, tmp, fam, suite):
     (tmp / "t.yaml").write_text("kind: params\nmethod: ties\ngranularity: per_layer\ncolour: red\n")
     return {**cfg, "space": {"template": str(tmp / "t.yaml")}}
@@ -266,20 +305,96 @@ CASES = [
     (c_template_unknown_key, "colour"),
     (c_template_bad_method, "tiess"),
     (c_template_bad_param, "gamma"),
+    (c_not_utf8, ("digits.calibration.jsonl:2", "not UTF-8", "offset 50")),
+    (c_int_tensor, ("quantized", "model.layers.1.mlp.up_proj.weight", "torch.int8")),
+    (c_output_is_file, ("output_dir", "out is a file")),
+    (c_output_under_file, ("output_dir", "out is a file")),
+    (c_run_dir_is_file, ("output_dir", "the run folder", "is a file")),
+    (c_bad_device, ("resources.device", "gpu0")),
+    (c_subset_too_large, ("fidelity.subset", "digits: 6, letters: 6")),
 ]
+
+
+def _tree(root: Path) -> set[tuple[str, bool]]:
+    """Every path under ``root`` (itself included) with whether it is a folder."""
+    if not root.exists():
+        return set()
+    return {(str(p), p.is_dir()) for p in [root, *root.rglob("*")]}
+
+
+def _assert_refused(tmp_path: Path, doc: dict | str | None, fragment: str | tuple[str, ...]) -> None:
+    """Run ``doc`` (a config, raw YAML or no file at all): exit code 2, one line naming ``fragment``, and
+    nothing written under ``output_dir`` (what was there before the run is left as it was)."""
+    path = tmp_path / "cfg.yaml"
+    if doc is not None:
+        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    out_dir = Path(doc.get("output_dir", tmp_path / "out")) if isinstance(doc, dict) else tmp_path / "out"
+    before = _tree(tmp_path / "out") | _tree(out_dir)
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    for frag in (fragment,) if isinstance(fragment, str) else fragment:
+        assert "error:" in out and frag.lower() in out.lower(), out
+    assert "Traceback" not in res.output and sum("error:" in line for line in res.output.splitlines()) == 1
+    assert _tree(tmp_path / "out") | _tree(out_dir) == before
 
 
 @pytest.mark.parametrize("mutate, fragment", CASES, ids=[c.__name__.removeprefix("c_") for c, _ in CASES])
 def test_bad_input_is_refused_before_any_work(good, tmp_path, mutate, fragment):
     root, fam, suite = good
     cfg = _base_cfg(tmp_path, fam, suite)
-    doc = mutate(cfg, tmp_path, fam, suite)
-    path = tmp_path / "cfg.yaml"
-    if doc is not None:
-        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
-    res = CliRunner().invoke(app, ["run", str(path)])
-    assert res.exit_code == 2, res.output
-    out = " ".join(res.output.split())
-    assert "error:" in out and fragment.lower() in out.lower(), out
-    assert "Traceback" not in res.output
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    _assert_refused(tmp_path, mutate(cfg, tmp_path, fam, suite), fragment)
+
+
+@pytest.mark.parametrize("device, cuda_devices, fragment", [
+    ("cuda", 0, "no CUDA"), ("cuda:3", 1, "has 1 CUDA device"), ("mps", 0, "not available"),
+])
+def test_a_device_this_machine_lacks_is_refused(good, tmp_path, monkeypatch, device, cuda_devices, fragment):
+    root, fam, suite = good
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = {**_base_cfg(tmp_path, fam, suite), "resources": {"device": device}}
+    _assert_refused(tmp_path, cfg, ("resources.device", repr(device), fragment))
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(good, tmp_path, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    root, fam, suite = good
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # the superuser writes anywhere: make the write check meet what a user would
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    cfg = {**_base_cfg(tmp_path, fam, suite), "output_dir": str(locked / "runs")}
+    try:
+        _assert_refused(tmp_path, cfg, ("output_dir", "cannot create", "Permission denied"))
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_subset_larger_than_some_splits_warns_and_scores_them_whole(good, tmp_path, caplog):
+    from evomerge.config import load_run_config
+    from evomerge.driver.run import preflight
+
+    root, fam, suite = good
+    new = _copy_suite(suite, tmp_path / "suite")
+    (new.parent / "digits.calibration.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"{i}+{i}={2 * i}"}) + "\n" for i in range(20)))
+    cfg = {**_base_cfg(tmp_path, fam, suite), "fitness": {"suite": str(new), "scorer": "hf"},
+           "fidelity": {"subset": 10}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with caplog.at_level("WARNING", logger="evomerge.driver.checks"):
+        prep = preflight(load_run_config(tmp_path / "cfg.yaml"))
+    assert prep.tasks == ["digits", "letters"]
+    warned = [r.getMessage() for r in caplog.records if "fidelity.subset" in r.getMessage()]
+    assert len(warned) == 1 and "'letters' has 6 calibration examples" in warned[0], warned
+    assert not (tmp_path / "out").exists()

@@ -225,10 +225,15 @@ def test_missing_shard_and_missing_tensor_refused(tmp_path: Path, sharded_dir: P
 # -- mergeability ------------------------------------------------------------------------------------------
 
 
-def _fake_folder(path: Path, config: dict[str, object], shapes: dict[str, tuple[int, ...]]) -> ModelFolder:
+def _fake_folder(
+    path: Path, config: dict[str, object], shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> ModelFolder:
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
-    save_file({n: torch.zeros(s) for n, s in shapes.items()}, str(path / "model.safetensors"))
+    dtypes = dtypes or {}
+    tensors = {n: torch.zeros(s, dtype=dtypes.get(n, torch.float32)) for n, s in shapes.items()}
+    save_file(tensors, str(path / "model.safetensors"))
     return ModelFolder.open(path)
 
 
@@ -276,6 +281,20 @@ def test_check_mergeable_names_other_shape_mismatch(tmp_path: Path) -> None:
         SourceMismatchError, match=r"up_proj.weight: shape \(8, 4\) in 'a' vs \(16, 4\) in 'b'"
     ):
         check_mergeable({"a": a, "b": b})
+
+
+def test_check_mergeable_refuses_integer_tensors_among_float_ones(tmp_path: Path) -> None:
+    up, norm = "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
+    base = _fake_folder(tmp_path / "base", LLAMA_CFG, LLAMA_SHAPES)
+    half = _fake_folder(tmp_path / "half", LLAMA_CFG, LLAMA_SHAPES, {up: torch.float16})
+    check_mergeable({"base": base, "half": half})  # float dtypes are cast when merged
+    quant = _fake_folder(tmp_path / "quant", LLAMA_CFG, LLAMA_SHAPES, {up: torch.int8, norm: torch.uint8})
+    for folders in ({"base": base, "quant": quant}, {"quant": quant, "base": base}):
+        with pytest.raises(SourceMismatchError) as info:
+            check_mergeable(folders)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / 'quant'}: tensor {up!r} of 'quant' is stored as torch.int8")
+        assert "'base' stores it as torch.float32 (and 1 more tensor" in message
 
 
 def test_check_mergeable_explains_tied_lm_head(tmp_path: Path) -> None:

@@ -14,8 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from evomerge.errors import ConfigError, ScoreError
 from evomerge.scoring import SCORERS, Suite, load_suite, make_scorer
 from evomerge.scoring.base import resolve_threads, torch_threads
-from evomerge.scoring.scorers.hf import loglikelihoods
-from evomerge.testing.tokenizer import build_tokenizer
+from evomerge.scoring.extract import cut_at_stop
+from evomerge.scoring.scorers.hf import generate, loglikelihoods
+from evomerge.scoring.scorers.stopping import StopOnText, split_stops
+from evomerge.testing.tokenizer import ALPHABET, build_tokenizer
 
 PROMPTS = [f"{i * 37 % 1000}+{i * 11 % 97}=" for i in range(14)]
 
@@ -166,6 +168,29 @@ def test_loglikelihoods_do_not_depend_on_batching(model, tok) -> None:
     np.testing.assert_allclose(s1, s8, rtol=1e-5)
     assert n1.tolist() == n8.tolist() == [len(c) for _, c in reqs]
     assert s1[2] == pytest.approx(cont_logprob(model, tok, PROMPTS[2], "222"), rel=1e-5)
+
+
+def test_stop_strings_work_on_the_decoded_text_whatever_the_tokenizer(model) -> None:
+    # no newline token, so transformers' token-level stop strings refuse the default stop "\n"
+    no_nl = build_tokenizer(ALPHABET.replace("\n", ""))
+    prompts = [list(no_nl(p)["input_ids"]) for p in PROMPTS[:6]]
+    kw = {"max_new_tokens": 8, "batch_size": 3, "max_length": 64}
+    free = generate(model, no_nl, prompts, stops=[], **kw)
+    assert generate(model, no_nl, prompts, stops=["\n"], **kw) == free
+    spelled = next(t for t in free if len(t) >= 4)
+    stops = ["\n", spelled[1:3]]  # the second spans two tokens: matched on token ids
+    assert split_stops(no_nl, stops) == ((spelled[1:3],), ("\n",))
+    assert generate(model, no_nl, prompts, stops=stops, **kw) == [cut_at_stop(t, stops) for t in free]
+    text_only = generate(model, no_nl, prompts, stops=stops, stop_split=((), tuple(stops)), **kw)
+    assert text_only == [cut_at_stop(t, stops) for t in free]
+    # each row stops as soon as its decoded completion holds a stop string, and stays stopped
+    crit = StopOnText(no_nl, ["tz"], start=2)
+    rows = [[5, 6, *no_nl.convert_tokens_to_ids(list(text))] for text in (">k>tz", ">k>tt", "tz>kk")]
+    scores = torch.zeros(3, len(no_nl))
+    assert crit(torch.tensor(rows), scores).tolist() == [True, False, True]
+    rows = [[*r, no_nl.convert_tokens_to_ids("t")] for r in rows]
+    assert crit(torch.tensor(rows), scores).tolist() == [True, False, True]
+    assert StopOnText(no_nl, ["tz"], start=4)(torch.tensor(rows[2:]), scores[2:]).tolist() == [False]
 
 
 def test_subset_scores_the_same_examples_each_time(model, tok, suite) -> None:

@@ -1,4 +1,8 @@
-"""``evomerge report RUN``: PNG plots and a markdown summary, all derived from the archive."""
+"""``evomerge report RUN``: PNG plots and a markdown summary, all derived from the archive.
+
+A run whose every evaluation failed has nothing to plot: :class:`~evomerge.errors.RunFailedError` names
+its first error instead.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from evomerge.results import RunResults
 
     res = RunResults(run_dir)
+    res.require_success()
     out_dir = Path(out) if out is not None else res.run_dir / "report"
     with atomic_folder(out_dir, overwrite=True, what="report") as tmp:
         _write(res, tmp)

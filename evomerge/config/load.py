@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from evomerge.config.models import RunConfig
 from evomerge.errors import ConfigError
+from evomerge.resources import read_text
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -36,7 +37,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):

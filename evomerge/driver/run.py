@@ -24,7 +24,7 @@ import yaml
 from evomerge.archive import Archive
 from evomerge.config import RunConfig, load_run_config
 from evomerge.config.load import format_validation_error
-from evomerge.driver import warm
+from evomerge.driver import checks, warm
 from evomerge.driver.baselines import Baseline, baseline_recipes
 from evomerge.driver.lock import RunLock
 from evomerge.driver.loop import Driver, Settings
@@ -76,11 +76,14 @@ def preflight(cfg: RunConfig) -> Prepared:
     from evomerge.spaces.base import SpaceModels, build_space
     from evomerge.spaces.template import load_template, parse_template
 
+    checks.check_device(cfg)
+    checks.check_output_dir(cfg)
     _ensure_zoo(cfg)
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
     check_mergeable(folders)
     suite = load_suite(cfg.fitness.suite).select(cfg.fitness.tasks)
     tasks = list(suite.names)
+    checks.check_subset(cfg, suite)
     SCORERS.get(cfg.fitness.scorer)
     template = load_template(cfg.space.template)
     if cfg.space.overrides:

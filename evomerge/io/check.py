@@ -3,7 +3,8 @@
 Only safetensors headers and configs are read, never tensor data. The first model is the reference; every
 other model must have the same architecture family, the same tensor names and the same shapes. A mismatch
 raises :class:`~evomerge.errors.SourceMismatchError` naming both models, the first offending tensor, both
-shapes and the likely fix.
+shapes and the likely fix. A tensor that is a float in one model and not in another (e.g. quantized to
+integers) is refused too, naming the folder of the odd one and the tensor.
 """
 
 from __future__ import annotations
@@ -107,6 +108,22 @@ def _check_shapes(a_name: str, a: ModelFolder, b_name: str, b: ModelFolder) -> N
         raise SourceMismatchError(
             message + _more(len(bad) - 1, "tensor with a different shape", "tensors with different shapes")
         )
+
+
+def _check_dtypes(a_name: str, a: ModelFolder, b_name: str, b: ModelFolder) -> None:
+    names = sorted(a.tensor_names, key=lambda n: model_order_key(n, a.model_type))
+    mixed = [n for n in names if a.dtype(n).is_floating_point != b.dtype(n).is_floating_point]
+    if mixed:
+        first = mixed[0]
+        more = _more(len(mixed) - 1, "tensor that is a float in one model only",
+                     "tensors that are floats in one model only")
+        pair = ((b_name, b), (a_name, a))
+        (odd_name, odd), (ok_name, ok) = pair if a.dtype(first).is_floating_point else pair[::-1]
+        raise SourceMismatchError(
+            f"{odd.path}: tensor {first!r} of {odd_name!r} is stored as {odd.dtype(first)} but {ok_name!r} "
+            f"stores it as {ok.dtype(first)}{more}: integer (e.g. quantized) and float tensors cannot be "
+            f"merged; use a float (unquantized) checkpoint of {odd_name!r}"
+        )
     differing = [n for n in a.tensor_names if a.dtype(n) != b.dtype(n)]
     if differing:
         logger.info(
@@ -125,7 +142,8 @@ def check_mergeable(folders: Mapping[str, ModelFolder]) -> None:
 
     The first model is the reference. Raises :class:`~evomerge.errors.SourceMismatchError` for a different
     architecture family, a missing or extra tensor (a tied vs untied ``lm_head`` is explained), or a tensor
-    whose shape differs (the message names the tensor, both models and both shapes, and suggests a fix).
+    whose shape differs (the message names the tensor, both models and both shapes, and suggests a fix), or
+    a tensor stored as a float in one model and as an integer (or other non-float) type in another.
     Fewer than two models pass trivially.
     """
     items = list(folders.items())
@@ -136,4 +154,5 @@ def check_mergeable(folders: Mapping[str, ModelFolder]) -> None:
         _check_family(ref_name, ref, name, other)
         _check_names(ref_name, ref, name, other)
         _check_shapes(ref_name, ref, name, other)
+        _check_dtypes(ref_name, ref, name, other)
     logger.debug("%d models are mergeable (%d tensors each)", len(items), len(ref))

@@ -7,8 +7,8 @@ Each JSONL line is one example with a unique ``id``:
 * ``perplexity``: ``{"id", "text"}``;
 * ``lmeval``: any record with an ``id`` (handed to lm-eval as the task's documents).
 
-Every problem (missing file, malformed line, empty split, overlapping splits, an answer extraction that
-fits no reference answer) is a :class:`~evomerge.errors.TaskDataError` naming the file and line.
+Files are UTF-8. Every problem (missing file, text that is not UTF-8, malformed line, empty split,
+overlapping splits, an answer extraction that fits no reference answer) is a :class:`~evomerge.errors.TaskDataError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import TaskDataError
+from evomerge.resources import read_text
 from evomerge.scoring.extract import extract_answer, parse_number
 
 if TYPE_CHECKING:
@@ -93,22 +94,21 @@ def read_examples(path: Path, kind: str, *, where: str) -> tuple[Example, ...]:
         raise TaskDataError(f"{where}: data file not found: {path}")
     examples: list[Example] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            at = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{at}: malformed JSON line: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise TaskDataError(f"{at}: a line must be a JSON object, got {type(obj).__name__}")
-            ex = _example(obj, kind, at)
-            if ex.id in first_line:
-                raise TaskDataError(f"{at}: duplicate id {ex.id!r} (first at line {first_line[ex.id]})")
-            first_line[ex.id] = lineno
-            examples.append(ex)
+    for lineno, line in enumerate(read_text(path, error=TaskDataError).split("\n"), start=1):
+        if not line.strip():
+            continue
+        at = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{at}: malformed JSON line: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise TaskDataError(f"{at}: a line must be a JSON object, got {type(obj).__name__}")
+        ex = _example(obj, kind, at)
+        if ex.id in first_line:
+            raise TaskDataError(f"{at}: duplicate id {ex.id!r} (first at line {first_line[ex.id]})")
+        first_line[ex.id] = lineno
+        examples.append(ex)
     if not examples:
         raise TaskDataError(f"{where}: {path} holds no examples (empty split)")
     return tuple(examples)

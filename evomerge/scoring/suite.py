@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.resources import resolve
+from evomerge.resources import read_text, resolve
 from evomerge.scoring.data import Example, check_answers, check_overlap, read_examples, reference_answer
 from evomerge.scoring.extract import AnswerMetric, ExtractMode
 
@@ -363,7 +363,7 @@ def load_suite(ref: str | Path, *, base_dir: Path | None = None) -> Suite:
     """Load ``builtin:NAME`` or a suite YAML path, validate it and read all its data."""
     path = resolve(ref, "fitness", base_dir=base_dir)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

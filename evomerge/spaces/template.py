@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import ConfigError
 from evomerge.recipe import MODULE_KINDS, ParamValue
 from evomerge.registry import Registry
-from evomerge.resources import resolve
+from evomerge.resources import read_text, resolve
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -228,7 +228,7 @@ def load_template(ref: str | Path, *, base_dir: Path | None = None) -> Any:
     """Load ``builtin:NAME`` or a YAML file path (relative to ``base_dir``) as a validated template."""
     path = resolve(ref, "search_spaces", base_dir=base_dir)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_template(data, source=str(path))

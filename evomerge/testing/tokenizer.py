@@ -13,10 +13,11 @@ SPECIAL = (PAD, BOS, EOS, UNK)
 ALPHABET = string.digits + string.ascii_lowercase + " +-*=:>,.?|\n"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Return the zoo's char-level tokenizer (ids: 4 specials, then ``ALPHABET`` in order)."""
+def build_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
+    """Return the zoo's char-level tokenizer (ids: 4 specials, then ``alphabet`` in order; characters
+    outside it become ``<unk>``)."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
-    for ch in ALPHABET:
+    for ch in alphabet:
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")

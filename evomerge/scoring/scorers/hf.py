@@ -2,7 +2,9 @@
 
 * ``generate``: batched greedy decoding with the KV cache and left padding (``model.generate`` with
   ``do_sample=False`` and a fresh generation config, so the model's own sampling defaults never apply),
-  stopped at the task's stop strings or EOS, and cut at the first stop string.
+  stopped at the task's stop strings or EOS, and cut at the first stop string. Stop strings are matched
+  on token ids by transformers where the vocabulary spells them and on the decoded text otherwise, so they
+  work whatever the tokenizer (e.g. a newline with a tokenizer that has no newline token).
 * ``choice`` and ``perplexity``: batched log-likelihoods (right padding, one forward pass per batch).
 * ``lmeval`` tasks are handed to the lmeval scorer on the same live model.
 
@@ -24,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from evomerge.errors import ConfigError, ScoreError
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
@@ -45,6 +48,7 @@ from evomerge.scoring.requests import (
     perplexity_requests,
     primary_metric,
 )
+from evomerge.scoring.scorers.stopping import StopOnText, StopSplit, split_stops
 from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
 from evomerge.types import TaskScores
 
@@ -114,8 +118,15 @@ def generate(
     batch_size: int,
     max_length: int,
     check_finite: bool = True,
+    stop_split: StopSplit | None = None,
 ) -> list[str]:
-    """Greedy completions of token-id ``prompts`` (left-truncated to fit), each cut at the first stop."""
+    """Greedy completions of token-id ``prompts`` (left-truncated to fit), each cut at the first stop.
+
+    Generation stops at a stop string (matched on token ids where the vocabulary spells it, on the decoded
+    text otherwise: ``stop_split``, default :func:`split_stops`) or EOS; the decoded completion is then cut
+    at the first stop string, so the result is the same either way.
+    """
+    token_stops, text_stops = stop_split if stop_split is not None else split_stops(tokenizer, stops)
     device, pad = _device(model), _pad_id(tokenizer, model)
     eos = (
         model.generation_config.eos_token_id
@@ -128,7 +139,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=eos,
-        stop_strings=list(stops) or None,
+        stop_strings=list(token_stops) or None,
         use_cache=True,
     )
     room = max_length - max_new_tokens
@@ -149,12 +160,14 @@ def generate(
             ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[j, width - len(r) :] = 1
         procs = LogitsProcessorList([_FiniteFirstStep()] if check_finite else [])
+        criteria = StoppingCriteriaList([StopOnText(tokenizer, text_stops, width)] if text_stops else [])
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             generation_config=config,
             tokenizer=tokenizer,
             logits_processor=procs,
+            stopping_criteria=criteria,
         )
         texts = tokenizer.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
@@ -233,6 +246,10 @@ class HfScorer:
         self.check_finite = check_finite
         self.lmeval_options = dict(lmeval_options or {})
         self._lmeval: Any = None
+        # per tokenizer and stop strings: which ones transformers matches on token ids (see split_stops)
+        self._stop_splits: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], StopSplit]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def score(
         self,
@@ -319,6 +336,9 @@ class HfScorer:
         max_len: int,
     ) -> dict[str, np.ndarray]:
         prompts = generation_prompts(tokenizer, task, spec, examples)
+        splits = self._stop_splits.setdefault(tokenizer, {})
+        if spec.stop not in splits:
+            splits[spec.stop] = split_stops(tokenizer, spec.stop)
         completions = generate(
             model,
             tokenizer,
@@ -328,5 +348,6 @@ class HfScorer:
             batch_size=self.batch_size,
             max_length=max_len,
             check_finite=self.check_finite,
+            stop_split=splits[spec.stop],
         )
         return generation_scores(completions, examples, spec)
