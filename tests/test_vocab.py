@@ -257,3 +257,51 @@ def test_different_base_models_are_still_refused(family, tmp_path: Path) -> None
         check_mergeable(folders, vocab=True)
     with pytest.raises(SourceMismatchError, match="tokenizer_source"):  # rows only: the message says how
         check_mergeable({"base": ModelFolder.open(family["base"]), "a": ModelFolder.open(family["a"])})
+
+
+def test_search_worker_scores_with_an_added_token_expert(family, tmp_path: Path) -> None:
+    from evomerge.driver.pool import Job
+    from evomerge.driver.worker import Worker, WorkerSpec
+
+    rows = [{"id": f"q{i}", "prompt": p, "answer": "the"} for i, p in enumerate(["the quick", "a base"])]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = {"name": "chat", "tasks": [{"name": "gen", "kind": "generate", "chat_template": True,
+                                        "data": {"calibration": str(tmp_path / "q.jsonl")}, "max_new_tokens": 2}]}
+    (tmp_path / "suite.yaml").write_text(json.dumps(suite))
+    paths = {k: str(v) for k, v in family.items() if k != "e"}
+    spec = WorkerSpec(sources=paths, reference="base", order=("a", "b"), suite=str(tmp_path / "suite.yaml"),
+                      device="cpu", dtype="float32", threads=1, tokenizer_source="union")
+    worker = Worker(spec)
+    assert worker.tokenizer.chat_template == BASE_TEMPLATE and len(worker.tokenizer) == worker.sources.vocab.size
+    recipe = _ta(family, ["a", "b"], [0.5, 0.5], tokenizer_source="union")
+    result = worker.evaluate(Job(key=0, candidate_id=0, recipe=recipe))
+    assert result.status == "ok", result.error
+    assert result.tasks["gen"].scores.shape == (2,)
+    live, disk = worker.model.state_dict(), materialize_state_dict(recipe)
+    assert all(torch.equal(live[n], t) for n, t in disk.items())
+
+
+def test_search_run_with_an_added_token_expert_exports_the_union(family, tmp_path: Path) -> None:
+    import yaml
+    from transformers import AutoTokenizer
+
+    from evomerge.driver.run import start_run
+    from evomerge.export import export_run
+    from evomerge.testing.family import write_perplexity_suite, write_run_config
+
+    fam = {k: v for k, v in family.items() if k != "e"}
+    suite = write_perplexity_suite(tmp_path / "suite")
+    cfg = write_run_config(tmp_path / "cfg.yaml", fam, suite, name="v", evals=4,
+                           template="builtin:task-arithmetic-global",
+                           extra={"tokenizer_source": "union", "fidelity": {"rescore_test": False}})
+    run_dir = start_run(cfg)
+    from evomerge.results import RunResults
+
+    calib = RunResults(run_dir).calib  # the baselines (each source alone) read every source too
+    assert len(calib) >= 4 + 3 and all(x.ok for x in calib), [x.result.error for x in calib if not x.ok]
+    out = export_run(run_dir, out=tmp_path / "export")[0]
+    recipe = Recipe.from_yaml((out / "recipe.yaml").read_text())
+    assert recipe.tokenizer_source == "union" and {"a", "b"} <= set(recipe.model_names)
+    assert yaml.safe_load((out / "mergekit.yaml").read_text())["tokenizer_source"] == "union"
+    tok = AutoTokenizer.from_pretrained(out)
+    assert {"<tool>", "<think>", "<x>"} <= set(tok.get_vocab()) and tok.chat_template == BASE_TEMPLATE
