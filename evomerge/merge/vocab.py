@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, SourceMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,12 @@ def plan_vocab(
                  "(tokenizer_source: base)", sorted({r for r in rows.values() if r is not None}))
     if donor is None:
         folders_list = ", ".join(str(folders[m].path) for m in models)
+        if len(set(rows.values())) > 1:
+            tensor = (vocab_tensors(folders[base]) or ["the embeddings"])[0]
+            counts = ", ".join(f"{rows[m]} in {m!r}" for m in models)
+            raise SourceMismatchError(
+                f"{tensor}: the vocabularies differ ({counts} rows) and no source folder has tokenizer files to "
+                f"match them by token ({folders_list}); add the tokenizer files, or merge models of one vocabulary")
         raise ConfigError(f"tokenizer_source {eff}: no tokenizer files in any source folder ({folders_list}); "
                           "the vocabularies cannot be matched by token")
     toks: dict[str, Any] = {}
