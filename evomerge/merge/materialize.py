@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -235,10 +234,6 @@ def materialize_state_dict(
     return dict(iter_merged(recipe, folders, device=device))
 
 
-def materialize_tokenizer(recipe: Recipe, paths: Mapping[str, str | Path] | None = None) -> Any:
-    """The merged model's tokenizer as a transformers object (None when no source has tokenizer files)."""
-    return recipe_plan(recipe, _open_sources(recipe, paths)).load_tokenizer()
-
 
 # --------------------------------------------------------------------------- in place
 class InPlaceMerger:
@@ -286,6 +281,5 @@ __all__ = [
     "iter_merged",
     "materialize_state_dict",
     "materialize_to_disk",
-    "materialize_tokenizer",
     "merge_tensor",
 ]
