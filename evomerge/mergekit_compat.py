@@ -3,7 +3,9 @@
 What mergekit cannot express (residual scaling in a routed model, hybrid routing over a merge,
 kind overrides that no substring filter reproduces on the actual tensor names) is refused with the
 reason, never silently dropped. What evomerge cannot express from a mergekit file (``tokenizer:``
-blocks, ``modules:``, slices mixing layer ranges under a merge method, unknown filters) is refused too.
+blocks with per-token ``tokens:`` settings, ``modules:``, slices mixing layer ranges under a merge method,
+unknown filters) is refused too. ``tokenizer_source`` and ``tokenizer: {source, pad_to_multiple_of}`` map to
+the recipe's ``tokenizer_source`` and ``pad_to_multiple_of``.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ KIND_FILTERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 _FAMILY = {"gpt2": "gpt2"}
-_MK_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source"}
+_MK_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source", "tokenizer"}
 _REFUSED_KEYS = {
-    "tokenizer": "a 'tokenizer:' block (vocabulary merging) is not supported; use tokenizer_source",
     "modules": "per-module ('modules:') merges are not supported",
     "chat_template": "chat_template is not part of a recipe; set it on the exported tokenizer",
     "out_dtype": "out_dtype is not supported; use dtype",
@@ -134,7 +135,10 @@ def to_mergekit_yaml(
         doc["parameters"] = params(recipe.parameters)
     if recipe.dtype:
         doc["dtype"] = recipe.dtype
-    if recipe.tokenizer_source:
+    if recipe.pad_to_multiple_of:
+        doc["tokenizer"] = {"source": path.get(recipe.tokenizer_source or "base", recipe.tokenizer_source or "base"),
+                            "pad_to_multiple_of": recipe.pad_to_multiple_of}
+    elif recipe.tokenizer_source:
         doc["tokenizer_source"] = path.get(recipe.tokenizer_source, recipe.tokenizer_source)
     head = f"# evomerge recipe {recipe.hash}\n"
     if method.randomized:
@@ -245,7 +249,7 @@ def from_mergekit_yaml(
     else:
         raise ConfigError("neither models nor slices given")
     base = ref(doc["base_model"], "base_model") if doc.get("base_model") else None
-    tok = doc.get("tokenizer_source")
+    tok, pad = _import_tokenizer(doc, ref)
     names = [m.model for m in models] + ([base] if base else [])
     sources = {}
     for n in names:
@@ -257,10 +261,32 @@ def from_mergekit_yaml(
         return Recipe(
             method=method, models=tuple(models), base_model=base,
             parameters=params(doc.get("parameters"), "parameters"), dtype=doc.get("dtype"),
-            tokenizer_source=tok, routing=routing, sources=sources,
+            tokenizer_source=tok, pad_to_multiple_of=pad, routing=routing, sources=sources,
         )
     except ValueError as exc:
         raise ConfigError(f"mergekit config: {exc}") from exc
+
+
+def _import_tokenizer(doc: dict[str, Any], ref: Any) -> tuple[str | None, int | None]:
+    """``tokenizer_source`` or the ``tokenizer:`` block as (source, pad_to_multiple_of)."""
+    block = doc.get("tokenizer")
+    if block is None:
+        src = doc.get("tokenizer_source")
+        return (None if src is None else (src if src in ("base", "union") else ref(src, "tokenizer_source"))), None
+    if "tokenizer_source" in doc:
+        raise ConfigError("tokenizer, tokenizer_source: give one of them, not both")
+    if not isinstance(block, dict):
+        raise ConfigError("tokenizer: expected a mapping with source and pad_to_multiple_of")
+    if block.get("tokens"):
+        raise ConfigError("tokenizer.tokens: per-token embedding settings are not supported")
+    extra = sorted(set(block) - {"source", "pad_to_multiple_of", "tokens"})
+    if extra:
+        raise ConfigError(f"tokenizer: unknown keys {extra} (supported: source, pad_to_multiple_of)")
+    src = block.get("source", "union")  # mergekit's default for a tokenizer block
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise ConfigError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    return (src if src in ("base", "union") else ref(src, "tokenizer.source")), pad
 
 
 def _import_slices(slices: Any, method: str, ref: Any, params: Any, num_layers: Any):

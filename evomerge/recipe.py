@@ -97,7 +97,11 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     seed: int = 0
+    #: Output vocabulary: ``base``, ``union`` or a model name (see :mod:`evomerge.merge.vocab`); unset: as stored.
     tokenizer_source: str | None = None
+    #: Round the merged vocabulary's embedding rows up to a multiple of this (mergekit's
+    #: ``tokenizer.pad_to_multiple_of``).
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
     routing: Routing | None = None
     #: Model name -> folder. Binding only: not part of the hash.
     sources: dict[str, str] = Field(default_factory=dict)
@@ -130,7 +134,10 @@ class Recipe(BaseModel):
     # ----------------------------------------------------------------- identity
     def canonical(self) -> dict[str, Any]:
         """The JSON-able content that defines the tensors (no paths), with sorted keys."""
-        return self.model_dump(mode="json", exclude={"sources"})
+        data = self.model_dump(mode="json", exclude={"sources"})
+        if data.get("pad_to_multiple_of") is None:  # absent from recipes written before it existed
+            data.pop("pad_to_multiple_of", None)
+        return data
 
     @property
     def hash(self) -> str:

@@ -152,7 +152,7 @@ def c_shape_mismatch(cfg, tmp, fam, suite):
     from transformers import AutoConfig, LlamaForCausalLM
 
     c = AutoConfig.from_pretrained(fam["m1"])
-    c.vocab_size = c.vocab_size + 8
+    c.hidden_size = c.hidden_size * 2  # another base model (vocabularies differing only in rows are merged)
     LlamaForCausalLM(c).save_pretrained(tmp / "wide")
     return {**cfg, "sources": {**cfg["sources"], "m1": str(tmp / "wide")}}
 

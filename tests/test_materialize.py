@@ -152,8 +152,8 @@ def test_nan_source_is_reported_with_tensor_name(family, tmp_path):
 
 
 def test_mismatched_and_pickle_sources_are_refused(family, tmp_path):
-    other = tmp_path / "other"
-    LlamaForCausalLM(_config(vocab_size=60)).save_pretrained(other)
+    other = tmp_path / "other"  # a different base model (vocabularies that differ only in rows are merged)
+    LlamaForCausalLM(_config(vocab_size=60, hidden_size=48)).save_pretrained(other)
     r = _recipe(family)
     with pytest.raises(SourceMismatchError, match="embed_tokens"):
         materialize_state_dict(r.model_copy(update={"sources": {**r.sources, "b": str(other)}}))
@@ -202,8 +202,8 @@ def test_mergekit_refuses_what_it_cannot_express():
                                    routing={"steps": [{"model": "x", "layer": 0, "scale": 0.5}], "frame": "x"}))
     with pytest.raises(ConfigError, match="scales the residual"):
         to_mergekit_yaml(r)
-    with pytest.raises(ConfigError, match="tokenizer"):
-        from_mergekit_yaml("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union}\n")
+    with pytest.raises(ConfigError, match="tokenizer.tokens"):
+        from_mergekit_yaml("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: {}}}\n")
     with pytest.raises(ConfigError, match="filter 'q_proj'"):
         from_mergekit_yaml("merge_method: linear\nmodels:\n- model: a\n  parameters:\n"
                            "    weight: [{filter: q_proj, value: 1}, {value: 0.5}]\n")

@@ -118,6 +118,15 @@ class RunConfig(BaseModel):
     output_dir: str = Field(default="runs", description="the run folder is OUTPUT_DIR/NAME")
     sources: dict[str, str] = Field(min_length=2, description="model name -> Hugging Face folder")
     base_model: str | None = None
+    tokenizer_source: str | None = Field(
+        default=None,
+        description="vocabulary of every merged candidate: base, union or a source name (mergekit's semantics: "
+                    "embedding rows are matched by token); unset: as stored, or base when the sources' embedding "
+                    "row counts differ. The tokenizer candidates are scored with is the one it names",
+    )
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, description="round the merged embedding rows up to a multiple of this (as mergekit's "
+                                        "tokenizer.pad_to_multiple_of)")
     zoo: ZooConfig | None = None
     space: SpaceConfig
     fitness: FitnessConfig
@@ -131,6 +140,9 @@ class RunConfig(BaseModel):
     def _check(self) -> RunConfig:
         if self.base_model is not None and self.base_model not in self.sources:
             raise ValueError(f"base_model {self.base_model!r} is not one of sources ({', '.join(self.sources)})")
+        if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in self.sources:
+            raise ValueError(f"tokenizer_source {self.tokenizer_source!r}: use base, union or one of sources "
+                             f"({', '.join(self.sources)})")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code: models with custom code are not supported")
         return self

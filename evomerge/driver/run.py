@@ -33,6 +33,8 @@ from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
+from evomerge.merge.vocab import depends_on_models, effective_source, vocab_rows
+from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def preflight(cfg: RunConfig) -> Prepared:
     checks.check_output_dir(cfg)
     _ensure_zoo(cfg)
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
-    check_mergeable(folders)
+    check_mergeable(folders, vocab=True)
+    tokenizer_source = effective_source(cfg.tokenizer_source, [vocab_rows(f) for f in folders.values()])
     suite = load_suite(cfg.fitness.suite).select(cfg.fitness.tasks)
     tasks = list(suite.names)
     checks.check_subset(cfg, suite)
@@ -89,7 +92,8 @@ def preflight(cfg: RunConfig) -> Prepared:
     if cfg.space.overrides:
         data = template.model_dump(mode="json") | dict(cfg.space.overrides)
         template = parse_template(data, source=f"{cfg.space.template} + space.overrides")
-    models = SpaceModels.from_folders(folders, base=cfg.base_model)
+    models = SpaceModels.from_folders(folders, base=cfg.base_model, tokenizer_source=tokenizer_source,
+                                      pad_to_multiple_of=cfg.pad_to_multiple_of)
     space = build_space(template, models)
     x0_recipe = space.decode(space.x0)
     validate_recipe_params(x0_recipe)
@@ -111,6 +115,7 @@ def preflight(cfg: RunConfig) -> Prepared:
         warm_start = warm.prepare(cfg, template, models, space, x0_recipe, problem, factory, options)
     reference = x0_recipe.base_model or x0_recipe.models[0].model
     order = tuple(n for n in cfg.sources if n != reference)
+    vocab = check_vocab(cfg, folders, reference, tokenizer_source, x0_recipe)
     spec = WorkerSpec(
         sources=dict(cfg.sources), reference=reference, order=order, suite=str(cfg.fitness.suite),
         tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size,
@@ -118,13 +123,34 @@ def preflight(cfg: RunConfig) -> Prepared:
         device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
         seed=cfg.seed,
         sorted_magnitudes=use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order)),
+        tokenizer_source=tokenizer_source, pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
-    baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed)
+    baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed, vocab=models.vocab_fields,
+                                 every_source=vocab.aligns and depends_on_models(tokenizer_source, reference))
     if warm_start is not None:
         baselines += warm_start.baselines
     for f in folders.values():
         f.close()
     return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start)
+
+
+def check_vocab(cfg: RunConfig, folders: dict[str, Any], reference: str, source: str | None, x0: Recipe) -> Any:
+    """Plan the candidates' vocabulary (:mod:`evomerge.merge.vocab`); refuse a run that cannot score or merge it."""
+    from evomerge.merge.vocab import plan_vocab
+
+    ordered = {reference: folders[reference], **folders}
+    vocab = plan_vocab(ordered, reference, source, cfg.pad_to_multiple_of)
+    if vocab.tokenizer is None and vocab.tokenizer_dir is None:
+        raise ConfigError("sources: no source folder has tokenizer files (" + ", ".join(cfg.sources.values())
+                          + "); a search needs a tokenizer to score candidates")
+    log.info("candidates are scored with %s", vocab.describe())
+    if vocab.aligns and x0.routing is not None:
+        raise ConfigError(f"space.template: layer routing over sources whose vocabularies differ "
+                          f"(tokenizer_source {vocab.source}) is not supported; use a params template")
+    if vocab.aligns and depends_on_models(source, reference) and set(x0.model_names) != set(cfg.sources):
+        raise ConfigError(f"tokenizer_source {source}: the vocabulary depends on the models merged, so every "
+                          f"candidate must read every source; the space merges only {x0.model_names}")
+    return vocab
 
 
 def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: int) -> bool:

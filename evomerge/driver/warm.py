@@ -56,7 +56,8 @@ def prepare(cfg: RunConfig, template: Any, models: Any, space: Any, x0_recipe: R
         weights[name] = w
         baselines.append(Baseline(name, Recipe(
             method="task_arithmetic", base_model=cfg.base_model,
-            models=tuple({"model": m, "parameters": {"weight": w}} for m in merged)), "handset"))
+            models=tuple({"model": m, "parameters": {"weight": w}} for m in merged), **models.vocab_fields),
+            "handset"))
     data = template.model_dump(mode="json")
 
     def make_optimizer(weight: float) -> Any:

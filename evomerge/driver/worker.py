@@ -39,6 +39,9 @@ class WorkerSpec:
     sorted_magnitudes: bool = False
     #: Folder for compiled merge kernels (``TORCHINDUCTOR_CACHE_DIR`` unless already set).
     kernel_cache: str | None = None
+    #: Output vocabulary of every recipe (see :mod:`evomerge.merge.vocab`).
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,7 +60,7 @@ class Worker:
     """Resident sources + one live model + a scorer (see the module docstring)."""
 
     def __init__(self, spec: WorkerSpec, name: str = "local") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from evomerge.merge.materialize import InPlaceMerger
         from evomerge.merge.sources import ResidentSources
@@ -71,12 +74,16 @@ class Worker:
         dtype = resolve_dtype(spec.dtype, self.device)
         self.sources = ResidentSources.load(
             spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype,
-            sorted_magnitudes=spec.sorted_magnitudes,
+            sorted_magnitudes=spec.sorted_magnitudes, tokenizer_source=spec.tokenizer_source,
+            pad_to_multiple_of=spec.pad_to_multiple_of,
         )
+        vocab = self.sources.vocab
         ref_dir = spec.sources[spec.reference]
         self.model = AutoModelForCausalLM.from_pretrained(
             ref_dir, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
         ).to(self.device)
+        if vocab is not None and vocab.aligns:  # the merged rows overwrite these
+            self.model.resize_token_embeddings(vocab.size, mean_resizing=False)
         self.model.eval()
         from evomerge.scoring.base import resolve_threads
 
@@ -84,11 +91,18 @@ class Worker:
         threads = spec.threads or resolve_threads("auto", self.model)
         if threads:
             torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(ref_dir, local_files_only=True, trust_remote_code=False)
+        self.tokenizer = vocab.load_tokenizer() if vocab is not None else None
+        if self.tokenizer is None:
+            raise EvomergeError(f"no source folder has tokenizer files ({', '.join(spec.sources.values())}); "
+                                "scoring needs one")
+        log.info("worker %s scores with %s", name, vocab.describe())
         self.merger = InPlaceMerger(self.sources, self.model)
         self.suite = load_suite(spec.suite).select(spec.tasks)
         self.scorer = make_scorer(spec.scorer, **spec.scorer_options)
         self.wants_state_dict = "state_dict" in SCORERS.capabilities(spec.scorer)
+        if self.wants_state_dict and vocab.aligns:
+            raise EvomergeError(f"scorer {spec.scorer!r} loads the reference folder's shapes; it cannot score models "
+                                "whose vocabulary was re-laid out (tokenizer_source); use the hf scorer")
         if self.wants_state_dict and hasattr(self.scorer, "bind"):
             self.scorer.bind(ref_dir)
         self._routed: Any = None

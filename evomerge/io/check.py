@@ -89,8 +89,8 @@ def _shape_message(
     if kind in ("embed", "lm_head") and same_rest:
         return (
             f"{name}: {a_shape[0]} rows in {a_name!r} vs {b_shape[0]} in {b_name!r}: the vocabularies "
-            f"differ (e.g. tokens were added to one); use models with the same tokenizer, or resize the "
-            f"embeddings of one (model.resize_token_embeddings({a_shape[0]})) so both have the same vocabulary"
+            f"differ (e.g. tokens were added to one); set tokenizer_source (base, union or a model) to merge "
+            f"them by token, or resize the embeddings of one (model.resize_token_embeddings({a_shape[0]}))"
         )
     return (
         f"{name}: shape {tuple(a_shape)} in {a_name!r} vs {tuple(b_shape)} in {b_name!r}: these are "
@@ -98,9 +98,21 @@ def _shape_message(
     )
 
 
-def _check_shapes(a_name: str, a: ModelFolder, b_name: str, b: ModelFolder) -> None:
+def _vocab_only(name: str, a: ModelFolder, b: ModelFolder) -> bool:
+    """Whether tensor ``name`` differs between ``a`` and ``b`` only in its vocabulary rows."""
+    from evomerge.merge.vocab import vocab_rows
+
+    sa, sb = a.shape(name), b.shape(name)
+    return (
+        tensor_role(name, a.model_type).kind in ("embed", "lm_head")
+        and len(sa) == len(sb) >= 1 and sa[1:] == sb[1:]
+        and sa[0] == vocab_rows(a) and sb[0] == vocab_rows(b)
+    )
+
+
+def _check_shapes(a_name: str, a: ModelFolder, b_name: str, b: ModelFolder, vocab: bool = False) -> None:
     names = sorted(a.tensor_names, key=lambda n: model_order_key(n, a.model_type))
-    bad = [n for n in names if a.shape(n) != b.shape(n)]
+    bad = [n for n in names if a.shape(n) != b.shape(n) and not (vocab and _vocab_only(n, a, b))]
     if bad:
         first = bad[0]
         kind = tensor_role(first, a.model_type).kind
@@ -137,14 +149,16 @@ def _check_dtypes(a_name: str, a: ModelFolder, b_name: str, b: ModelFolder) -> N
         )
 
 
-def check_mergeable(folders: Mapping[str, ModelFolder]) -> None:
+def check_mergeable(folders: Mapping[str, ModelFolder], *, vocab: bool = False) -> None:
     """Check that the named source models can be merged tensor by tensor, reading headers only.
 
     The first model is the reference. Raises :class:`~evomerge.errors.SourceMismatchError` for a different
     architecture family, a missing or extra tensor (a tied vs untied ``lm_head`` is explained), or a tensor
     whose shape differs (the message names the tensor, both models and both shapes, and suggests a fix), or
     a tensor stored as a float in one model and as an integer (or other non-float) type in another.
-    Fewer than two models pass trivially.
+    Fewer than two models pass trivially. With ``vocab=True``, vocabulary tensors (``embed_tokens``,
+    ``lm_head``) may differ in their row count only: the caller lays them out by token
+    (:mod:`evomerge.merge.vocab`).
     """
     items = list(folders.items())
     if len(items) < 2:
@@ -153,6 +167,6 @@ def check_mergeable(folders: Mapping[str, ModelFolder]) -> None:
     for name, other in items[1:]:
         _check_family(ref_name, ref, name, other)
         _check_names(ref_name, ref, name, other)
-        _check_shapes(ref_name, ref, name, other)
+        _check_shapes(ref_name, ref, name, other, vocab)
         _check_dtypes(ref_name, ref, name, other)
     logger.debug("%d models are mergeable (%d tensors each)", len(items), len(ref))

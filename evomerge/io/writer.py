@@ -125,9 +125,15 @@ class ModelWriter:
         return {name: finals[i] for name, i in self._weight_map.items()}
 
     def _copy_extras(
-        self, tokenizer_from: Path | None, generation_config_from: Path | None, model_card: str | None
+        self, tokenizer_from: Path | None, generation_config_from: Path | None, model_card: str | None,
+        tokenizer: Any = None,
     ) -> None:
-        if tokenizer_from is not None:
+        if tokenizer is not None:
+            before = set(self._tmp.iterdir())
+            tokenizer.save_pretrained(str(self._tmp))
+            for path in set(self._tmp.iterdir()) - before:
+                os.chmod(path, FILE_MODE)
+        elif tokenizer_from is not None:
             files = find_tokenizer_files(Path(tokenizer_from))
             if not files:
                 raise SourceError(f"{tokenizer_from}: no tokenizer files to copy (e.g. tokenizer.json)")
@@ -152,9 +158,11 @@ class ModelWriter:
         tokenizer_from: Path | None = None,
         generation_config_from: Path | None = None,
         model_card: str | None = None,
+        tokenizer: Any = None,
     ) -> Path:
         """Write the last shard, the index (only for several shards), ``config.json``, the tokenizer files
-        of folder ``tokenizer_from``, ``generation_config.json`` of folder ``generation_config_from`` when
+        of folder ``tokenizer_from`` (or ``tokenizer.save_pretrained``'s, when a tokenizer object is given),
+        ``generation_config.json`` of folder ``generation_config_from`` when
         it has one, and ``README.md`` holding ``model_card``; then move the folder into place.
 
         Returns the output folder. On any failure the temporary folder is removed and nothing is placed.
@@ -169,7 +177,7 @@ class ModelWriter:
                 index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
                 _write_text(self._tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
             _write_text(self._tmp / "config.json", json.dumps(config, indent=2) + "\n")
-            self._copy_extras(tokenizer_from, generation_config_from, model_card)
+            self._copy_extras(tokenizer_from, generation_config_from, model_card, tokenizer)
             os.chmod(self._tmp, DIR_MODE)
             self._move_into_place()
         except BaseException:

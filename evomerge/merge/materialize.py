@@ -111,26 +111,41 @@ def _open_sources(recipe: Recipe, paths: Mapping[str, str | Path] | None):  # ->
     if missing:
         raise ConfigError(f"sources: no folder given for model(s) {missing}; add them under 'sources:'")
     folders = {m: ModelFolder.open(Path(paths[m]).expanduser()) for m in recipe.model_names}
-    check_mergeable(folders)
+    check_mergeable(folders, vocab=True)
     return folders
 
 
 def iter_merged(
-    recipe: Recipe, folders: Mapping[str, object], *, device: str | torch.device = "cpu"
+    recipe: Recipe, folders: Mapping[str, object], *, device: str | torch.device = "cpu",
+    vocab: VocabPlan | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor)`` for every tensor of the reference model, streaming from disk."""
+    """Yield ``(name, merged tensor)`` for every tensor of the reference model, streaming from disk.
+
+    Vocabulary tensors are laid out in the output vocabulary of ``vocab`` (default: the recipe's plan).
+    """
     from evomerge.io import tensor_role
 
     ref_name = reference_model(recipe)
     ref = folders[ref_name]
     plan = MergePlan.build(recipe, ref.num_layers)
+    vocab = vocab if vocab is not None else recipe_plan(recipe, folders)
+    by_token = set(vocab_tensors(ref)) if vocab.aligns else set()
     others = [folders[m] for m in plan.order]
     for name in ref.tensor_names:
         dtype = torch_dtype(recipe.dtype, ref.dtype(name))
         base = ref.get(name, device=device, dtype=dtype)
         check_finite(name, ref_name, base)
         role = tensor_role(name, ref.model_type)
-        if base.is_floating_point() and others:
+        if name in by_token:
+            raw = {ref_name: base}
+            for m in vocab.models[1:]:
+                raw[m] = folders[m].get(name, device=device, dtype=dtype)
+                check_finite(name, m, raw[m])
+            laid = vocab.align(raw)
+            base = laid[ref_name]
+            deltas = torch.stack([laid[m] - base for m in plan.order]) if others else base.new_empty((0, *base.shape))
+            del raw, laid
+        elif base.is_floating_point() and others:
             deltas = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
             for i, (mname, f) in enumerate(zip(plan.order, others, strict=True)):
                 t = f.get(name, device=device, dtype=dtype)
@@ -171,12 +186,8 @@ def materialize_to_disk(
 
     folders = _open_sources(recipe, paths)
     ref = folders[reference_model(recipe)]
-    tok_src = recipe.tokenizer_source or reference_model(recipe)
-    if tok_src in ("base", "union"):
-        if tok_src == "union":
-            raise ConfigError("tokenizer_source: 'union' is not supported; name one of the models")
-        tok_src = reference_model(recipe)
-    config = dict(ref.config)
+    vocab = recipe_plan(recipe, folders)
+    config = set_vocab_size(ref.config, vocab.size) if vocab.aligns else dict(ref.config)
     if recipe.dtype:
         config["torch_dtype"] = recipe.dtype
         config["dtype"] = recipe.dtype
@@ -184,9 +195,12 @@ def materialize_to_disk(
     if recipe.routing is not None:
         from evomerge.merge.routing import export_routed
 
+        if vocab.aligns:
+            raise ConfigError("routing: layer routing over models whose vocabularies differ is not supported; "
+                              "merge them with a parameter-space method")
         tensors, config = export_routed(recipe, folders, config, iter_merged_fn=iter_merged, device=device)
     else:
-        tensors = iter_merged(recipe, folders, device=device)
+        tensors = iter_merged(recipe, folders, device=device, vocab=vocab)
     total = len(ref.tensor_names)
     t0 = time.perf_counter()
     if fused is None:  # compiling costs seconds: a one-off merge of a small model is faster without
@@ -196,9 +210,15 @@ def materialize_to_disk(
             writer.add(name, tensor.to("cpu"))
             if progress:
                 progress(i + 1, total)
+    if vocab.tokenizer is None and vocab.tokenizer_dir is None:
+        log.warning("no source folder has tokenizer files (%s): the merged model is written without a tokenizer",
+                    ", ".join(str(f.path) for f in folders.values()))
+    elif vocab.tokenizer_model != reference_model(recipe) or vocab.source == "union":
+        log.info("tokenizer of the merged model: %s", vocab.describe())
     out = writer.finish(
         config,
-        tokenizer_from=folders[tok_src].path,
+        tokenizer_from=vocab.tokenizer_dir,
+        tokenizer=vocab.tokenizer,
         generation_config_from=ref.path,
         model_card=model_card(recipe, card_extra),
     )
@@ -212,6 +232,7 @@ def materialize_state_dict(
     """The merged model as an in-memory state dict (small models, tests)."""
     folders = _open_sources(recipe, paths)
     return dict(iter_merged(recipe, folders, device=device))
+
 
 
 # --------------------------------------------------------------------------- in place
@@ -251,6 +272,7 @@ class InPlaceMerger:
 
 
 from evomerge.merge.sources import ResidentSources, check_finite  # noqa: E402
+from evomerge.merge.vocab import VocabPlan, recipe_plan, set_vocab_size, vocab_tensors  # noqa: E402
 
 __all__ = [
     "InPlaceMerger",

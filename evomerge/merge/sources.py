@@ -13,6 +13,8 @@ import torch
 from evomerge.errors import MaterializeError
 from evomerge.merge.methods.sparsify import magnitude_order
 from evomerge.merge.params import Role
+from evomerge.merge.vocab import VocabPlan, depends_on_models, effective_source, vocab_rows
+from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
     from evomerge.merge.materialize import MergePlan
@@ -46,6 +48,7 @@ class ResidentSources:
         num_layers: int,
         device: torch.device,
         ordered: dict[str, torch.Tensor] | None = None,
+        vocab: VocabPlan | None = None,
     ) -> None:
         self.reference = reference
         self.order = tuple(order)
@@ -56,6 +59,8 @@ class ResidentSources:
         self.device = device
         self.names = list(base)
         self.ordered = ordered
+        #: The output vocabulary the vocabulary tensors are laid out in (see :mod:`evomerge.merge.vocab`).
+        self.vocab = vocab
 
     @classmethod
     def load(
@@ -67,20 +72,27 @@ class ResidentSources:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         sorted_magnitudes: bool = False,
+        tokenizer_source: str | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> ResidentSources:
         """Read every source once (lazily, tensor by tensor) and keep reference + task vectors resident.
 
         ``sorted_magnitudes`` also keeps each task vector's sorted magnitudes (see the class docstring):
         faster magnitude-sparsified merges (TIES) for one int32 per task-vector entry in memory.
+        ``tokenizer_source`` / ``pad_to_multiple_of``: the output vocabulary of every recipe served, over all
+        the sources (:func:`~evomerge.merge.vocab.plan_vocab`); vocabulary tensors are kept laid out in it.
         """
         from evomerge.io import ModelFolder, check_mergeable, tensor_role
+        from evomerge.merge.vocab import plan_vocab, vocab_tensors
 
         t0 = time.perf_counter()
         device = torch.device(device)
         order = [m for m in (order if order is not None else paths) if m != reference]
         folders = {m: ModelFolder.open(Path(paths[m]).expanduser()) for m in [reference, *order]}
-        check_mergeable(folders)
+        check_mergeable(folders, vocab=True)
         ref = folders[reference]
+        vocab = plan_vocab(folders, reference, tokenizer_source, pad_to_multiple_of)
+        by_token = set(vocab_tensors(ref)) if vocab.aligns else set()
         base: dict[str, torch.Tensor] = {}
         deltas: dict[str, torch.Tensor] = {}
         roles: dict[str, Role] = {}
@@ -91,17 +103,30 @@ class ResidentSources:
             if not b.is_floating_point():
                 continue
             check_finite(name, reference, b)
-            d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
-            for i, m in enumerate(order):
-                t = folders[m].get(name, device=device, dtype=dt)
-                check_finite(name, m, t)
-                torch.sub(t, b, out=d[i])
+            if name in by_token:
+                raw = {reference: b}
+                for m in order:
+                    raw[m] = folders[m].get(name, device=device, dtype=dt)
+                    check_finite(name, m, raw[m])
+                laid = vocab.align(raw)
+                b = laid[reference]
+                d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
+                for i, m in enumerate(order):
+                    torch.sub(laid[m], b, out=d[i])
+                del raw, laid
+            else:
+                d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
+                for i, m in enumerate(order):
+                    t = folders[m].get(name, device=device, dtype=dt)
+                    check_finite(name, m, t)
+                    torch.sub(t, b, out=d[i])
             r = tensor_role(name, ref.model_type)
             base[name], deltas[name], roles[name] = b, d, Role(r.layer, r.kind)
             if ordered is not None:
                 ordered[name] = torch.stack([magnitude_order(row) for row in d]) if len(order) else d.new_empty(
                     (0, b.numel()), dtype=torch.int32)
-        self = cls(reference, order, base, deltas, roles, ref.num_layers, device, ordered)
+        self = cls(reference, order, base, deltas, roles, ref.num_layers, device, ordered, vocab)
+        self.rows = {m: vocab_rows(f) for m, f in folders.items()}
         for f in folders.values():
             f.close()
         log.info(
@@ -122,12 +147,36 @@ class ResidentSources:
                 f"recipe's reference model is {plan.reference!r} but the worker holds task vectors relative to "
                 f"{self.reference!r}; set base_model: {self.reference}"
             )
+        self.check_vocab(plan.recipe)
         if plan.order == self.order:
             return None
         unknown = [m for m in plan.order if m not in self.order]
         if unknown:
             raise MaterializeError(f"recipe uses model(s) {unknown} that this worker does not hold")
         return torch.tensor([self.order.index(m) for m in plan.order], device=self.device)
+
+    def check_vocab(self, recipe: Recipe) -> None:
+        """:class:`MaterializeError` unless ``recipe`` asks for the vocabulary these sources are laid out in."""
+        held = self.vocab
+        if held is None:
+            return
+        names = recipe.model_names
+        rows = getattr(self, "rows", {})
+        want = effective_source(recipe.tokenizer_source, [rows.get(m) for m in names])
+        if want is None and recipe.pad_to_multiple_of and held.source == "base":
+            want = "base"  # padding lays the base's vocabulary out by token too
+        norm = {None: None, self.reference: "base"}
+        if (norm.get(want, want), recipe.pad_to_multiple_of) != (norm.get(held.source, held.source), held.pad):
+            raise MaterializeError(
+                f"recipe's tokenizer_source {recipe.tokenizer_source!r} / pad_to_multiple_of "
+                f"{recipe.pad_to_multiple_of} differ from the vocabulary the worker's sources are laid out in "
+                f"(tokenizer_source {held.source!r}, pad_to_multiple_of {held.pad})"
+            )
+        if held.aligns and depends_on_models(held.source, self.reference) and set(names) != set(held.models):
+            raise MaterializeError(
+                f"tokenizer_source {held.source!r}: the vocabulary depends on the models merged; the worker's is "
+                f"built over {sorted(held.models)} but the recipe reads {sorted(names)}"
+            )
 
     def group(self, name: str, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.deltas[name]

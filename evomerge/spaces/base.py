@@ -15,6 +15,7 @@ type, module kinds present): building a space never reads weights. Space kinds r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ class SpaceModels:
 
     ``names`` are every model available to the space (the base included when there is one);
     ``module_kinds`` are the tensor kinds present (``embed``, ``attn``, ``mlp``, ``norm``, ``lm_head``,
-    ``other``): a model with tied embeddings has no ``lm_head``.
+    ``other``): a model with tied embeddings has no ``lm_head``. ``tokenizer_source`` and
+    ``pad_to_multiple_of`` are copied into every decoded recipe (:attr:`vocab_fields`).
     """
 
     names: tuple[str, ...]
@@ -59,6 +61,14 @@ class SpaceModels:
     base: str | None = None
     model_type: str = "llama"
     module_kinds: frozenset[str] = field(default_factory=lambda: frozenset(MODULE_KINDS))
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
+
+    @property
+    def vocab_fields(self) -> dict[str, Any]:
+        """The recipe fields that choose the merged vocabulary (only those set)."""
+        out = {"tokenizer_source": self.tokenizer_source, "pad_to_multiple_of": self.pad_to_multiple_of}
+        return {k: v for k, v in out.items() if v is not None}
 
     def __post_init__(self) -> None:
         names = tuple(self.names)
@@ -101,18 +111,22 @@ class SpaceModels:
         return cls(tuple(names), num_layers, base, model_type, kinds)
 
     @classmethod
-    def from_folders(cls, folders: Mapping[str, Any], *, base: str | None = None) -> SpaceModels:
+    def from_folders(
+        cls, folders: Mapping[str, Any], *, base: str | None = None, tokenizer_source: str | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> SpaceModels:
         """Build from opened source folders (objects with ``num_layers``, ``model_type``, ``tensor_names``)."""
         if not folders:
             raise ConfigError("models: a search space needs at least one source model")
         ref = folders[base] if base is not None else next(iter(folders.values()))
-        return cls.from_tensor_names(
+        models = cls.from_tensor_names(
             list(folders),
             num_layers=int(ref.num_layers),
             tensor_names=ref.tensor_names,
             base=base,
             model_type=str(ref.model_type or ""),
         )
+        return dataclasses.replace(models, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of)
 
 
 @runtime_checkable

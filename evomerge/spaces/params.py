@@ -278,6 +278,7 @@ class ParamGenes:
             "parameters": glob,
             "seed": s.seed,
             "dtype": s.dtype,
+            **self.models.vocab_fields,
         }
 
 

@@ -180,6 +180,7 @@ class RoutingSpace(GeneSpace):
 
     def __init__(self, template: RoutingTemplate, models: SpaceModels, *, methods: Registry[MergeMethod]) -> None:
         self.template = template
+        self.models = models
         self.block = RouteGenes(template, models)
         b = self.block
         title = (
@@ -196,6 +197,7 @@ class RoutingSpace(GeneSpace):
             routing=routing,
             seed=self.template.seed,
             dtype=self.template.dtype,
+            **self.models.vocab_fields,
         )
 
 

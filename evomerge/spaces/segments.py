@@ -134,7 +134,7 @@ class SegmentSpace:
             entries.append({"model": seed, "parameters": {"weight": weight}})
         base = self.models.base
         return Recipe(method="linear", base_model=base if base is not None else None, models=tuple(entries),
-                      parameters={"normalize": False})
+                      parameters={"normalize": False}, **self.models.vocab_fields)
 
     # ---------------------------------------------------------------- M2N2 structure
     def segment_structure(self) -> Any:
@@ -165,8 +165,8 @@ def segment_gram(
     for name in ref.tensor_names:
         role = tensor_role(name, ref.model_type)
         seg = index.get(segment_of(role.layer, role.kind))
-        if seg is None:
-            continue
+        if seg is None or len({tuple(folders[s].shape(name)) for s in seeds}) > 1:
+            continue  # vocabulary tensors of different vocabularies: left out of the Gram matrices
         rows = [folders[s].get(name, dtype=torch.float64).reshape(-1) for s in seeds]
         if not rows[0].is_floating_point():
             continue
