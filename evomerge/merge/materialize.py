@@ -131,7 +131,12 @@ def iter_merged(
     vocab = vocab if vocab is not None else recipe_plan(recipe, folders)
     by_token = set(vocab_tensors(ref)) if vocab.aligns else set()
     others = [folders[m] for m in plan.order]
+    tied = tied_head(ref)
+    if tied is not None:
+        check_tied_head(tied, {m: folders[m] for m in (ref_name, *plan.order)})
     for name in ref.tensor_names:
+        if tied is not None and name == tied[0]:
+            continue  # the output projection is the input embedding: merged once, stored once
         dtype = torch_dtype(recipe.dtype, ref.dtype(name))
         base = ref.get(name, device=device, dtype=dtype)
         check_finite(name, ref_name, base)
@@ -155,6 +160,36 @@ def iter_merged(
         else:
             deltas = base.new_empty((0, *base.shape))
         yield name, merge_tensor(plan, name, Role(role.layer, role.kind), base, deltas)
+
+
+def tied_head(folder) -> tuple[str, str] | None:  # noqa: ANN001  (a ModelFolder)
+    """``(head, embedding)`` names when ``folder`` ties its output projection to its input embedding but
+    also stores the projection (with the same values, else transformers would load it untied), else None."""
+    from evomerge.io import tensor_role
+
+    if not folder.tied_embeddings:
+        return None
+    roles = {n: tensor_role(n, folder.model_type).kind for n in folder.tensor_names}
+    heads = [n for n, k in roles.items() if k == "lm_head"]
+    embeds = [n for n, k in roles.items() if k == "embed" and heads and folder.shape(n) == folder.shape(heads[0])]
+    if len(heads) != 1 or len(embeds) != 1:
+        return None
+    same = torch.equal(folder.get(heads[0], copy=False), folder.get(embeds[0], copy=False))
+    return (heads[0], embeds[0]) if same else None
+
+
+def check_tied_head(tied: tuple[str, str], folders: Mapping[str, object]) -> None:
+    """:class:`SourceMismatchError` unless every source stores its tied head equal to its embedding."""
+    from evomerge.errors import SourceMismatchError
+
+    head, embed = tied
+    for model, folder in folders.items():
+        if head in folder and not torch.equal(folder.get(head, copy=False), folder.get(embed, copy=False)):
+            raise SourceMismatchError(
+                f"{folder.path}: {head} differs from {embed} in {model!r}, but the reference model ties "
+                f"them (tie_word_embeddings); set tie_word_embeddings to false in {model!r}'s config.json "
+                f"if its output projection is separate, or merge it with untied models"
+            )
 
 
 def model_card(recipe: Recipe, extra: str = "") -> str:
@@ -201,7 +236,7 @@ def materialize_to_disk(
         tensors, config = export_routed(recipe, folders, config, iter_merged_fn=iter_merged, device=device)
     else:
         tensors = iter_merged(recipe, folders, device=device, vocab=vocab)
-    total = len(ref.tensor_names)
+    total = len(ref.tensor_names) - (recipe.routing is None and tied_head(ref) is not None)
     t0 = time.perf_counter()
     if fused is None:  # compiling costs seconds: a one-off merge of a small model is faster without
         fused = sum(math.prod(ref.shape(n)) for n in ref.tensor_names) >= ONE_OFF_FUSED_MIN_ELEMENTS
@@ -244,13 +279,16 @@ class InPlaceMerger:
     """
 
     def __init__(self, sources: ResidentSources, module: torch.nn.Module) -> None:  # noqa: F821
+        from evomerge.merge.live import aliased, live_targets
+
         self.sources = sources
         self.module = module
-        params = dict(module.named_parameters(remove_duplicate=False))
-        missing = [n for n in sources.names if n not in params]
-        if missing:
-            raise MaterializeError(f"live module has no parameter for tensor(s) {missing[:3]}")
-        self.targets = {n: params[n] for n in sources.names}
+        shapes = {n: tuple(t.shape) for n, t in sources.base.items()}
+        targets = live_targets(module, sources.names, shapes)
+        for name, kept in _tied_pairs(aliased(targets), sources.roles).items():
+            _check_tied_sources(sources, name, kept)
+            del targets[name]
+        self.targets = targets
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> dict[str, float]:
@@ -258,10 +296,9 @@ class InPlaceMerger:
         t0 = time.perf_counter()
         plan = MergePlan.build(recipe, self.sources.num_layers)
         select = self.sources.row_index(plan)
-        for name in self.sources.names:
+        for name, dest in self.targets.items():
             base, deltas = self.sources.group(name, select)
             hints = self.sources.sorted_rows(name, select)
-            dest = self.targets[name].detach()
             with sorted_magnitudes(hints) if hints is not None else nullcontext():
                 merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas, out=dest)
             if merged is not dest:
@@ -269,6 +306,31 @@ class InPlaceMerger:
         if self.sources.device.type == "cuda":
             torch.cuda.synchronize(self.sources.device)
         return {"merge": time.perf_counter() - t0}
+
+
+def _tied_pairs(pairs: Mapping[str, str], roles: Mapping[str, Role]) -> dict[str, str]:
+    """Of each pair of names sharing one live tensor: the name not to write -> the name written.
+
+    The output projection of a tied model is never written: the input embedding is (the merge to disk
+    drops a stored tied head the same way).
+    """
+    out: dict[str, str] = {}
+    for name, first in pairs.items():
+        if roles[first].kind == "lm_head" and roles[name].kind != "lm_head":
+            name, first = first, name
+        out[name] = first
+    return out
+
+
+def _check_tied_sources(sources: ResidentSources, name: str, kept: str) -> None:
+    same = sources.base[name].shape == sources.base[kept].shape and torch.equal(
+        sources.deltas[name], sources.deltas[kept]
+    )
+    if not same:
+        raise MaterializeError(
+            f"{name} and {kept} are one tied tensor in the live model (tie_word_embeddings), but differ in "
+            f"some source; set tie_word_embeddings to false in that source's config.json"
+        )
 
 
 from evomerge.merge.sources import ResidentSources, check_finite  # noqa: E402

@@ -22,8 +22,9 @@ residual writes at position ``k`` (``o_proj`` and ``down_proj``, weights and bia
 which it maps to the same output. The result equals the live model up to the norms' epsilon: each
 norm computes ``v / sqrt(mean(v^2) + eps)``, and the exported model feeds it ``v / P`` instead of
 ``v``, i.e. the live model with ``eps * P^2``; negligible when ``mean(v^2) >> eps``. Scales must be
-positive. The folding is implemented for the model types in :data:`FOLDABLE_MODEL_TYPES`; other types
-export only routes whose scales are all 1.
+positive. Which tensors are the residual writes depends on the family (Gemma 2/3 write through
+post-norms): :mod:`evomerge.merge.folding` lists the model types it folds; other types export only
+routes whose scales are all 1.
 """
 
 from __future__ import annotations
@@ -45,14 +46,10 @@ from torch import nn
 
 from evomerge.errors import MaterializeError
 from evomerge.io.arch import split_layer
+from evomerge.merge.folding import FOLDABLE_MODEL_TYPES, check_foldable, fold  # noqa: F401  (re-exported)
 from evomerge.recipe import MERGED, Recipe, Routing
 
 logger = logging.getLogger(__name__)
-
-#: Model types whose decoder layers are pre-norm with RMS norms and residual writes ``o_proj``/``down_proj``.
-FOLDABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-#: Tensor name fragments (after ``layers.<i>.``) of the projections that write into the residual stream.
-RESIDUAL_WRITES = ("self_attn.o_proj.", "mlp.down_proj.")
 
 GetTensor = Callable[[str, str], torch.Tensor]
 
@@ -197,12 +194,13 @@ def _source_module(sources: Any, model: str, template: nn.Module) -> nn.Module:
         raise MaterializeError(
             f"routing: model {model!r} is not held by this worker (it holds {[sources.reference, *sources.order]})"
         )
+    from evomerge.merge.live import live_targets
+
     module = copy.deepcopy(template)
     with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name in sources.base:
-                value = sources.base[name] if row is None else sources.base[name] + sources.deltas[name][row]
-                param.copy_(value)
+        shapes = {n: tuple(t.shape) for n, t in sources.base.items()}
+        for name, target in live_targets(module, list(sources.base), shapes).items():
+            target.copy_(sources.base[name] if row is None else sources.base[name] + sources.deltas[name][row])
     module.eval()
     cache[model] = module
     logger.info("routing: built resident module for %r", model)
@@ -272,17 +270,13 @@ def routed_state_dict(
     if stem is None:
         raise MaterializeError("routed export: no decoder layer tensors (<stem>.<i>.<rest>) in the frame")
     divisors = cumulative_scales(routing)
-    if model_type not in FOLDABLE_MODEL_TYPES and any(d != 1.0 for d in divisors):
-        raise MaterializeError(
-            f"routed export: folding residual scales is implemented for {sorted(FOLDABLE_MODEL_TYPES)}, "
-            f"not model_type {model_type!r}; use scales of 1"
-        )
+    check_foldable(model_type, divisors)
     for k, step in enumerate(routing.steps):
         if step.layer not in rests:
             raise MaterializeError(
                 f"routing.steps[{k}]: layer {step.layer} does not exist (layers 0..{max(rests)} in the frame)"
             )
-    return _iter_routed(routing, get_tensor, tensor_names, others, rests, stem, divisors)
+    return _iter_routed(routing, get_tensor, tensor_names, others, rests, stem, divisors, model_type)
 
 
 def _iter_routed(
@@ -293,6 +287,7 @@ def _iter_routed(
     rests: dict[int, list[str]],
     stem: str,
     divisors: list[float],
+    model_type: str,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     position = {n: i for i, n in enumerate(tensor_names)}
     other_set = set(others)
@@ -302,10 +297,9 @@ def _iter_routed(
     seen: set[int] = set()
     for k, step in enumerate(routing.steps):
         for rest in rests[step.layer]:
-            tensor = get_tensor(step.model, f"{stem}.{step.layer}.{rest}")
-            if divisors[k] != 1.0 and rest.startswith(RESIDUAL_WRITES):
-                tensor = (tensor.to(torch.float64) / divisors[k]).to(tensor.dtype)
-            elif tensor.data_ptr() in seen:
+            raw = get_tensor(step.model, f"{stem}.{step.layer}.{rest}")
+            tensor = fold(rest, raw, divisors[k], model_type)
+            if tensor is raw and tensor.data_ptr() in seen:
                 tensor = tensor.clone()  # a repeated layer: writers refuse tensors that share memory
             seen.add(tensor.data_ptr())
             yield f"{stem}.{k}.{rest}", tensor

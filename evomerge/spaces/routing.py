@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.merge.folding import FOLDABLE_MODEL_TYPES
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.recipe import MERGED, ModelEntry, Recipe, RouteStep, Routing
 from evomerge.registry import Registry
@@ -70,6 +71,12 @@ class RouteGenes:
         self.slots = [(j, layer) for _ in range(section.repeats) for j in range(M) for layer in range(L)]
         self.max_layers = self._max_layers()
         sc = section.scale
+        if sc.mode != "none" and models.model_type not in FOLDABLE_MODEL_TYPES:
+            raise ConfigError(
+                f"{where}scale.mode: {sc.mode!r} searches residual scales, which a routed model of type "
+                f"{models.model_type!r} cannot export (folding them into the weights is implemented for "
+                f"{', '.join(sorted(FOLDABLE_MODEL_TYPES))}); use scale.mode: none"
+            )
         self.scale = Transform(sc.range[0], sc.range[1], sc.transform)
         if sc.mode == "transition":
             self.pairs = [(i, j) for i in range(M) for j in range(M) if i != j]
