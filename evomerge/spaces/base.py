@@ -115,14 +115,23 @@ class SpaceModels:
         cls, folders: Mapping[str, Any], *, base: str | None = None, tokenizer_source: str | None = None,
         pad_to_multiple_of: int | None = None,
     ) -> SpaceModels:
-        """Build from opened source folders (objects with ``num_layers``, ``model_type``, ``tensor_names``)."""
+        """Build from opened source folders (objects with ``num_layers``, ``model_type``, ``tensor_names``).
+
+        A folder with tied embeddings (``tied_embeddings``) has no ``lm_head`` kind, even when it also
+        stores its output projection: that tensor is merged as the input embedding.
+        """
+        from evomerge.io.arch import tensor_role
+
         if not folders:
             raise ConfigError("models: a search space needs at least one source model")
         ref = folders[base] if base is not None else next(iter(folders.values()))
+        names = list(ref.tensor_names)
+        if getattr(ref, "tied_embeddings", False):
+            names = [n for n in names if tensor_role(n, ref.model_type).kind != "lm_head"]
         models = cls.from_tensor_names(
             list(folders),
             num_layers=int(ref.num_layers),
-            tensor_names=ref.tensor_names,
+            tensor_names=names,
             base=base,
             model_type=str(ref.model_type or ""),
         )
