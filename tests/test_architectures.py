@@ -223,7 +223,10 @@ def test_merge_to_disk_equals_in_place_and_reference(zoo, family, method, tmp_pa
             torch.testing.assert_close(tensor.double(), _reference(method, sd, name), rtol=1e-5, atol=1e-6)
     disk = _load(out)
     live = _load(paths["base"])
-    InPlaceMerger(zoo.resident(family), live).apply(recipe)
+    merger = InPlaceMerger(zoo.resident(family), live)
+    merger.apply(recipe)
+    by_name = merger.checkpoint_tensors()  # what a scorer loading checkpoint names gets: the written tensors
+    assert set(by_name) == set(written) and all(torch.equal(by_name[n], t) for n, t in written.items())
     live_sd, disk_sd = live.state_dict(), disk.state_dict()
     assert list(live_sd) == list(disk_sd)
     for name, tensor in disk_sd.items():
@@ -408,3 +411,29 @@ def test_tied_head_that_differs_from_the_embedding_is_refused(zoo, tmp_path):
     with pytest.raises(MaterializeError, match="tie_word_embeddings"):
         InPlaceMerger(ResidentSources.load(paths, "base", ["a", "b"]), _load(paths["base"]))
 
+
+
+def test_worker_hands_weight_loading_scorers_the_checkpoint_names(zoo, monkeypatch):
+    """A scorer that loads weights by name (vLLM) gets the checkpoint's per-expert tensors, not fused ones."""
+    import evomerge.scoring.base as scoring
+    from evomerge.driver.pool import Job
+    from evomerge.driver.worker import Worker, WorkerSpec
+    from evomerge.errors import ScoreError
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Recorder:
+        def score(self, model, *args, **kwargs):
+            seen.append(model)
+            raise ScoreError("recorded")
+
+    monkeypatch.setattr(scoring, "make_scorer", lambda name, **options: Recorder())
+    paths = zoo("mixtral")
+    worker = Worker(WorkerSpec(sources=paths, reference="base", order=("a", "b"), suite="builtin:zoo",
+                               scorer="vllm", device="cpu", dtype="float32", threads=1))
+    recipe = _recipe(paths, "ties").model_copy(update={"sources": {}})
+    result = worker.evaluate(Job(key=0, candidate_id=0, recipe=recipe))
+    assert result.status == "failed" and "recorded" in (result.error or "")
+    written = materialize_state_dict(_recipe(paths, "ties"))
+    assert set(seen[0]) == set(written)
+    assert all(torch.equal(seen[0][n], t) for n, t in written.items())

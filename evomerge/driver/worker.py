@@ -130,7 +130,10 @@ class Worker:
         t0 = time.perf_counter()
         try:
             model, timings = self._model_for(job)
-            target = dict(model.state_dict()) if self.wants_state_dict else model
+            target: Any = model
+            if self.wants_state_dict:  # by checkpoint name: fused MoE experts as the checkpoint's tensors
+                routed = job.recipe.routing is not None
+                target = dict(model.state_dict()) if routed else self.merger.checkpoint_tensors()
             out = self.scorer.score(
                 target, self.tokenizer, self.suite, split=job.split, subset=job.subset, seed=self.spec.seed
             )

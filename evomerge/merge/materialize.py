@@ -290,6 +290,14 @@ class InPlaceMerger:
             del targets[name]
         self.targets = targets
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The live model's merged tensors under the source checkpoint's names (views, not copies).
+
+        What a scorer that loads weights by checkpoint name (vLLM) needs: fused MoE experts appear as the
+        checkpoint's per-expert tensors, and a tied output projection only as the input embedding.
+        """
+        return dict(self.targets)
+
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> dict[str, float]:
         """Merge ``recipe`` into the live module; return timings in seconds."""
