@@ -26,7 +26,7 @@ KIND_FILTERS: dict[str, dict[str, tuple[str, ...]]] = {
         "embed": ("embed_tokens",),
         "lm_head": ("lm_head",),
         "attn": ("self_attn",),
-        "mlp": ("mlp",),
+        "mlp": ("mlp", "block_sparse_moe"),
         "norm": ("norm",),
     },
     "gpt2": {
@@ -75,9 +75,13 @@ def _export_value(
     if not isinstance(value, dict):
         return value
     out: list[dict[str, Any]] = []
-    for kind in ("embed", "lm_head", "attn", "mlp", "norm"):
+    # norms first: ``self_attn.q_norm`` is a norm, though its name holds the attention filter
+    order = ("embed", "lm_head", "norm", "attn", "mlp")
+    for i, kind in enumerate(order):
         if kind in value:
             out += [{"filter": f, "value": value[kind]} for f in filters[kind]]
+        elif "default" in value and _shadowed(kind, order[i + 1:], value, filters, tensors):
+            out += [{"filter": f, "value": value["default"]} for f in filters[kind]]
     if "other" in value:
         raise ConfigError(f"parameter {name!r}: an 'other' kind override has no mergekit filter")
     if "default" in value:
@@ -94,6 +98,15 @@ def _export_value(
                 f"(kind {role.kind!r}: evomerge gives {ours}, the filters would give {theirs})"
             )
     return out
+
+
+def _shadowed(
+    kind: str, later: Sequence[str], value: dict[str, Any], filters: dict[str, tuple[str, ...]],
+    tensors: Sequence[tuple[str, Role]],
+) -> bool:
+    """Whether a tensor of ``kind`` (which takes the default) would match a later kind's filter first."""
+    later_filters = [f for k in later if k in value for f in filters[k]]
+    return any(role.kind == kind and any(f in name for f in later_filters) for name, role in tensors)
 
 
 def to_mergekit_yaml(

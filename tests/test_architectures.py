@@ -38,7 +38,9 @@ from evomerge.io import ModelFolder, tensor_role
 from evomerge.merge.live import live_targets
 from evomerge.merge.materialize import InPlaceMerger, materialize_state_dict, materialize_to_disk
 from evomerge.merge.routing import live_routed_model
+from evomerge.merge.params import Role
 from evomerge.merge.sources import ResidentSources
+from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
 from evomerge.recipe import MERGED, Recipe
 from evomerge.spaces import SpaceModels, build_space, load_template, parse_template
 from evomerge.testing.tokenizer import build_tokenizer
@@ -273,6 +275,11 @@ def test_per_layer_space_genes_reach_their_tensors(zoo, family):
         for m in ("a", "b"):
             want = want + values[f"weight[{m}].{slot}.{where}"] * (sd[m][name].double() - sd["base"][name].double())
         torch.testing.assert_close(tensor.double(), want, rtol=1e-5, atol=1e-6, msg=name)
+    # the same merge as mergekit YAML (norms such as q_norm and MoE experts need their own filters)
+    tensors = [(n, Role(*_expected_role(n))) for n in folders["base"].tensor_names]
+    text = to_mergekit_yaml(recipe, tensors=tensors, num_layers=LAYERS, model_type=folders["base"].model_type)
+    again = materialize_state_dict(from_mergekit_yaml(text).model_copy(update={"sources": paths}))
+    assert all(torch.equal(again[n], t) for n, t in merged.items())
     for template, dim in (("builtin:ties-per-layer", 2 * 2 * LAYERS), ("builtin:slerp-per-layer", LAYERS)):
         tpl = load_template(template)
         if "slerp" in template:
