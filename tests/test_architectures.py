@@ -37,11 +37,11 @@ from evomerge.errors import ConfigError, MaterializeError, SourceMismatchError
 from evomerge.io import ModelFolder, tensor_role
 from evomerge.merge.live import live_targets
 from evomerge.merge.materialize import InPlaceMerger, materialize_state_dict, materialize_to_disk
-from evomerge.merge.routing import live_routed_model
 from evomerge.merge.params import Role
+from evomerge.merge.routing import live_routed_model, routed_config_patch
 from evomerge.merge.sources import ResidentSources
 from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
-from evomerge.recipe import MERGED, Recipe
+from evomerge.recipe import MERGED, Recipe, RouteStep, Routing
 from evomerge.spaces import SpaceModels, build_space, load_template, parse_template
 from evomerge.testing.tokenizer import build_tokenizer
 
@@ -70,8 +70,12 @@ FAMILIES = {
     "qwen3_moe": lambda: Qwen3MoeConfig(
         **_COMMON, **_MOE, head_dim=16, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1
     ),
+    # a dense layer among the MoE ones (Qwen's mlp_only_layers): routing must keep each position's structure
+    "qwen3_moe_dense": lambda: Qwen3MoeConfig(
+        **_COMMON, **_MOE, head_dim=16, num_experts=4, moe_intermediate_size=32, mlp_only_layers=[1]
+    ),
 }
-NAMES = sorted(FAMILIES)
+NAMES = sorted(set(FAMILIES) - {"qwen3_moe_dense"})
 TIED = ["gemma2", "gemma3", "llama_tied"]
 MOE = ["mixtral", "qwen3_moe"]
 #: A few families for the slower checks (hybrid routing): tied, sliding/global, MoE.
@@ -133,7 +137,9 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _generates(model: torch.nn.Module) -> None:
-    out = model.generate(IDS[:, :5], max_new_tokens=3, do_sample=False, pad_token_id=TOK.pad_token_id)
+    out = model.generate(
+        IDS[:, :5], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=TOK.pad_token_id
+    )
     assert out.shape == (1, 8)
 
 
@@ -304,7 +310,7 @@ def _route_genome(space) -> np.ndarray:
     return genome
 
 
-@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("family", [*NAMES, "qwen3_moe_dense"])
 def test_routed_export_equals_the_live_routed_model(zoo, family, tmp_path):
     paths = zoo(family)
     folders = {m: ModelFolder.open(p) for m, p in paths.items()}
@@ -320,6 +326,8 @@ def test_routed_export_equals_the_live_routed_model(zoo, family, tmp_path):
     source_types = folders["base"].config.get("layer_types")
     if source_types is not None:  # sliding / global layers keep their type at their new position
         assert exported.config.layer_types == [source_types[layer] for _, layer in steps]
+    if family == "qwen3_moe_dense":  # the dense layer 1, routed to positions 1 and 3, stays dense there
+        assert exported.config.mlp_only_layers == [1, 3]
     want = _logits(live)
     torch.testing.assert_close(_logits(exported), want, rtol=0, atol=2e-4 * float(want.abs().max()))
     # the routed source layers are the sources', not the live model's (which holds the base)
@@ -349,6 +357,16 @@ def test_hybrid_route_over_the_merge_exports_like_the_worker_model(zoo, family, 
     exported = _load(materialize_to_disk(recipe, tmp_path / "hybrid"))
     want = _logits(routed)
     torch.testing.assert_close(_logits(exported), want, rtol=0, atol=2e-4 * float(want.abs().max()))
+
+
+def test_routed_export_refuses_to_move_a_layer_to_a_position_of_another_structure():
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.extra.weight",
+             "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+    swap = Routing(steps=(RouteStep(model="a", layer=1), RouteStep(model="a", layer=0)), frame="a")
+    with pytest.raises(MaterializeError, match=r"routing\.steps\[0\]: layer 1 goes to position 0.*extra"):
+        routed_config_patch(swap, {"model_type": "llama"}, names)
+    same = Routing(steps=(RouteStep(model="a", layer=0), RouteStep(model="b", layer=1)), frame="a")
+    assert routed_config_patch(same, {"model_type": "llama"}, names) == {"num_hidden_layers": 2}
 
 
 def test_routing_space_refuses_scales_it_cannot_export():

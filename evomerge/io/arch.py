@@ -1,9 +1,13 @@
 """What a tensor is, from its name: which layer it belongs to and what kind of weight it is.
 
-Covers the naming of Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2, Phi-3 (fused ``qkv_proj`` and
-``gate_up_proj``) and GPT-2 (``transformer.h.N.attn.c_attn``, ``mlp.c_fc``, ``ln_1``, ``wte``, ``wpe``,
-``ln_f``), with a generic fallback for any model whose layers are named ``layers.N``, ``layer.N``, ``h.N``
-or ``blocks.N``. Helpers split, index and rename layer tensors for layer routing.
+Covers the naming of Llama, Mistral, Qwen2/Qwen3 (``q_norm``/``k_norm`` are norms), Gemma/Gemma 2/Gemma 3
+(the extra ``pre_``/``post_feedforward_layernorm`` are norms), Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``),
+MoE checkpoints (Mixtral's ``block_sparse_moe.experts.N.w1|w2|w3`` and ``block_sparse_moe.gate``, Qwen-MoE's
+``mlp.experts.N.*_proj`` and ``mlp.gate``: experts and router are ``mlp``) and GPT-2
+(``transformer.h.N.attn.c_attn``, ``mlp.c_fc``, ``ln_1``, ``wte``, ``wpe``, ``ln_f``), with a generic
+fallback for any model whose layers are named ``layers.N``, ``layer.N``, ``h.N`` or ``blocks.N``. Names are
+the checkpoint's (what a folder stores), not a loaded model's (see :mod:`evomerge.merge.live`). Helpers
+split, index and rename layer tensors for layer routing.
 """
 
 from __future__ import annotations

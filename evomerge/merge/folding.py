@@ -1,4 +1,4 @@
-"""Folding a routed path's residual scales into the weights of its exported layers.
+"""Family rules of routed exports: folding residual scales, and layers of different structures.
 
 :mod:`evomerge.merge.routing` explains the algebra: with every norm scale-invariant (RMS-normalization),
 a residual scale ``s_k`` entering position ``k`` is the same model as an unscaled decoder whose writes into
@@ -13,11 +13,19 @@ writes depends on the family:
   ``w' = (1 + w) / P_k - 1``.
 
 Other model types export only routes whose scales are all 1 (:func:`check_foldable` says why).
+
+A stock model builds the layer at position ``k`` from its config, so a route that moves a layer must give
+position ``k`` a config entry for the structure of the layer it now holds: ``layer_types`` (sliding or
+global attention, same tensors; see :func:`evomerge.merge.routing.routed_config_patch`) and, in Qwen-MoE
+models with dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``),
+:func:`layout_patch`. Moving a layer to a position of another structure in any other model is refused.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -64,4 +72,36 @@ def fold(rest: str, tensor: torch.Tensor, divisor: float, model_type: str) -> to
     return folded.to(tensor.dtype)
 
 
-__all__ = ["FOLDABLE_MODEL_TYPES", "LINEAR_WRITES", "POST_NORM_WRITES", "check_foldable", "fold", "is_residual_write"]
+#: Model types whose config says which layers are dense (``mlp_only_layers``) among MoE ones.
+DENSE_OR_SPARSE = frozenset({"qwen2_moe", "qwen3_moe"})
+
+
+def layout_patch(layers: Sequence[int], rests: Mapping[int, Sequence[str]], model_type: str) -> dict[str, Any]:
+    """Config keys that give each position the structure of the layer routed there (``layers[k]``).
+
+    ``rests`` maps each layer of the frame to its tensor names after ``layers.<i>.``. Empty when every
+    layer has the same tensors; :class:`MaterializeError` when a layer moves to a position built with
+    another structure and ``model_type`` has no config entry for it.
+    """
+    layouts = {i: frozenset(r) for i, r in rests.items()}
+    if len(set(layouts.values())) <= 1:
+        return {}
+    if model_type in DENSE_OR_SPARSE:
+        dense = [k for k, i in enumerate(layers) if not any(".experts." in r for r in layouts[i])]
+        return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
+    for k, i in enumerate(layers):
+        if layouts.get(k) != layouts[i]:
+            ref = 0 if k not in layouts else k
+            odd = sorted(layouts[i] ^ layouts[ref])[:2]
+            raise MaterializeError(
+                f"routing.steps[{k}]: layer {i} goes to position {k}, whose layer has another structure "
+                f"(tensors {odd} differ); a {model_type!r} model builds each position from its config, so "
+                f"such a route cannot be exported; keep layers of each structure at positions of that structure"
+            )
+    return {}
+
+
+__all__ = [
+    "DENSE_OR_SPARSE", "FOLDABLE_MODEL_TYPES", "LINEAR_WRITES", "POST_NORM_WRITES", "check_foldable", "fold",
+    "is_residual_write", "layout_patch",
+]

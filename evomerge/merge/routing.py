@@ -46,7 +46,7 @@ from torch import nn
 
 from evomerge.errors import MaterializeError
 from evomerge.io.arch import split_layer
-from evomerge.merge.folding import FOLDABLE_MODEL_TYPES, check_foldable, fold  # noqa: F401  (re-exported)
+from evomerge.merge.folding import FOLDABLE_MODEL_TYPES, check_foldable, fold, layout_patch  # noqa: F401
 from evomerge.recipe import MERGED, Recipe, Routing
 
 logger = logging.getLogger(__name__)
@@ -307,12 +307,20 @@ def _iter_routed(
         yield name, get_tensor(routing.frame, name)
 
 
-def routed_config_patch(routing: Routing, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Keys to override in the frame's ``config.json``: ``num_hidden_layers`` and, when present, ``layer_types``."""
+def routed_config_patch(
+    routing: Routing, config: Mapping[str, Any], tensor_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Keys to override in the frame's ``config.json``: ``num_hidden_layers``, ``layer_types`` when present,
+    and, given the frame's ``tensor_names``, what layers of different structures need (see
+    :func:`evomerge.merge.folding.layout_patch`)."""
     patch: dict[str, Any] = {"num_hidden_layers": len(routing.steps)}
     types = config.get("layer_types")
     if isinstance(types, list):
         patch["layer_types"] = [types[s.layer] for s in routing.steps]
+    if tensor_names is not None:
+        rests = _split_names(tensor_names)[1]
+        layers = [s.layer for s in routing.steps]
+        patch.update(layout_patch(layers, rests, str(config.get("model_type", ""))))
     return patch
 
 
@@ -352,7 +360,7 @@ def export_routed(
     names = list(merged) if routing.frame == MERGED else list(folders[routing.frame].tensor_names)
     model_type = str(config.get("model_type", ""))
     tensors = routed_state_dict(routing, get_tensor, names, model_type=model_type)
-    return tensors, {**config, **routed_config_patch(routing, config)}
+    return tensors, {**config, **routed_config_patch(routing, config, names)}
 
 
 def save_routed_model(
@@ -377,7 +385,7 @@ def save_routed_model(
         name: tensor.detach().contiguous().cpu()
         for name, tensor in routed_state_dict(routing, get_tensor, tensor_names, model_type=model_type)
     }
-    cfg = {**config, **routed_config_patch(routing, config)}
+    cfg = {**config, **routed_config_patch(routing, config, tensor_names)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
