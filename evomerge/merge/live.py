@@ -120,6 +120,8 @@ def aliased(targets: Mapping[str, torch.Tensor]) -> dict[str, str]:
     first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
     out: dict[str, str] = {}
     for name, t in targets.items():
+        if t.numel() == 0:
+            continue
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         if key in first:
             out[name] = first[key]
