@@ -182,9 +182,15 @@ class RunResults:
     def status(self) -> dict[str, Any]:
         told = [r for r in self.calib if r.candidate_id >= 0 and (self.cfg.fidelity.subset is None
                 or r.result.fidelity != "full")]
+        from evomerge.checkpoint import read_checkpoint
+        from evomerge.driver.lock import holder
+
         best = self.best()
+        ckpt = read_checkpoint(self.run_dir)
         return {
             "run": str(self.run_dir),
+            "phase": None if ckpt is None else ckpt.state.get("phase"),
+            "driver": holder(self.run_dir),  # the live (or killed) driver's pid and host; None when none holds it
             "evaluations": len(told),
             "budget": self.cfg.budget.evaluations,
             "failures": sum(1 for r in told if not r.ok),

@@ -101,7 +101,8 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    log = open(args.out / "soak.log", "ab")  # noqa: SIM115 - every process's output, for a failure's cause
+    quiet = {"stdout": log, "stderr": log, "env": env}
 
     t0 = time.monotonic()
     subprocess.run(cli("run", str(config(args.zoo, args.out, args.evals, "ref"))), check=True, **quiet)
@@ -112,7 +113,7 @@ def main() -> None:
     run_dir = args.out / "k"
     rng = np.random.default_rng(args.seed)
     moments = [float(rng.uniform(args.min_s, args.max_s)) for _ in range(args.kills)]
-    print(f"reference run {ref_s:.0f} s; {args.kills} SIGKILLs after {['%.1f' % m for m in moments]} s", flush=True)
+    print(f"reference run {ref_s:.0f} s; {args.kills} SIGKILLs after {[f'{m:.1f}' for m in moments]} s", flush=True)
     phases: Counter[str] = Counter()
     kills = 0
     t0 = time.monotonic()
@@ -128,13 +129,11 @@ def main() -> None:
             phases[phase_of(run_dir)] += 1
             continue
         if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode} after {kills} kills")
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode} after {kills} kills (see {args.out / 'soak.log'})")
         break  # the run finished before the next kill
-    while True:  # finish
-        done = subprocess.run(cli("resume", str(run_dir)), **quiet)
-        if done.returncode != 0:
-            raise SystemExit(f"final resume exited {done.returncode}")
-        break
+    done = subprocess.run(cli("resume", str(run_dir)), **quiet)  # finish (a no-op replay if it already finished)
+    if done.returncode != 0:
+        raise SystemExit(f"final resume exited {done.returncode} (see {args.out / 'soak.log'})")
     soak_s = time.monotonic() - t0
 
     got, expected = rows(run_dir), rows(ref)

@@ -60,7 +60,10 @@ CASES = {
     "nevergrad": ("nevergrad", {"optimizer": "TwoPointsDE"}, "builtin:ties-per-layer"),
     "m2n2": ("m2n2", {"archive_size": 4}, "builtin:segments"),  # scored on the choice suite
     "random": ("random", {}, "builtin:ties-per-layer"),
+    # warm start: the task-arithmetic grid is scored with the baselines, CMA-ES starts at the best weight
+    "warm": ("cma_es", {"popsize": 4, "sigma0": 0.1, "x0_first": True}, "builtin:task-arithmetic-per-layer"),
 }
+WARM = {"space": {"template": "builtin:task-arithmetic-per-layer", "warm_start": {"weights": [0.3, 0.7, 1.1]}}}
 
 
 def _rows(run_dir: Path) -> list[tuple]:
@@ -121,8 +124,9 @@ def _config(tmp_path: Path, setup, case: str, multi: bool, name: str, evals: int
     fam, suite, choice = setup
     opt, options, template = CASES[case]
     suite = choice if opt == "m2n2" else suite
+    extra = {**(MULTI if multi else {}), **(WARM if case == "warm" else {})}
     return write_run_config(tmp_path / f"{name}.yaml", fam, suite, name=name, evals=evals, optimizer=opt,
-                            options=options, template=template, extra=MULTI if multi else None)
+                            options=options, template=template, extra=extra)
 
 
 @pytest.mark.parametrize("multi", [False, True], ids=["full", "multi-fidelity"])

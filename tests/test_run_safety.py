@@ -20,6 +20,7 @@ from evomerge.cli import app
 from evomerge.driver.lock import LOCK_FILE, RunLock
 from evomerge.driver.run import resume_run, start_run
 from evomerge.errors import RunFolderError, RunStopped
+from evomerge.results import RunResults
 from evomerge.testing.family import build_family, write_perplexity_suite, write_run_config
 
 
@@ -53,9 +54,13 @@ def test_a_second_driver_on_a_held_run_folder_is_refused_and_a_stale_lock_is_tak
         with pytest.raises(RunFolderError, match=rf"in use by a live driver \(pid {os.getpid()} on "
                                                  rf"{socket.gethostname()} since "):
             resume_run(run_dir)
+        status = RunResults(run_dir).status()
+        assert status["driver"]["pid"] == os.getpid() and status["driver"]["alive"] is True
         res = CliRunner().invoke(app, ["resume", str(run_dir), "--no-export"])
         assert res.exit_code == 2 and "in use by a live driver" in res.output
     assert _rows(run_dir) == before
+    status = RunResults(run_dir).status()
+    assert status["driver"] is None and status["phase"] == "done"
 
 
 def test_sigterm_abandons_in_flight_work_checkpoints_and_resumes_exactly(setup, tmp_path):

@@ -76,3 +76,25 @@ def _describe(info: dict[str, object]) -> str:
     since = info.get("since")
     when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{when}"
+
+
+def holder(run_dir: str | Path) -> dict[str, object] | None:
+    """Who holds (or, killed, last held) ``run_dir``'s lock: pid, host, since and, on this host, whether that
+    process is alive; None when no driver holds it. Reads the file only: never takes the lock."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        text = path.read_text()
+        info = json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        try:
+            os.kill(info["pid"], 0)
+            info["alive"] = True
+        except ProcessLookupError:
+            info["alive"] = False
+        except PermissionError:
+            info["alive"] = True
+    return info
