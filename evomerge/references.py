@@ -38,14 +38,19 @@ class References:
     high: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_scored(cls, scored: Iterable[Scored], tasks: Iterable[str]) -> References:
+    def from_scored(cls, scored: Iterable[Scored], tasks: Iterable[str],
+                    declared: Mapping[str, tuple[float, float]] | None = None) -> References:
         """References from the successful base (``meta.kind == 'base'``) and source (``'source'``) rows; a task
-        without a base row gets low 0, without a source row high 1."""
+        without a base row gets low 0, without a source row high 1. ``declared``: (low, high) per task, as a
+        task suite's ``reference:`` sets them (e.g. chance level and a perfect score), which take precedence."""
         rows = [s for s in scored if s.result.ok]
         base = [s.result for s in rows if s.meta.get("kind") == "base"]
         sources = [s.result for s in rows if s.meta.get("kind") == "source"]
         low = {t: (base[0].tasks[t].mean if base else 0.0) for t in tasks}
         high = {t: (max(r.tasks[t].mean for r in sources) if sources else 1.0) for t in low}
+        for t, (lo, hi) in (declared or {}).items():
+            if t in low:
+                low[t], high[t] = float(lo), float(hi)
         return cls(low, high)
 
     def value(self, task: str, raw: float) -> float:

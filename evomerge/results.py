@@ -5,6 +5,7 @@ Everything here is derived from the archive (and the run's config); nothing is s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import numpy as np
 from evomerge.archive import Archive
 from evomerge.archive.pareto import hypervolume, pareto_front
 from evomerge.archive.store import Record
-from evomerge.errors import ConfigError, RunFailedError
+from evomerge.errors import ConfigError, EvomergeError, RunFailedError
+from evomerge.references import References
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,20 @@ class RunResults:
             wanted = {str(r.meta.get("baseline")) for r in scored(self.full, "base") + scored(self.full, "source")}
             if names != wanted:
                 return None
-        low = {t: (base[0].result.tasks[t].mean if base else 0.0) for t in self.tasks}
-        high = {t: (max(r.result.tasks[t].mean for r in srcs) if srcs else 1.0) for t in self.tasks}
-        return low, high
+        refs = References.from_scored(base + srcs, self.tasks, self._declared())
+        return refs.low, refs.high
+
+    def _declared(self) -> dict[str, tuple[float, float]]:
+        """The suite's declared references (``reference:`` of a task), which the driver normalized with too."""
+        from evomerge.scoring.suite import load_suite
+
+        try:
+            suite = load_suite(self.cfg.fitness.suite)
+        except EvomergeError as exc:
+            log.warning("task suite %s not readable (%s): scores are set against the base and best source only",
+                        self.cfg.fitness.suite, exc)
+            return {}
+        return {name: (ref.low, ref.high) for name, ref in suite.references().items()}
 
     def references(self, split: str = "calibration") -> tuple[dict[str, float], dict[str, float]]:
         """(low, high) per task on ``split``: the base's score and the best source's score there."""
@@ -98,12 +113,8 @@ class RunResults:
     # ------------------------------------------------------------------ scores
     def normalize(self, means: dict[str, float], split: str = "calibration") -> dict[str, float]:
         """(score - base) / (best source - base) per task, with the references of ``split``."""
-        low, high = self.references(split)
-        out = {}
-        for t in self.tasks:
-            lo, hi = low[t], high[t]
-            out[t] = (means[t] - lo) / (hi - lo) if hi - lo > 1e-9 else means[t] - lo
-        return out
+        refs = References(*self.references(split))
+        return {t: refs.value(t, means[t]) for t in self.tasks}
 
     def relative_to_expert(self, means: dict[str, float], split: str = "calibration") -> dict[str, float]:
         """Score / best source's score on ``split`` per task (1.0 = as good as the expert)."""

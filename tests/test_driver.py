@@ -65,6 +65,11 @@ def test_local_run_end_to_end_with_cli(setup, tmp_path):
     norm = r.normalize(best_test, "test")
     assert [norm[t] for t in spread] == pytest.approx([(best_test[t] - low[t]) / (high[t] - low[t]) for t in spread])
     assert r.references("calibration") == (r.low, r.high)
+    # the optimizer was told scores normalized with the same references the results use
+    from evomerge.checkpoint import read_checkpoint
+
+    told = read_checkpoint(run_dir).state["references"]
+    assert (told["low"], told["high"]) == (r.low, r.high)
     assert "evolved" in res.output and "held-out" in res.output
     st = runner.invoke(app, ["status", str(run_dir)])
     assert st.exit_code == 0 and '"evaluations": 10' in st.output
@@ -272,3 +277,28 @@ def test_ray_pool_run_survives_a_killed_worker(setup, tmp_path):
     assert sorted(x.candidate_id for x in searched) == list(range(8))
     assert all(x.ok for x in searched)
     assert any(x.result.worker and x.result.worker.startswith("worker-") for x in searched)
+
+
+def test_a_suites_declared_reference_sets_that_tasks_scale_for_the_search_and_the_results(setup, tmp_path):
+    """``reference: {low, high}`` of a task replaces the base / best source as that task's 0 and 1, in what the
+    optimizer is told (the checkpoint's references) and in every table (RunResults)."""
+    from evomerge.checkpoint import read_checkpoint
+
+    _, fam, suite = setup
+    text = suite.read_text().replace("kind: perplexity, data: {calibration: digits",
+                                      "kind: perplexity, reference: {low: -6.0, high: -2.0}, data: {calibration: digits")
+    assert text != suite.read_text()
+    own = tmp_path / "suite" / "suite.yaml"
+    own.parent.mkdir()
+    for f in suite.parent.glob("*.jsonl"):
+        (own.parent / f.name).write_bytes(f.read_bytes())
+    own.write_text(text)
+    run_dir = start_run(write_run_config(tmp_path / "r.yaml", fam, own, name="r", evals=2))
+    refs = read_checkpoint(run_dir).state["references"]
+    res = RunResults(run_dir)
+    base = next(r for r in res.calib if r.meta.get("kind") == "base").result.task_means()
+    assert (refs["low"]["digits"], refs["high"]["digits"]) == (-6.0, -2.0)
+    assert refs["low"]["letters"] == base["letters"]  # the undeclared task keeps the base as its 0
+    assert res.low["digits"] == -6.0 and res.high["digits"] == -2.0
+    best = res.best().result.task_means()
+    assert res.normalize(best)["digits"] == pytest.approx((best["digits"] + 6.0) / 4.0)

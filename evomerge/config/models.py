@@ -56,13 +56,6 @@ class FitnessConfig(BaseModel):
     scorer: str = "hf"
     tasks: list[str] | None = Field(default=None, description="subset of the suite's tasks (default: all)")
     batch_size: int = Field(default=64, ge=1)
-    normalize: Literal["none", "references"] = Field(
-        default="references",
-        description="report task scores relative to reference models (base = 0, best source = 1)",
-    )
-    allow_test_split: bool = Field(
-        default=False, description="explicit opt-in to optimize on a suite's test split (never by default)"
-    )
 
 
 class OptimizerConfig(BaseModel):

@@ -71,6 +71,8 @@ class Settings:
     subset: int | None
     promote_quantile: float
     rescore_test: bool
+    #: (low, high) per task from the suite's ``reference:`` fields; other tasks use the base and best source.
+    declared: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class Driver:
@@ -132,7 +134,7 @@ class Driver:
         self._drain()
         self.journal.stop_now_if_requested()
         full = [h for h in self.history if h.candidate.id < 0 and h.job.subset is None]
-        self.refs = References.from_scored(full, self.tasks)
+        self.refs = References.from_scored(full, self.tasks, self.cfg.declared)
         self.opt, self.warm = self.start(full, self.refs)
         self._emit("references", low=self.refs.low, high=self.refs.high)
         if self.warm is not None:

@@ -53,6 +53,7 @@ class Prepared:
     baselines: list[Baseline]
     reference: str
     warm_start: WarmStart | None = None  # space.warm_start
+    declared: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # the suite's references
 
 
 def _ensure_zoo(cfg: RunConfig) -> None:
@@ -131,7 +132,8 @@ def preflight(cfg: RunConfig) -> Prepared:
         baselines += warm_start.baselines
     for f in folders.values():
         f.close()
-    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start)
+    declared = {name: (ref.low, ref.high) for name, ref in suite.references().items()}
+    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, declared)
 
 
 def check_vocab(cfg: RunConfig, folders: dict[str, Any], reference: str, source: str | None, x0: Recipe) -> Any:
@@ -237,6 +239,7 @@ def build_driver(prep: Prepared, run_dir: Path, pool: Pool, on_progress: Callabl
         tasks=prep.tasks, baselines=prep.baselines, budget_evals=cfg.budget.evaluations,
         budget_seconds=cfg.budget.wall_time_s, subset=cfg.fidelity.subset,
         promote_quantile=cfg.fidelity.promote_quantile, rescore_test=cfg.fidelity.rescore_test,
+        declared=prep.declared,
     )
     return Driver(run_dir=run_dir, space=prep.space, start=start, pool=pool,
                   archive=Archive(run_dir / "archive.sqlite"), events=EventLog(run_dir / "events.jsonl"),
