@@ -126,7 +126,9 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
-            phases[phase_of(run_dir)] += 1
+            phase = phase_of(run_dir)
+            phases[phase] += 1
+            print(f"kill {kills} after {moment:.1f} s: {phase}", flush=True)
             continue
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} exited {proc.returncode} after {kills} kills (see {args.out / 'soak.log'})")

@@ -43,3 +43,25 @@ def test_config_paths_resolve_relative_to_the_file(tmp_path):
     cfg = load_run_config(builtin_dir("configs") / "tiny-demo.yaml")
     assert Path(cfg.sources["base"]).is_absolute()
     assert cfg.sources["base"].endswith("zoo/demo/base")
+
+
+def test_retired_fields_are_refused_in_a_config_but_a_run_folder_holding_them_still_loads(tmp_path):
+    """fitness.normalize / fitness.allow_test_split were accepted and never read; earlier versions wrote them
+    into every run folder's resolved config."""
+    import yaml
+
+    from evomerge.config import RunConfig
+    from evomerge.driver.run import CONFIG_FILE, load_run
+    from evomerge.errors import ConfigError
+
+    doc = {"name": "x", "sources": {"a": "/m/a", "b": "/m/b"}, "space": {"template": "builtin:ties-per-layer"},
+           "fitness": {"suite": "builtin:zoo", "normalize": "references", "allow_test_split": False}}
+    with pytest.raises(Exception, match="normalize"):
+        RunConfig.model_validate(doc)
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(doc))
+    cfg = load_run(tmp_path)
+    assert cfg.fitness.suite == "builtin:zoo"
+    doc["fitness"]["unknown"] = 1
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="fitness.unknown: unknown key"):
+        load_run(tmp_path)

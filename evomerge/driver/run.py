@@ -280,10 +280,20 @@ def load_run(run_dir: str | Path) -> RunConfig:
         raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
     from pydantic import ValidationError
 
+    data = yaml.safe_load(path.read_text())
+    for section, key in RETIRED_FIELDS:  # written by earlier versions into every resolved config
+        if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
+            log.debug("%s: ignoring %s.%s (no longer a config field)", path, section, key)
+            del data[section][key]
     try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+        return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+#: Fields earlier versions accepted (and wrote into config.resolved.yaml) without acting on them; a run folder
+#: holding them still loads, a new config setting them is refused naming the field.
+RETIRED_FIELDS = (("fitness", "normalize"), ("fitness", "allow_test_split"))
 
 
 def resume_run(
