@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from evomerge.testing.runs import archive_rows, decided_state, duplicates
+
 
 def config(zoo: Path, out: Path, evals: int, name: str) -> Path:
     doc = {
@@ -47,27 +49,6 @@ def config(zoo: Path, out: Path, evals: int, name: str) -> Path:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "evomerge.cli", *args]
-
-
-def rows(run_dir: Path) -> list[tuple]:
-    from evomerge.archive import Archive
-
-    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
-        return [(r.candidate_id, r.recipe_hash, r.split, r.result.fidelity, r.result.status,
-                 tuple((t, ts.scores.tobytes()) for t, ts in r.result.tasks.items()))
-                for r in a.records(split=None)]
-
-
-def final_state(run_dir: Path) -> dict:
-    from evomerge.checkpoint import read_checkpoint
-    from evomerge.driver.run import load_run, preflight
-
-    state = {k: v for k, v in read_checkpoint(run_dir).state.items() if k != "elapsed"}
-    opt = preflight(load_run(run_dir)).optimizer
-    opt.load_state_dict(state["optimizer"])
-    state["optimizer"] = {k: v for k, v in state["optimizer"].items() if k != "blob"}
-    state["next"] = [c.genome.tolist() for c in opt.ask(5)]
-    return state
 
 
 def phase_of(run_dir: Path) -> str:
@@ -138,10 +119,10 @@ def main() -> None:
         raise SystemExit(f"final resume exited {done.returncode} (see {args.out / 'soak.log'})")
     soak_s = time.monotonic() - t0
 
-    got, expected = rows(run_dir), rows(ref)
-    dup = len(got) - len({(r[0], r[2], r[3]) for r in got})
+    got, expected = archive_rows(run_dir), archive_rows(ref)
+    dup = duplicates(got)
     same_rows = got == expected
-    same_state = final_state(run_dir) == final_state(ref)
+    same_state = decided_state(run_dir) == decided_state(ref)
     same_export = (run_dir / "export" / "recipe.yaml").read_text() == (ref / "export" / "recipe.yaml").read_text()
     report_ok = all((run_dir / "report" / f).is_file() for f in ("report.md", "pareto.png", "progress.png"))
     leftovers = sorted(p.name for p in run_dir.iterdir() if ".tmp-" in p.name)

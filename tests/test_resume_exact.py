@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from evomerge.archive import Archive
-from evomerge.checkpoint import read_checkpoint
 from evomerge.driver import journal as journal_mod
 from evomerge.driver.run import resume_run, start_run
 from evomerge.errors import CheckpointError
 from evomerge.testing.family import build_family, write_perplexity_suite, write_run_config
+from evomerge.testing.runs import archive_rows, decided_state, duplicates
 
 
 class Crash(BaseException):
@@ -64,28 +64,6 @@ CASES = {
     "warm": ("cma_es", {"popsize": 4, "sigma0": 0.1, "x0_first": True}, "builtin:task-arithmetic-per-layer"),
 }
 WARM = {"space": {"template": "builtin:task-arithmetic-per-layer", "warm_start": {"weights": [0.3, 0.7, 1.1]}}}
-
-
-def _rows(run_dir: Path) -> list[tuple]:
-    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
-        return [(r.candidate_id, r.recipe_hash, r.split, r.result.fidelity, r.result.status,
-                 tuple((t, ts.scores.tobytes()) for t, ts in r.result.tasks.items()))
-                for r in a.records(split=None)]
-
-
-def _final_state(run_dir: Path) -> dict:
-    """The final checkpoint's state without the clock, the optimizer's opaque blob (cma pickles its own timer)
-    replaced by what it decides: the genomes of the next 5 candidates an optimizer restored from it proposes."""
-    from evomerge.driver.run import load_run, preflight
-
-    ckpt = read_checkpoint(run_dir)
-    assert ckpt is not None
-    state = {k: v for k, v in ckpt.state.items() if k != "elapsed"}
-    opt = preflight(load_run(run_dir)).optimizer
-    opt.load_state_dict(state["optimizer"])
-    state["optimizer"] = {k: v for k, v in state["optimizer"].items() if k != "blob"}
-    state["next"] = [c.genome.tolist() for c in opt.ask(5)]
-    return state
 
 
 class Crasher:
@@ -136,7 +114,7 @@ def test_crash_anywhere_then_resume_equals_uninterrupted(setup, tmp_path, monkey
 
     evals = 8
     ref_dir = start_run(_config(tmp_path, setup, case, multi, "ref", evals))
-    expected = _rows(ref_dir)
+    expected = archive_rows(ref_dir)
     crasher = Crasher(monkeypatch)
     rng = np.random.default_rng([zlib.crc32(case.encode()), multi])
     # seeded moments: (what, after how many writes of it since the (re)start); printed for a reproduction
@@ -159,10 +137,10 @@ def test_crash_anywhere_then_resume_equals_uninterrupted(setup, tmp_path, monkey
     crasher.target = None
     resume_run(run_dir)  # finishes the run (a no-op replay when it already finished)
     assert crashes >= 2, f"the moments {moments} crashed only {crashes} times"
-    got = _rows(run_dir)
-    assert len({(r[0], r[2], r[3]) for r in got}) == len(got), "an evaluation was stored twice"
+    got = archive_rows(run_dir)
+    assert duplicates(got) == 0, "an evaluation was stored twice"
     assert got == expected
-    assert _final_state(run_dir) == _final_state(ref_dir)
+    assert decided_state(run_dir) == decided_state(ref_dir)
     a = export_run(ref_dir, pick="best", out=tmp_path / "ea")[0]
     b = export_run(run_dir, pick="best", out=tmp_path / "eb")[0]
     assert (a / "recipe.yaml").read_text() == (b / "recipe.yaml").read_text()
@@ -172,7 +150,7 @@ def test_every_prefix_of_a_promoting_run_resumes_exactly(setup, tmp_path, monkey
     """A crash after each single archive write of a multi-fidelity CMA-ES run, resumed each time."""
     evals = 6
     ref_dir = start_run(_config(tmp_path, setup, "cma_es", True, "ref", evals))
-    expected = _rows(ref_dir)
+    expected = archive_rows(ref_dir)
     crasher = Crasher(monkeypatch)
     run_dir = tmp_path / "runs" / "k"
     cfg = _config(tmp_path, setup, "cma_es", True, "k", evals)
@@ -186,8 +164,8 @@ def test_every_prefix_of_a_promoting_run_resumes_exactly(setup, tmp_path, monkey
             continue
         break
     assert crashes == len(expected)  # the last write's crash leaves nothing to do but the final checkpoint
-    assert _rows(run_dir) == expected
-    assert _final_state(run_dir) == _final_state(ref_dir)
+    assert archive_rows(run_dir) == expected
+    assert decided_state(run_dir) == decided_state(ref_dir)
 
 
 def test_an_archive_that_is_not_this_runs_is_refused_naming_the_row(setup, tmp_path):
@@ -200,8 +178,8 @@ def test_an_archive_that_is_not_this_runs_is_refused_naming_the_row(setup, tmp_p
     doc = yaml.safe_load(path.read_text())
     doc["seed"] = 7
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    before = _rows(run_dir)
+    before = archive_rows(run_dir)
     with pytest.raises(CheckpointError, match=r"evaluation \d+ \(candidate -?\d+, full, calibration\) is not what "
                                               r"this run evaluates at that point"):
         resume_run(run_dir)
-    assert _rows(run_dir) == before  # nothing was added
+    assert archive_rows(run_dir) == before  # nothing was added
