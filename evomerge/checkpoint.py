@@ -94,43 +94,6 @@ def _canonical(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
 
 
-# ---------------------------------------------------------------------- RNG helpers
-def _encode_rng(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": value.dtype.str}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _encode_rng(v) for k, v in value.items()}
-    return value
-
-
-def _decode_rng(value: Any) -> Any:
-    if isinstance(value, dict):
-        if "__ndarray__" in value:
-            return np.asarray(value["__ndarray__"], dtype=np.dtype(value["dtype"]))
-        return {k: _decode_rng(v) for k, v in value.items()}
-    return value
-
-
-def rng_state(gen: np.random.Generator) -> dict[str, Any]:
-    """The JSON-safe state of a numpy Generator (any bit generator); see :func:`rng_from_state`."""
-    state: dict[str, Any] = _encode_rng(gen.bit_generator.state)
-    return state
-
-
-def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:
-    """A new Generator continuing exactly where the one passed to :func:`rng_state` stood."""
-    decoded = _decode_rng(dict(state))
-    name = decoded.get("bit_generator")
-    cls = getattr(np.random, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, np.random.BitGenerator)):
-        raise CheckpointError(f"RNG state names an unknown bit generator {name!r}")
-    bit_gen = cls()
-    bit_gen.state = decoded
-    return np.random.Generator(bit_gen)
-
-
 # ---------------------------------------------------------------------- saving
 def _fsync_dir(folder: Path) -> None:
     try:

@@ -16,12 +16,11 @@ from evomerge.checkpoint import (
     PREVIOUS_FILE,
     load_checkpoint,
     read_checkpoint,
-    rng_from_state,
-    rng_state,
     save_checkpoint,
 )
 from evomerge.errors import CheckpointError
 from evomerge.events import EventLog, read_events
+from evomerge.rng import rng_from_json, rng_to_json
 
 DATA = Path(__file__).parent / "data"
 
@@ -162,11 +161,18 @@ def test_rng_state_round_trip(tmp_path: Path, bit_generator: str) -> None:
     gen = np.random.Generator(getattr(np.random, bit_generator)(2024))
     gen.random(7)
     gen.integers(0, 10, size=3)  # leaves a buffered uint32 behind in some generators
-    save_checkpoint(tmp_path, {"rng": rng_state(gen)}, cursor=0)
-    restored = rng_from_state(load_checkpoint(tmp_path)[0]["rng"])
+    save_checkpoint(tmp_path, {"rng": rng_to_json(gen)}, cursor=0)
+    restored = rng_from_json(load_checkpoint(tmp_path)[0]["rng"])
     assert type(restored.bit_generator).__name__ == bit_generator
     assert restored.random(5).tolist() == gen.random(5).tolist()
     assert restored.integers(0, 1000, size=5).tolist() == gen.integers(0, 1000, size=5).tolist()
+
+
+def test_rng_state_has_no_integer_a_double_would_round() -> None:
+    state = rng_to_json(np.random.default_rng(7))
+    assert isinstance(state["state"]["state"], str) and state["state"]["state"].startswith("0x")
+    with pytest.raises(ValueError, match="unknown bit generator 'Nope'"):
+        rng_from_json({**state, "bit_generator": "Nope"})
 
 
 def test_golden_checkpoint_v1_still_reads() -> None:
@@ -179,7 +185,7 @@ def test_golden_checkpoint_v1_still_reads() -> None:
     assert state["note"] == "résumé ✓"
     expected = np.random.default_rng(1234)
     expected.random(5)
-    assert rng_from_state(state["rng"]).random(4).tolist() == expected.random(4).tolist()
+    assert rng_from_json(state["rng"]).random(4).tolist() == expected.random(4).tolist()
 
 
 # --------------------------------------------------------------------------- event log

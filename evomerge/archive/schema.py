@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "evomerge.archive"
 SCHEMA_VERSION = 1
-SPLITS = ("calibration", "test")
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

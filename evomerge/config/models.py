@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from evomerge.names import DType
+
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -84,7 +86,7 @@ class ResourcesConfig(BaseModel):
     cpus_per_worker: float = Field(default=1, gt=0)
     address: str | None = Field(default=None, description="join this Ray cluster (ray backend)")
     device: str = "auto"
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
+    dtype: Literal[DType, "auto"] = "auto"
     eval_timeout_s: float | None = Field(default=None, gt=0)
     threads_per_worker: int | None = Field(default=None, ge=1)
     sorted_magnitude_cache: bool | Literal["auto"] = Field(

@@ -114,7 +114,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     warm_start = None
     if cfg.space.warm_start is not None:
         warm_start = warm.prepare(cfg, template, models, space, x0_recipe, problem, factory, options)
-    reference = x0_recipe.base_model or x0_recipe.models[0].model
+    reference = x0_recipe.reference_model
     order = tuple(n for n in cfg.sources if n != reference)
     vocab = check_vocab(cfg, folders, reference, tokenizer_source, x0_recipe)
     spec = WorkerSpec(

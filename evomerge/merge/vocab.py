@@ -287,9 +287,7 @@ def plan_vocab(
 
 def recipe_plan(recipe: Any, folders: Mapping[str, Any]) -> VocabPlan:
     """The :class:`VocabPlan` of a recipe over its opened folders (base first)."""
-    from evomerge.merge.params import reference_model
-
-    return plan_vocab(folders, reference_model(recipe), recipe.tokenizer_source, recipe.pad_to_multiple_of)
+    return plan_vocab(folders, recipe.reference_model, recipe.tokenizer_source, recipe.pad_to_multiple_of)
 
 
 __all__ = [

@@ -17,7 +17,6 @@ from evomerge.scoring.base import (
     references_from,
 )
 from evomerge.scoring.suite import (
-    SPLITS,
     Example,
     Reference,
     Suite,
@@ -31,7 +30,6 @@ from evomerge.scoring.suite import (
 
 __all__ = [
     "SCORERS",
-    "SPLITS",
     "Example",
     "Reference",
     "ScoreOutput",

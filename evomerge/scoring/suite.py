@@ -31,12 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.names import SPLITS
 from evomerge.resources import read_text, resolve
 from evomerge.scoring.data import Example, check_answers, check_overlap, read_examples, reference_answer
 from evomerge.scoring.extract import AnswerMetric, ExtractMode
 
 __all__ = [
-    "SPLITS",
     "ChoiceTask",
     "Example",
     "GenerateTask",
@@ -58,8 +58,6 @@ __all__ = [
     "subset_examples",
 ]
 
-Split = Literal["calibration", "test"]
-SPLITS: tuple[Split, ...] = ("calibration", "test")
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _KINDS = ("generate", "choice", "perplexity", "lmeval")
 

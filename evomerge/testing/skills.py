@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import TaskDataError
+from evomerge.names import SPLITS
 
 logger = logging.getLogger(__name__)
 
 #: The stop string that ends every completion.
 STOP = "\n"
 #: Evaluation splits shipped for every skill, and the number of examples in each.
-SPLITS = ("calibration", "test")
 SPLIT_SIZE = 200
 _SPLIT_TAGS = {"calibration": "cal", "test": "test"}
 #: Seed of the evaluation splits; fixed so that the shipped files never depend on a zoo seed.
