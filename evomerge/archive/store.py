@@ -41,9 +41,9 @@ from evomerge.archive.schema import (
     where_clause,
 )
 from evomerge.errors import CheckpointError
+from evomerge.evaluation import Candidate, EvalResult
 from evomerge.names import SPLITS
 from evomerge.recipe import Recipe
-from evomerge.types import Candidate, EvalResult
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from evomerge.errors import BackendUnavailableError
+from evomerge.evaluation import EvalResult
 from evomerge.recipe import Recipe
-from evomerge.types import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,6 @@ class RayPool:
                     out.append((job, _failed(job, f"timed out after {self.timeout_s:.0f} s")))
         self._dispatch()
         return out
-
-    def kill_one(self) -> None:
-        """Kill a busy actor (fault-injection for tests and drills)."""
-        for actor, _, _ in self.running.values():
-            self.ray.kill(actor, no_restart=True)
-            return
 
     def close(self) -> None:
         for actor in self.idle + [a for a, _, _ in self.running.values()]:

@@ -16,7 +16,7 @@ import torch
 
 from evomerge.driver.pool import Job
 from evomerge.errors import EvomergeError
-from evomerge.types import EvalResult
+from evomerge.evaluation import EvalResult
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import ConfigError, OptimizerError
+from evomerge.evaluation import Candidate
 from evomerge.optim.problem import Observation, Problem, SegmentStructure, Told
 from evomerge.optim.scalarize import Scalarizer
 from evomerge.optim.state import (
@@ -46,7 +47,6 @@ from evomerge.optim.state import (
 )
 from evomerge.registry import Registry
 from evomerge.rng import rng_from_json, rng_to_json
-from evomerge.types import Candidate
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ states are encoded by :mod:`evomerge.rng`.
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from evomerge.errors import OptimizerError
-from evomerge.types import Candidate
-
-logger = logging.getLogger(__name__)
+from evomerge.evaluation import Candidate
 
 __all__ = [
     "candidate_from_json",

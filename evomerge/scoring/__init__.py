@@ -12,13 +12,9 @@ from evomerge.scoring.base import (
     ScoreOutput,
     Scorer,
     make_scorer,
-    normalize,
-    normalize_output,
-    references_from,
 )
 from evomerge.scoring.suite import (
     Example,
-    Reference,
     Suite,
     SuiteConfig,
     Task,
@@ -31,7 +27,6 @@ from evomerge.scoring.suite import (
 __all__ = [
     "SCORERS",
     "Example",
-    "Reference",
     "ScoreOutput",
     "Scorer",
     "Suite",
@@ -40,9 +35,6 @@ __all__ = [
     "build_suite",
     "load_suite",
     "make_scorer",
-    "normalize",
-    "normalize_output",
     "parse_suite_config",
-    "references_from",
     "subset_examples",
 ]

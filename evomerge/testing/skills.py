@@ -27,7 +27,6 @@ prompt of either split (see :func:`sample_training`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import string
@@ -38,8 +37,6 @@ from pathlib import Path
 
 from evomerge.errors import TaskDataError
 from evomerge.names import SPLITS
-
-logger = logging.getLogger(__name__)
 
 #: The stop string that ends every completion.
 STOP = "\n"

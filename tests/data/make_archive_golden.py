@@ -19,9 +19,9 @@ from evomerge.archive import SCHEMA_VERSION as ARCHIVE_VERSION
 from evomerge.archive import Archive
 from evomerge.checkpoint import SCHEMA_VERSION as CHECKPOINT_VERSION
 from evomerge.checkpoint import save_checkpoint
+from evomerge.evaluation import Candidate, EvalResult, TaskScores
 from evomerge.recipe import ModelEntry, Recipe
 from evomerge.rng import rng_to_json
-from evomerge.types import Candidate, EvalResult, TaskScores
 
 HERE = Path(__file__).resolve().parent
 
@@ -126,7 +126,7 @@ def write_checkpoint(folder: Path) -> None:
         "best_fitness": -math.inf,
         "note": "résumé ✓",
     }
-    save_checkpoint(folder, state, {"es.pickle": bytes(range(256))}, cursor=4)
+    save_checkpoint(folder, state, cursor=4)
 
 
 def main() -> int:
