@@ -28,12 +28,13 @@ from evomerge.driver import checks, warm
 from evomerge.driver.baselines import Baseline, baseline_recipes
 from evomerge.driver.lock import RunLock
 from evomerge.driver.loop import Driver, Settings
-from evomerge.driver.pool import LocalPool, Pool, RayPool, init_ray
+from evomerge.driver.pool import Pool
 from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
 from evomerge.merge.vocab import depends_on_models, effective_source, vocab_rows
+from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,8 @@ def make_pool(prep: Prepared, run_dir: Path) -> Pool:
     res = prep.cfg.resources
     # compiled merge kernels are cached inside the run folder (on a cluster: the same path on each node)
     spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / CACHE_DIR / "kernels").resolve()))
-    if res.backend == "local":
-        return LocalPool(Worker(spec))
-    init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
-             num_gpus=None, temp_dir=None)
-    return RayPool(functools.partial(Worker, spec), res.workers, num_cpus=res.cpus_per_worker,
-                   num_gpus=res.gpus_per_worker, timeout_s=res.eval_timeout_s)
+    pool: Pool = POOLS.get(res.backend)(functools.partial(Worker, spec), res)
+    return pool
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
