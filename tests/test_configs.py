@@ -51,7 +51,7 @@ def test_retired_fields_are_refused_in_a_config_but_a_run_folder_holding_them_st
     import yaml
 
     from evomerge.config import RunConfig
-    from evomerge.driver.run import CONFIG_FILE, load_run
+    from evomerge.config.load import CONFIG_FILE, load_run
     from evomerge.errors import ConfigError
 
     doc = {"name": "x", "sources": {"a": "/m/a", "b": "/m/b"}, "space": {"template": "builtin:ties-per-layer"},

@@ -23,7 +23,7 @@ import yaml
 
 from evomerge.archive import Archive
 from evomerge.config import RunConfig, load_run_config
-from evomerge.config.load import format_validation_error
+from evomerge.config.load import CONFIG_FILE, load_run
 from evomerge.driver import checks, warm
 from evomerge.driver.baselines import Baseline, baseline_recipes
 from evomerge.driver.lock import RunLock
@@ -33,13 +33,13 @@ from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
-from evomerge.merge.vocab import depends_on_models, effective_source, vocab_rows
+from evomerge.io.folder import vocab_rows
+from evomerge.merge.vocab import depends_on_models, effective_source
 from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.resolved.yaml"
 
 
 @dataclass
@@ -269,28 +269,6 @@ def start_run(
     finally:
         pool.close()
     return run_dir
-
-
-def load_run(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
-    from pydantic import ValidationError
-
-    data = yaml.safe_load(path.read_text())
-    for section, key in RETIRED_FIELDS:  # written by earlier versions into every resolved config
-        if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
-            log.debug("%s: ignoring %s.%s (no longer a config field)", path, section, key)
-            del data[section][key]
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
-
-
-#: Fields earlier versions accepted (and wrote into config.resolved.yaml) without acting on them; a run folder
-#: holding them still loads, a new config setting them is refused naming the field.
-RETIRED_FIELDS = (("fitness", "normalize"), ("fitness", "allow_test_split"))
 
 
 def resume_run(

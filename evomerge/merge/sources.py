@@ -12,8 +12,9 @@ import torch
 
 from evomerge.errors import MaterializeError
 from evomerge.io.arch import TensorRole
+from evomerge.io.folder import vocab_rows
 from evomerge.merge.methods.sparsify import magnitude_order
-from evomerge.merge.vocab import VocabPlan, depends_on_models, effective_source, vocab_rows
+from evomerge.merge.vocab import VocabPlan, depends_on_models, effective_source
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:

@@ -37,28 +37,12 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, SourceMismatchError
+from evomerge.io.folder import vocab_rows
 
 log = logging.getLogger(__name__)
 
 VOCAB_KINDS = ("embed", "lm_head")
 KEYWORDS = ("base", "union")
-
-
-def _configs(folder: Any) -> list[dict[str, Any]]:
-    nested = folder.config.get("text_config")
-    return [folder.config, nested] if isinstance(nested, dict) else [folder.config]
-
-
-def vocab_rows(folder: Any) -> int | None:
-    """Rows of the model's input embedding: the config's ``vocab_size``, else the largest ``embed`` row count."""
-    from evomerge.io import tensor_role
-
-    for cfg in _configs(folder):
-        if isinstance(cfg.get("vocab_size"), int):
-            return int(cfg["vocab_size"])
-    rows = [folder.shape(n)[0] for n in folder.tensor_names
-            if tensor_role(n, folder.model_type).kind == "embed" and len(folder.shape(n)) == 2]
-    return max(rows) if rows else None
 
 
 def vocab_tensors(folder: Any) -> list[str]:
@@ -300,6 +284,5 @@ __all__ = [
     "recipe_plan",
     "set_vocab_size",
     "tokenizer_donor",
-    "vocab_rows",
     "vocab_tensors",
 ]

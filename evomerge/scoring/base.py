@@ -1,4 +1,4 @@
-"""The scorer contract, its registry, the result type, and score normalization.
+"""The scorer contract, its registry and the result type.
 
 A scorer evaluates one model on a loaded :class:`~evomerge.scoring.suite.Suite` and returns, for every
 task, the per-example scores (higher is better) in a :class:`ScoreOutput`. Construct one by name::
