@@ -4,12 +4,14 @@ A checkpoint is one JSON document, ``<run_dir>/checkpoint.json``::
 
     {"format": "evomerge.checkpoint", "schema_version": 1, "checksum": "sha256:<hex>",
      "payload": {"created": <unix time>, "cursor": <evaluations in the archive>,
-                 "state": {...}, "blobs": {"<name>": "<base64>"}}}
+                 "state": {...}, "blobs": {}}}
 
 ``checksum`` is the SHA-256 of the payload serialized canonically (sorted keys, no spaces), so a
 truncated, edited or damaged file is detected. ``state`` must be JSON-safe (dicts with string keys,
 lists, str, int, float, bool, None; NaN and infinities are allowed) so that it reads back exactly;
-opaque third-party objects (a pickled CMA-ES) go in ``blobs``.
+opaque third-party objects (a pickled CMA-ES) are base64 text inside it (see :mod:`evomerge.optim.state`).
+``blobs`` is always written empty and never read: it keeps the document readable by versions that
+required it.
 
 Saving writes a temporary file in the same folder, fsyncs it, moves the current checkpoint to
 ``checkpoint.prev.json`` and the new file into place with ``os.replace``. A crash at any step leaves
@@ -23,8 +25,6 @@ found again by the archive's cache).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -53,10 +53,9 @@ _TMP_SUFFIX = ".tmp"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint as read back: the state, the blobs, the archive cursor and where it came from."""
+    """A checkpoint as read back: the state, the archive cursor and where it came from."""
 
     state: dict[str, Any]
-    blobs: dict[str, bytes]
     cursor: int
     created: float
     path: Path
@@ -94,43 +93,6 @@ def _canonical(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
 
 
-# ---------------------------------------------------------------------- RNG helpers
-def _encode_rng(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": value.dtype.str}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _encode_rng(v) for k, v in value.items()}
-    return value
-
-
-def _decode_rng(value: Any) -> Any:
-    if isinstance(value, dict):
-        if "__ndarray__" in value:
-            return np.asarray(value["__ndarray__"], dtype=np.dtype(value["dtype"]))
-        return {k: _decode_rng(v) for k, v in value.items()}
-    return value
-
-
-def rng_state(gen: np.random.Generator) -> dict[str, Any]:
-    """The JSON-safe state of a numpy Generator (any bit generator); see :func:`rng_from_state`."""
-    state: dict[str, Any] = _encode_rng(gen.bit_generator.state)
-    return state
-
-
-def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:
-    """A new Generator continuing exactly where the one passed to :func:`rng_state` stood."""
-    decoded = _decode_rng(dict(state))
-    name = decoded.get("bit_generator")
-    cls = getattr(np.random, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, np.random.BitGenerator)):
-        raise CheckpointError(f"RNG state names an unknown bit generator {name!r}")
-    bit_gen = cls()
-    bit_gen.state = decoded
-    return np.random.Generator(bit_gen)
-
-
 # ---------------------------------------------------------------------- saving
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -155,11 +117,10 @@ def _write_file(path: Path, data: bytes) -> None:
 def save_checkpoint(
     run_dir: str | Path,
     state: Mapping[str, Any],
-    blobs: Mapping[str, bytes] | None = None,
     *,
     cursor: int,
 ) -> Path:
-    """Write ``state`` and ``blobs`` atomically as ``run_dir/checkpoint.json``; return its path.
+    """Write ``state`` atomically as ``run_dir/checkpoint.json``; return its path.
 
     ``cursor`` is the number of evaluations in the archive that this state accounts for. The
     previous checkpoint is kept as ``checkpoint.prev.json``. ``TypeError`` if ``state`` is not
@@ -170,12 +131,7 @@ def save_checkpoint(
     check_json_safe(state)
     if isinstance(cursor, bool) or not isinstance(cursor, (int, np.integer)) or cursor < 0:
         raise ValueError(f"cursor must be a non-negative int, got {cursor!r}")
-    encoded: dict[str, str] = {}
-    for name, blob in (blobs or {}).items():
-        if not isinstance(name, str) or not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise TypeError(f"blob {name!r}: blobs map names (str) to bytes")
-        encoded[name] = base64.b64encode(bytes(blob)).decode("ascii")
-    payload = {"created": time.time(), "cursor": int(cursor), "state": state, "blobs": encoded}
+    payload = {"created": time.time(), "cursor": int(cursor), "state": state, "blobs": {}}
     body = _canonical(payload)
     document = {
         "format": FORMAT,
@@ -231,14 +187,13 @@ def _parse(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch")
     try:
         cursor, state, created = payload["cursor"], payload["state"], float(payload["created"])
-        blobs = {name: base64.b64decode(text, validate=True) for name, text in payload["blobs"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: malformed payload ({e})") from e
     if not isinstance(cursor, int) or cursor < 0 or not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: malformed payload (cursor {cursor!r})")
     if not math.isfinite(created):
         raise CheckpointError(f"checkpoint {path}: malformed payload (created {created!r})")
-    return Checkpoint(state, blobs, cursor, created, path, version)
+    return Checkpoint(state, cursor, created, path, version)
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -263,23 +218,6 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         logger.warning("checkpoint %s is missing; resuming from %s", current, previous)
         return _parse(previous)
     return None
-
-
-def load_checkpoint(
-    run_dir: str | Path, *, archive_len: int | None = None
-) -> tuple[dict[str, Any], dict[str, bytes]] | None:
-    """``(state, blobs)`` of the latest checkpoint of ``run_dir``, or None if there is none.
-
-    With ``archive_len`` (the number of evaluations in the run's archive), an archive holding fewer
-    evaluations than the checkpoint's cursor raises :class:`CheckpointError`: the two do not belong
-    together.
-    """
-    ckpt = read_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    if archive_len is not None:
-        check_cursor(ckpt, archive_len)
-    return ckpt.state, ckpt.blobs
 
 
 def check_cursor(ckpt: Checkpoint, archive_len: int) -> None:

@@ -166,7 +166,7 @@ def _progress_printer(total: int | None) -> Any:
 
 
 def _finish(run_dir: Path, export: bool) -> None:
-    from evomerge.archive.report import write_report
+    from evomerge.report import write_report
     from evomerge.results import RunResults
 
     res = RunResults(run_dir)
@@ -219,7 +219,8 @@ def resume(
     export: Annotated[bool, typer.Option(help="Export the best merge at the end.")] = True,
 ) -> None:
     """Continue a stopped or killed run where it stopped (nothing lost, nothing repeated)."""
-    from evomerge.driver.run import load_run, resume_run
+    from evomerge.config.load import load_run
+    from evomerge.driver.run import resume_run
 
     cfg = load_run(run_dir)
     prog, update = _progress_printer(cfg.budget.evaluations)
@@ -263,7 +264,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/report).")] = None,
 ) -> None:
     """PNG plots (Pareto front, best and hypervolume over evaluations) and a markdown table."""
-    from evomerge.archive.report import write_report
+    from evomerge.report import write_report
 
     typer.echo(f"report written to {write_report(run_dir, out)}")
 

@@ -58,7 +58,6 @@ def export_run(run_dir: str | Path, *, pick: str = "best", out: str | Path | Non
 def _export(res: RunResults, picked: list[Any], out_root: Path) -> list[Path]:
     from evomerge.io import ModelFolder, tensor_role
     from evomerge.merge.materialize import materialize_to_disk
-    from evomerge.merge.params import Role
     from evomerge.mergekit_compat import to_mergekit_yaml
 
     written = []
@@ -67,9 +66,8 @@ def _export(res: RunResults, picked: list[Any], out_root: Path) -> list[Path]:
         recipe = rec.recipe.model_copy(update={"sources": dict(res.cfg.sources)})
         path = materialize_to_disk(recipe, target, overwrite=True, card_extra=_card(res, rec))
         (path / "recipe.yaml").write_text(recipe.to_yaml())
-        folder = ModelFolder.open(Path(res.cfg.sources[recipe.base_model or recipe.models[0].model]))
-        tensors = [(n, Role(tensor_role(n, folder.model_type).layer, tensor_role(n, folder.model_type).kind))
-                   for n in folder.tensor_names]
+        folder = ModelFolder.open(Path(res.cfg.sources[recipe.reference_model]))
+        tensors = [(n, tensor_role(n, folder.model_type)) for n in folder.tensor_names]
         try:
             mk = to_mergekit_yaml(recipe, tensors=tensors, num_layers=folder.num_layers,
                                   model_type=folder.model_type)

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.merge.params import Role, evaluate
+from evomerge.io.arch import TensorRole
+from evomerge.merge.params import evaluate
 from evomerge.recipe import MERGED, ModelEntry, ParamValue, Recipe, RouteStep, Routing
 
 #: Substring filters that select a module kind in each naming family (first match wins in mergekit).
@@ -69,7 +70,7 @@ def _mk_eval(setting: Any, name: str, t: float) -> Any:
 
 # ------------------------------------------------------------------------------------- export
 def _export_value(
-    name: str, value: ParamValue, filters: dict[str, tuple[str, ...]], tensors: Sequence[tuple[str, Role]],
+    name: str, value: ParamValue, filters: dict[str, tuple[str, ...]], tensors: Sequence[tuple[str, TensorRole]],
     num_layers: int,
 ) -> Any:
     if not isinstance(value, dict):
@@ -102,7 +103,7 @@ def _export_value(
 
 def _shadowed(
     kind: str, later: Sequence[str], value: dict[str, Any], filters: dict[str, tuple[str, ...]],
-    tensors: Sequence[tuple[str, Role]],
+    tensors: Sequence[tuple[str, TensorRole]],
 ) -> bool:
     """Whether a tensor of ``kind`` (which takes the default) would match a later kind's filter first."""
     later_filters = [f for k in later if k in value for f in filters[k]]
@@ -112,7 +113,7 @@ def _shadowed(
 def to_mergekit_yaml(
     recipe: Recipe,
     *,
-    tensors: Sequence[tuple[str, Role]] = (),
+    tensors: Sequence[tuple[str, TensorRole]] = (),
     num_layers: int = 1,
     model_type: str | None = None,
 ) -> str:

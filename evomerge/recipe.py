@@ -26,7 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MODULE_KINDS = ("embed", "attn", "mlp", "norm", "lm_head", "other")
+from evomerge.names import MODULE_KINDS, DType
+
 MERGED = "@merge"
 
 Scalar = float | bool
@@ -95,7 +96,7 @@ class Recipe(BaseModel):
     models: tuple[ModelEntry, ...] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DType | None = None
     seed: int = 0
     #: Output vocabulary: ``base``, ``union`` or a model name (see :mod:`evomerge.merge.vocab`); unset: as stored.
     tokenizer_source: str | None = None
@@ -154,6 +155,11 @@ class Recipe(BaseModel):
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         return cls.model_validate(yaml.load(text, Loader=_Loader))
+
+    @property
+    def reference_model(self) -> str:
+        """The model task vectors are taken from: ``base_model``, else the first listed model."""
+        return self.base_model if self.base_model else self.models[0].model
 
     @property
     def model_names(self) -> list[str]:

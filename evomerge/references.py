@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from evomerge.types import EvalResult
+from evomerge.evaluation import EvalResult
 
 #: Below this reference range a task is only shifted (``value - low``), not scaled.
 MIN_RANGE = 1e-9

@@ -37,7 +37,7 @@ class RunResults:
     """A read-only view of a run (see the module docstring)."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        from evomerge.driver.run import load_run
+        from evomerge.config.load import load_run
 
         self.run_dir = Path(run_dir)
         self.cfg = load_run(self.run_dir)

@@ -27,12 +27,12 @@ import numpy as np
 from evomerge.archive import Archive
 from evomerge.driver.loop import Driver, Settings
 from evomerge.driver.pool import Job
+from evomerge.evaluation import EvalResult, TaskScores
 from evomerge.events import EventLog
 from evomerge.optim import OPTIMIZERS
 from evomerge.optim.base import Problem
 from evomerge.spaces.base import SpaceModels, build_space
 from evomerge.spaces.template import load_template
-from evomerge.types import EvalResult, TaskScores
 
 TASKS = ["t1", "t2"]
 

@@ -182,8 +182,8 @@ def warm_overrides(template: str, lam: float) -> dict[str, Any]:
 def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals: int, out_dir: Path,
                ta_best: tuple[float, dict[str, float]]) -> dict[str, Any]:
     """Run (or reread) one search; ``ta_best`` is (λ, calibration means) of task arithmetic at the best λ."""
-    from evomerge.archive.report import write_report
     from evomerge.events import read_events
+    from evomerge.report import write_report
     from evomerge.results import RunResults
 
     template = search.template or prob.template

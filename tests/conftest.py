@@ -4,6 +4,7 @@
 * ``zoo_test``: the manifest of a ``test``-size tiny model zoo (base, one expert per skill, multitask),
   built once per session. Set ``EVOMERGE_ZOO_CACHE`` to a folder to keep it between sessions; it is
   rebuilt there only when the zoo recipe, size or seed changes.
+* ``isolated_hf``: ``HF_HOME`` in a temporary folder (lm-eval caches datasets there) and one torch thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
+
+
+@pytest.fixture
+def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Hugging Face caches in a temporary folder, and one torch thread, for the test's duration."""
+    from evomerge.scoring.base import torch_threads
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

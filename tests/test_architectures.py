@@ -35,9 +35,9 @@ from typer.testing import CliRunner
 from evomerge.cli import app
 from evomerge.errors import ConfigError, MaterializeError, SourceMismatchError
 from evomerge.io import ModelFolder, tensor_role
+from evomerge.io.arch import TensorRole
 from evomerge.merge.live import live_targets
 from evomerge.merge.materialize import InPlaceMerger, materialize_state_dict, materialize_to_disk
-from evomerge.merge.params import Role
 from evomerge.merge.routing import live_routed_model, routed_config_patch
 from evomerge.merge.sources import ResidentSources
 from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
@@ -282,7 +282,7 @@ def test_per_layer_space_genes_reach_their_tensors(zoo, family):
             want = want + values[f"weight[{m}].{slot}.{where}"] * (sd[m][name].double() - sd["base"][name].double())
         torch.testing.assert_close(tensor.double(), want, rtol=1e-5, atol=1e-6, msg=name)
     # the same merge as mergekit YAML (norms such as q_norm and MoE experts need their own filters)
-    tensors = [(n, Role(*_expected_role(n))) for n in folders["base"].tensor_names]
+    tensors = [(n, TensorRole(*_expected_role(n))) for n in folders["base"].tensor_names]
     text = to_mergekit_yaml(recipe, tensors=tensors, num_layers=LAYERS, model_type=folders["base"].model_type)
     again = materialize_state_dict(from_mergekit_yaml(text).model_copy(update={"sources": paths}))
     assert all(torch.equal(again[n], t) for n, t in merged.items())

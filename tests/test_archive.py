@@ -17,8 +17,8 @@ import pytest
 
 from evomerge.archive import Archive, Record, hypervolume, hypervolume_history, pareto_front
 from evomerge.errors import CheckpointError
+from evomerge.evaluation import Candidate, EvalResult, TaskScores
 from evomerge.recipe import ModelEntry, Recipe
-from evomerge.types import Candidate, EvalResult, TaskScores
 
 DATA = Path(__file__).parent / "data"
 

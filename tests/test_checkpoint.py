@@ -14,14 +14,13 @@ import evomerge.checkpoint as ckpt_mod
 from evomerge.checkpoint import (
     CHECKPOINT_FILE,
     PREVIOUS_FILE,
-    load_checkpoint,
+    check_cursor,
     read_checkpoint,
-    rng_from_state,
-    rng_state,
     save_checkpoint,
 )
 from evomerge.errors import CheckpointError
 from evomerge.events import EventLog, read_events
+from evomerge.rng import rng_from_json, rng_to_json
 
 DATA = Path(__file__).parent / "data"
 
@@ -35,13 +34,11 @@ def test_round_trip(tmp_path: Path) -> None:
         "flags": [True, False, None],
         "text": 'niche ✓ \n "quoted"',
     }
-    blobs = {"es.pickle": bytes(range(256)) * 3, "empty": b""}
-    path = save_checkpoint(tmp_path, state, blobs, cursor=12)
+    path = save_checkpoint(tmp_path, state, cursor=12)
     assert path == tmp_path / CHECKPOINT_FILE
-    loaded = load_checkpoint(tmp_path)
+    loaded = read_checkpoint(tmp_path)
     assert loaded is not None
-    got_state, got_blobs = loaded
-    assert got_blobs == blobs
+    got_state = loaded.state
     assert math.isnan(got_state.pop("undefined"))
     assert got_state == {k: v for k, v in state.items() if k != "undefined"}
     assert got_state["optimizer"]["mean"][2] == 5e-324
@@ -51,14 +48,14 @@ def test_round_trip(tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_is_none(tmp_path: Path) -> None:
-    assert load_checkpoint(tmp_path) is None
+    assert read_checkpoint(tmp_path) is None
     assert read_checkpoint(tmp_path / "nope") is None
 
 
 def test_previous_checkpoint_is_kept(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, {"generation": 1}, cursor=4)
     save_checkpoint(tmp_path, {"generation": 2}, cursor=8)
-    assert load_checkpoint(tmp_path)[0] == {"generation": 2}
+    assert read_checkpoint(tmp_path).state == {"generation": 2}
     prev = json.loads((tmp_path / PREVIOUS_FILE).read_text())
     assert prev["payload"]["state"] == {"generation": 1} and prev["payload"]["cursor"] == 4
 
@@ -74,7 +71,7 @@ def test_crash_while_writing_keeps_old_checkpoint(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(ckpt_mod, "_write_file", torn_write)
     with pytest.raises(OSError, match="mid-write"):
         save_checkpoint(tmp_path, {"generation": 2}, cursor=8)
-    assert load_checkpoint(tmp_path)[0] == {"generation": 1}
+    assert read_checkpoint(tmp_path).state == {"generation": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
 
 
@@ -100,7 +97,7 @@ def test_crash_between_renames_falls_back_to_previous(
     assert ck.state == {"generation": 1} and ck.path.name == PREVIOUS_FILE
     (tmp_path / ".checkpoint.999.beef.tmp").write_bytes(b"{}")  # what a SIGKILL would leave behind
     save_checkpoint(tmp_path, {"generation": 2}, cursor=8)
-    assert load_checkpoint(tmp_path)[0] == {"generation": 2}
+    assert read_checkpoint(tmp_path).state == {"generation": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, PREVIOUS_FILE]
 
 
@@ -115,11 +112,11 @@ def test_crash_between_renames_falls_back_to_previous(
     ],
 )
 def test_damaged_checkpoint_names_the_file(tmp_path: Path, damage, message: str) -> None:
-    save_checkpoint(tmp_path, {"generation": 3}, {"b": b"xyz"}, cursor=1)
+    save_checkpoint(tmp_path, {"generation": 3}, cursor=1)
     path = tmp_path / CHECKPOINT_FILE
     path.write_text(damage(path.read_text()))
     with pytest.raises(CheckpointError, match=message) as err:
-        load_checkpoint(tmp_path)
+        read_checkpoint(tmp_path)
     assert str(path) in str(err.value)
 
 
@@ -128,15 +125,16 @@ def test_damaged_checkpoint_points_at_previous(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, {"generation": 2}, cursor=2)
     (tmp_path / CHECKPOINT_FILE).write_text("{")
     with pytest.raises(CheckpointError, match=PREVIOUS_FILE.replace(".", r"\.")):
-        load_checkpoint(tmp_path)
+        read_checkpoint(tmp_path)
 
 
 def test_cursor_must_not_exceed_archive(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, {"g": 1}, cursor=10)
-    assert load_checkpoint(tmp_path, archive_len=10)[0] == {"g": 1}
-    assert load_checkpoint(tmp_path, archive_len=13)[0] == {"g": 1}
+    ck = read_checkpoint(tmp_path)
+    check_cursor(ck, 10)
+    check_cursor(ck, 13)
     with pytest.raises(CheckpointError, match="10 evaluations but the archive holds only 9"):
-        load_checkpoint(tmp_path, archive_len=9)
+        check_cursor(ck, 9)
     with pytest.raises(ValueError, match="cursor"):
         save_checkpoint(tmp_path, {}, cursor=-1)
 
@@ -162,24 +160,30 @@ def test_rng_state_round_trip(tmp_path: Path, bit_generator: str) -> None:
     gen = np.random.Generator(getattr(np.random, bit_generator)(2024))
     gen.random(7)
     gen.integers(0, 10, size=3)  # leaves a buffered uint32 behind in some generators
-    save_checkpoint(tmp_path, {"rng": rng_state(gen)}, cursor=0)
-    restored = rng_from_state(load_checkpoint(tmp_path)[0]["rng"])
+    save_checkpoint(tmp_path, {"rng": rng_to_json(gen)}, cursor=0)
+    restored = rng_from_json(read_checkpoint(tmp_path).state["rng"])
     assert type(restored.bit_generator).__name__ == bit_generator
     assert restored.random(5).tolist() == gen.random(5).tolist()
     assert restored.integers(0, 1000, size=5).tolist() == gen.integers(0, 1000, size=5).tolist()
 
 
+def test_rng_state_has_no_integer_a_double_would_round() -> None:
+    state = rng_to_json(np.random.default_rng(7))
+    assert isinstance(state["state"]["state"], str) and state["state"]["state"].startswith("0x")
+    with pytest.raises(ValueError, match="unknown bit generator 'Nope'"):
+        rng_from_json({**state, "bit_generator": "Nope"})
+
+
 def test_golden_checkpoint_v1_still_reads() -> None:
     ck = read_checkpoint(DATA / "checkpoint_v1")
     assert ck is not None and ck.cursor == 4 and ck.schema_version == 1
-    assert ck.blobs == {"es.pickle": bytes(range(256))}
     state = ck.state
     assert state["optimizer"] == {"name": "cma_es", "generation": 3, "sigma": 0.3, "mean": [0.25, 0.75]}
     assert state["next_candidate_id"] == 4 and state["best_fitness"] == -math.inf
     assert state["note"] == "résumé ✓"
     expected = np.random.default_rng(1234)
     expected.random(5)
-    assert rng_from_state(state["rng"]).random(4).tolist() == expected.random(4).tolist()
+    assert rng_from_json(state["rng"]).random(4).tolist() == expected.random(4).tolist()
 
 
 # --------------------------------------------------------------------------- event log

@@ -51,7 +51,7 @@ def test_retired_fields_are_refused_in_a_config_but_a_run_folder_holding_them_st
     import yaml
 
     from evomerge.config import RunConfig
-    from evomerge.driver.run import CONFIG_FILE, load_run
+    from evomerge.config.load import CONFIG_FILE, load_run
     from evomerge.errors import ConfigError
 
     doc = {"name": "x", "sources": {"a": "/m/a", "b": "/m/b"}, "space": {"template": "builtin:ties-per-layer"},
@@ -65,3 +65,18 @@ def test_retired_fields_are_refused_in_a_config_but_a_run_folder_holding_them_st
     (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="fitness.unknown: unknown key"):
         load_run(tmp_path)
+
+
+def test_pool_backends_come_from_the_registry():
+    from pydantic import ValidationError
+
+    from evomerge.config.models import ResourcesConfig
+    from evomerge.driver.pool import LocalPool
+    from evomerge.pools import POOLS
+
+    assert POOLS.names() == ["local", "ray"]
+    assert ResourcesConfig.model_json_schema()["properties"]["backend"]["enum"] == ["local", "ray"]
+    with pytest.raises(ValidationError, match="unknown pool backend 'slurm'; valid names: local, ray"):
+        ResourcesConfig(backend="slurm")
+    pool = POOLS.get("local")(lambda: "worker", ResourcesConfig())
+    assert isinstance(pool, LocalPool) and pool.evaluator == "worker" and pool.free() == 1

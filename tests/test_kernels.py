@@ -116,8 +116,8 @@ def test_non_finite_result_is_reported():
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
+    from evomerge.io.arch import TensorRole
     from evomerge.merge.materialize import MergePlan, merge_tensor
-    from evomerge.merge.params import Role
     from evomerge.recipe import Recipe
 
     def broken():
@@ -131,7 +131,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         {"model": m, "parameters": {"weight": 0.5}} for m in ("x", "y", "z")]})
     plan = MergePlan.build(recipe, num_layers=1)
     with fused_kernels(True, min_numel=1024):
-        out = merge_tensor(plan, "t", Role(None, "other"), base, deltas)
+        out = merge_tensor(plan, "t", TensorRole(None, "other"), base, deltas)
         enabled, reason = fused_status()
         assert enabled is False and "no C++ compiler found" in reason and "\n" not in reason
     assert torch.equal(out, METHODS.get("task_arithmetic").fn(base, deltas, {"weight": [0.5] * 3}, {}))

@@ -175,10 +175,9 @@ def test_bad_recipe_parameters_name_the_field(family):
 
 def test_mergekit_yaml_round_trip(family):
     from evomerge.io import ModelFolder, tensor_role
-    from evomerge.merge.params import Role
 
     folder = ModelFolder.open(family["base"])
-    tensors = [(n, Role(*(lambda r: (r.layer, r.kind))(tensor_role(n, folder.model_type)))) for n in folder.tensor_names]
+    tensors = [(n, tensor_role(n, folder.model_type)) for n in folder.tensor_names]
     r = Recipe.model_validate(dict(
         method="ties", base_model=str(family["base"]),
         models=[{"model": str(family["a"]), "parameters": {"weight": {"attn": [0.2, 0.9], "mlp": 0.4, "default": 1.0},

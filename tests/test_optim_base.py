@@ -9,7 +9,6 @@ import pytest
 
 from evomerge.errors import ConfigError, OptimizerError
 from evomerge.optim import OPTIMIZERS, Observation, Problem, Scalarizer, SegmentStructure
-from evomerge.types import EvalResult, TaskScores
 
 
 def test_problem_validation():
@@ -32,24 +31,6 @@ def test_problem_validation():
         SegmentStructure(n_seeds=2, n_segments=1, gram=np.array([[[1.0, 0.5], [0.0, 1.0]]]))
     with pytest.raises(ConfigError, match="sizes"):
         SegmentStructure(n_seeds=2, n_segments=1, gram=np.stack([np.eye(2)]), sizes=[0])
-
-
-def test_observation_from_eval_result():
-    result = EvalResult(
-        candidate_id=4,
-        status="ok",
-        tasks={
-            "b": TaskScores(("x", "y"), np.array([1.0, 0.0])),
-            "a": TaskScores(("z",), np.array([0.25])),
-        },
-    )
-    obs = Observation.from_result(result, ("a", "b"))
-    assert obs.candidate_id == 4 and obs.ok
-    np.testing.assert_allclose(obs.objectives, [0.25, 0.5])
-    np.testing.assert_allclose(obs.per_example, [0.25, 1.0, 0.0])
-    assert not Observation.from_result(EvalResult(candidate_id=5, status="failed", error="boom"), ("a",)).ok
-    with pytest.raises(OptimizerError, match="'c'"):
-        Observation.from_result(result, ("a", "c"))
 
 
 def test_scalarizations():

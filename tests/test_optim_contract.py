@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError, OptimizerError
+from evomerge.evaluation import Candidate
 from evomerge.optim import BASELINE, BUDGET, MULTIOBJECTIVE, OPTIMIZERS, Observation, Problem
-from evomerge.types import Candidate
 
 ALL = OPTIMIZERS.names()
 SEARCHERS = [n for n in ALL if BASELINE not in OPTIMIZERS.capabilities(n)]

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.merge.params import Role, evaluate
+from evomerge.io.arch import TensorRole
+from evomerge.merge.params import evaluate
 from evomerge.recipe import Recipe
 from evomerge.registry import Registry
 
@@ -65,18 +66,18 @@ def test_recipe_is_frozen():
 def test_param_evaluation_gradients_and_kinds():
     L = 5
     # gradient interpolates across layers; tensors outside layers use t=0 (mergekit)
-    assert evaluate([0.0, 1.0], Role(0, "attn"), L) == 0.0
-    assert evaluate([0.0, 1.0], Role(4, "attn"), L) == 1.0
-    assert evaluate([0.0, 1.0], Role(2, "mlp"), L) == pytest.approx(0.5)
-    assert evaluate([0.0, 1.0], Role(None, "lm_head"), L) == 0.0
+    assert evaluate([0.0, 1.0], TensorRole(0, "attn"), L) == 0.0
+    assert evaluate([0.0, 1.0], TensorRole(4, "attn"), L) == 1.0
+    assert evaluate([0.0, 1.0], TensorRole(2, "mlp"), L) == pytest.approx(0.5)
+    assert evaluate([0.0, 1.0], TensorRole(None, "lm_head"), L) == 0.0
     # a list as long as the layers gives one value per layer
     vals = [0.1, 0.2, 0.3, 0.4, 0.5]
-    assert [evaluate(vals, Role(i, "mlp"), L) for i in range(L)] == pytest.approx(vals)
+    assert [evaluate(vals, TensorRole(i, "mlp"), L) for i in range(L)] == pytest.approx(vals)
     kinds = {"attn": [0.0, 1.0], "default": 0.7}
-    assert evaluate(kinds, Role(4, "attn"), L) == 1.0
-    assert evaluate(kinds, Role(4, "mlp"), L) == 0.7
+    assert evaluate(kinds, TensorRole(4, "attn"), L) == 1.0
+    assert evaluate(kinds, TensorRole(4, "mlp"), L) == 0.7
     with pytest.raises(ConfigError, match="kind 'mlp'"):
-        evaluate({"attn": 1.0}, Role(1, "mlp"), L)
+        evaluate({"attn": 1.0}, TensorRole(1, "mlp"), L)
 
 
 def test_registry_collisions_unknown_names_and_capabilities():

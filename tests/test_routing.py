@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from evomerge.errors import MaterializeError
@@ -17,7 +19,6 @@ from evomerge.merge.routing import (
     live_routed_model,
     routed_config_patch,
     routed_state_dict,
-    save_routed_model,
 )
 from evomerge.recipe import ModelEntry, Recipe, RouteStep, Routing
 from evomerge.spaces import SpaceModels, build_space, parse_template
@@ -65,11 +66,20 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def _export(pair, routing: Routing, out: Path) -> torch.nn.Module:
-    sds = {k: m.state_dict() for k, m in pair["models"].items()}
-    frame = pair["models"]["a"]
-    save_routed_model(out, routing, lambda m, n: sds[m][n], list(sds["a"]), frame.config.to_dict())
+def _save_routed(out: Path, routing: Routing, models: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """The routed model written as a plain HF folder by the export functions, loaded back."""
+    sds = {k: m.state_dict() for k, m in models.items()}
+    config = models[routing.frame].config.to_dict()
+    names = list(sds[routing.frame])
+    tensors = routed_state_dict(routing, lambda m, n: sds[m][n], names, model_type=config["model_type"])
+    out.mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in tensors}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, **routed_config_patch(routing, config, names)}))
     return AutoModelForCausalLM.from_pretrained(out).eval()
+
+
+def _export(pair, routing: Routing, out: Path) -> torch.nn.Module:
+    return _save_routed(out, routing, pair["models"])
 
 
 def _steps(*spec: tuple[str, int, float]) -> tuple[RouteStep, ...]:
@@ -107,10 +117,8 @@ def test_live_routed_model_equals_its_exported_folder(pair, tmp_path):
 
 def test_scale_folding_is_exact_up_to_the_norm_epsilon(tmp_path):
     models = {"a": _llama(1, eps=1e-2), "b": _llama(2, eps=1e-2)}
-    sds = {k: m.state_dict() for k, m in models.items()}
     live = build_routed_model(models["a"], models, ROUTE)
-    save_routed_model(tmp_path / "eps", ROUTE, lambda m, n: sds[m][n], list(sds["a"]), models["a"].config.to_dict())
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "eps").eval()
+    exported = _save_routed(tmp_path / "eps", ROUTE, models)
     diff = (_logits(exported, _ids()) - _logits(live, _ids())).abs().max()
     assert diff > 1e-4  # a large epsilon breaks the scale invariance the folding relies on
 

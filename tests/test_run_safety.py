@@ -154,7 +154,7 @@ def test_a_killed_report_or_export_leaves_no_half_written_folder_and_resume_fini
         export_mod.export_run(run_dir)
     assert not (run_dir / "export").exists()
     monkeypatch.setattr(export_mod, "_card", orig)
-    import evomerge.archive.report as report_mod
+    import evomerge.report as report_mod
 
     monkeypatch.setattr(report_mod, "hypervolume_history", crash)
     with pytest.raises(Crash):

@@ -19,18 +19,10 @@ from evomerge.scoring.base import torch_threads
 from evomerge.testing.tokenizer import build_tokenizer
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.usefixtures("isolated_hf")
 
 LMEVAL_YAML = builtin_dir("fitness") / "lmeval" / "zoo_add.yaml"
 MAX_NEW = 10  # max_gen_toks of the shipped lm-eval task
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

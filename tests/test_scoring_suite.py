@@ -1,4 +1,4 @@
-"""Task suites: YAML validation, data checks, deterministic subsets, answer extraction, normalization."""
+"""Task suites: YAML validation, data checks, deterministic subsets, answer extraction."""
 
 from __future__ import annotations
 
@@ -7,23 +7,13 @@ import random
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError, TaskDataError
-from evomerge.scoring import (
-    Reference,
-    ScoreOutput,
-    load_suite,
-    normalize,
-    normalize_output,
-    references_from,
-    subset_examples,
-)
+from evomerge.scoring import load_suite, subset_examples
 from evomerge.scoring.base import plan
 from evomerge.scoring.extract import cut_at_stop, extract_answer, last_number, match
 from evomerge.scoring.suite import parse_suite_config
-from evomerge.types import TaskScores
 
 FITNESS = Path(__file__).resolve().parents[1] / "fitness"
 
@@ -227,34 +217,10 @@ def test_extraction_and_matching() -> None:
     assert match(None, "abc", "exact_match") == 0.0
 
 
-def _output(**means: list[float]) -> ScoreOutput:
-    return ScoreOutput(
-        tasks={k: TaskScores(tuple(map(str, range(len(v)))), np.asarray(v)) for k, v in means.items()}
-    )
+def test_declared_references_are_read_and_must_span_a_range(data_dir: Path) -> None:
+    from evomerge.scoring.suite import Reference
 
-
-def test_normalization_maps_references_to_zero_and_one() -> None:
-    assert normalize(0.25, 0.25, 0.75) == 0.0
-    assert normalize(0.75, 0.25, 0.75) == 1.0
-    np.testing.assert_allclose(normalize(np.array([0.5, 1.0]), 0.0, 0.5), [1.0, 2.0])
-    with pytest.raises(ConfigError):
-        normalize(0.5, 0.3, 0.3)
-    base = _output(a=[0.0, 0.5], b=[1.0, 1.0])
-    experts = [_output(a=[1.0, 1.0], b=[0.0, 0.0]), _output(a=[0.5, 0.5], b=[1.0, 1.0])]
-    refs = references_from(base, experts)
-    assert refs["a"] == Reference(low=0.25, high=1.0)
-    assert "b" not in refs  # base equals the best expert on b: no range
-    normed = normalize_output(_output(a=[1.0, 0.25]), refs)
-    np.testing.assert_allclose(normed.tasks["a"].scores, [1.0, 0.0])
-    with pytest.raises(ConfigError, match="no reference values for task"):
-        normalize_output(base, refs)
-
-
-def test_declared_references_win_unless_overridden(data_dir: Path) -> None:
     suite = load_suite(_suite(data_dir, _gen_task(reference={"low": 0.1, "high": 0.9})))
-    assert suite.references()["add"] == Reference(low=0.1, high=0.9)
-    new = Reference(low=0.0, high=0.5)
-    assert suite.with_references({"add": new}).references()["add"].high == 0.9
-    assert suite.with_references({"add": new}, override=True).references()["add"] == new
-    with pytest.raises(ConfigError, match=r"reference\.high|reference: .*equal|equal"):
+    assert suite.references() == {"add": Reference(low=0.1, high=0.9)}
+    with pytest.raises(ConfigError, match="equal"):
         load_suite(_suite(data_dir, _gen_task(reference={"low": 0.5, "high": 0.5})))

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
+from evomerge.io.arch import TensorRole
 from evomerge.merge.methods.base import METHODS, MergeMethod, ParamSpec
-from evomerge.merge.params import Role, evaluate, validate_recipe_params
-from evomerge.recipe import MERGED, MODULE_KINDS, Recipe
+from evomerge.merge.params import evaluate, validate_recipe_params
+from evomerge.names import MODULE_KINDS
+from evomerge.recipe import MERGED, Recipe
 from evomerge.registry import Registry
 from evomerge.spaces import SPACES, GeneSpace, SpaceModels, build_space, builtin_templates, load_template
 from evomerge.spaces.template import parse_template
@@ -124,9 +126,9 @@ def test_space_contract(template, methods):
 def _all_roles(n: int):
     for kind in MODULE_KINDS:
         if kind in ("embed", "lm_head"):
-            yield Role(None, kind)
+            yield TensorRole(None, kind)
         else:
-            yield from (Role(layer, kind) for layer in range(n))
+            yield from (TensorRole(layer, kind) for layer in range(n))
 
 
 def test_x0_is_the_hand_set_merge():
@@ -166,7 +168,7 @@ def test_granularity_gives_per_layer_lists(granularity, extra, groups):
         for g, layers in enumerate(groups):
             for layer in layers:
                 assert value[layer] == pytest.approx(genome[m * len(groups) + g])
-                assert evaluate(value, Role(layer, "attn"), 5) == pytest.approx(genome[m * len(groups) + g])
+                assert evaluate(value, TensorRole(layer, "attn"), 5) == pytest.approx(genome[m * len(groups) + g])
 
 
 def test_module_kinds_split_and_absent_kinds_skipped():
@@ -183,7 +185,7 @@ def test_module_kinds_split_and_absent_kinds_skipped():
     value = space.decode(genome).models[0].parameters["weight"]
     assert set(value) == {"attn", "embed", "default"}
     assert value["embed"] == pytest.approx(0.9) and value["attn"][2] == pytest.approx(0.1)
-    assert evaluate(value, Role(2, "mlp"), 4) == pytest.approx(0.5)
+    assert evaluate(value, TensorRole(2, "mlp"), 4) == pytest.approx(0.5)
 
 
 def test_ranges_and_transforms(caplog):

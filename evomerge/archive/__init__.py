@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from evomerge.archive.pareto import hypervolume, hypervolume_history, objectives, pareto_front
-from evomerge.archive.store import SCHEMA_VERSION, SPLITS, Archive, Record, mean_of_tasks
+from evomerge.archive.store import SCHEMA_VERSION, Archive, Record, mean_of_tasks
 
 __all__ = [
     "SCHEMA_VERSION",
-    "SPLITS",
     "Archive",
     "Record",
     "hypervolume",

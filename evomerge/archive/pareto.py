@@ -12,7 +12,6 @@ between 0 and 1. For other metrics, or to measure gain over a baseline, pass tha
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -21,8 +20,6 @@ import numpy as np
 import numpy.typing as npt
 
 from evomerge.archive.store import Record
-
-logger = logging.getLogger(__name__)
 
 
 def objectives(records: Sequence[Record], tasks: Sequence[str]) -> npt.NDArray[np.float64]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import sqlite3
 import time
@@ -33,14 +32,11 @@ import numpy.typing as npt
 
 from evomerge import __version__
 from evomerge.errors import CheckpointError
+from evomerge.evaluation import Candidate, EvalResult, TaskScores
 from evomerge.recipe import Recipe
-from evomerge.types import Candidate, EvalResult, TaskScores
-
-logger = logging.getLogger(__name__)
 
 FORMAT = "evomerge.archive"
 SCHEMA_VERSION = 1
-SPLITS = ("calibration", "test")
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

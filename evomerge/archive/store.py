@@ -30,7 +30,6 @@ from evomerge.archive.schema import (
     EVAL_COLUMNS,
     FORMAT,
     SCHEMA_VERSION,
-    SPLITS,
     check_meta,
     create_tables,
     decode_genome,
@@ -42,12 +41,13 @@ from evomerge.archive.schema import (
     where_clause,
 )
 from evomerge.errors import CheckpointError
+from evomerge.evaluation import Candidate, EvalResult
+from evomerge.names import SPLITS
 from evomerge.recipe import Recipe
-from evomerge.types import Candidate, EvalResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "SPLITS", "Archive", "Record", "mean_of_tasks"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "Archive", "Record", "mean_of_tasks"]
 
 
 @dataclass(frozen=True)

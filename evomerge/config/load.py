@@ -1,7 +1,9 @@
-"""Load a run config from YAML; relative paths are resolved against the config file's folder."""
+"""Load a run config from YAML (relative paths are resolved against the config file's folder), or the
+resolved config a run folder holds."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,11 @@ from pydantic import ValidationError
 from evomerge.config.models import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.resources import read_text
+
+log = logging.getLogger(__name__)
+
+#: The resolved config, as a run folder holds it (written when the run starts).
+CONFIG_FILE = "config.resolved.yaml"
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -57,6 +64,27 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     if cfg.zoo is not None:
         upd["zoo"] = cfg.zoo.model_copy(update={"dir": _resolve(base, cfg.zoo.dir)})
     return cfg.model_copy(update=upd)
+
+
+def load_run(run_dir: str | Path) -> RunConfig:
+    """The resolved config of the run folder ``run_dir``."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    data = yaml.safe_load(path.read_text())
+    for section, key in RETIRED_FIELDS:  # written by earlier versions into every resolved config
+        if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
+            log.debug("%s: ignoring %s.%s (no longer a config field)", path, section, key)
+            del data[section][key]
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+#: Fields earlier versions accepted (and wrote into config.resolved.yaml) without acting on them; a run folder
+#: holding them still loads, a new config setting them is refused naming the field.
+RETIRED_FIELDS = (("fitness", "normalize"), ("fitness", "allow_test_split"))
 
 
 def _merge(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evomerge.names import DType
+from evomerge.pools import POOLS
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -78,13 +81,15 @@ class BudgetConfig(BaseModel):
 
 class ResourcesConfig(BaseModel):
     model_config = _FROZEN
-    backend: Literal["local", "ray"] = "local"
+    backend: str = Field(
+        default="local", description="the evaluation pool backend", json_schema_extra={"enum": POOLS.names()}
+    )
     workers: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
     address: str | None = Field(default=None, description="join this Ray cluster (ray backend)")
     device: str = "auto"
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
+    dtype: Literal[DType, "auto"] = "auto"
     eval_timeout_s: float | None = Field(default=None, gt=0)
     threads_per_worker: int | None = Field(default=None, ge=1)
     sorted_magnitude_cache: bool | Literal["auto"] = Field(
@@ -93,6 +98,13 @@ class ResourcesConfig(BaseModel):
         "lookups (several times faster merges) at the cost of one int32 per task-vector entry in worker memory; "
         "'auto': on for TIES searches on the CPU when that costs under a quarter of the available memory",
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in POOLS:
+            raise ValueError(f"unknown pool backend {v!r}; valid names: {', '.join(POOLS.names())}")
+        return v
 
 
 class FidelityConfig(BaseModel):

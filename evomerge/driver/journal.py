@@ -34,7 +34,7 @@ from evomerge.archive.store import Record
 from evomerge.checkpoint import check_cursor, read_checkpoint, save_checkpoint
 from evomerge.driver.pool import Job, Pool
 from evomerge.errors import CheckpointError, RunFolderError, RunStopped
-from evomerge.types import Candidate, EvalResult
+from evomerge.evaluation import Candidate, EvalResult
 
 log = logging.getLogger(__name__)
 

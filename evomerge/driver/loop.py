@@ -30,11 +30,11 @@ from evomerge.driver.baselines import Baseline
 from evomerge.driver.journal import Journal, Stop
 from evomerge.driver.pool import Job, Pool
 from evomerge.driver.promotion import Promotion
+from evomerge.evaluation import Candidate, EvalResult, TaskScores
 from evomerge.events import EventLog
 from evomerge.optim.base import Observation
 from evomerge.recipe import Recipe
 from evomerge.references import References
-from evomerge.types import Candidate, EvalResult, TaskScores
 
 log = logging.getLogger(__name__)
 

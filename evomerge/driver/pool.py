@@ -1,5 +1,7 @@
 """Evaluation pools: one interface for an in-process worker and for Ray actors.
 
+The backends are registered by name in :data:`evomerge.pools.POOLS` (``local_pool``, ``ray_pool`` below).
+
 Results are handed back in completion order, never through an ordered ``map``: a slow candidate does not
 hold up the others. Only this module and ``worker.py`` know about Ray, and Ray is imported lazily.
 """
@@ -16,8 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from evomerge.errors import BackendUnavailableError
+from evomerge.evaluation import EvalResult
 from evomerge.recipe import Recipe
-from evomerge.types import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,20 @@ def init_ray(*, address: str | None, num_cpus: int | None, num_gpus: int | None,
             kw["_temp_dir"] = temp_dir
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=300_000_000, **kw)
     return ray
+
+
+def local_pool(make_evaluator: Callable[[], Evaluator], resources: Any) -> LocalPool:
+    """The ``local`` backend: one worker in this process."""
+    return LocalPool(make_evaluator())
+
+
+def ray_pool(make_evaluator: Callable[[], Evaluator], resources: Any) -> RayPool:
+    """The ``ray`` backend: ``resources.workers`` actors, on a local Ray or the cluster at ``resources.address``."""
+    res = resources
+    init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
+             num_gpus=None, temp_dir=None)
+    return RayPool(make_evaluator, res.workers, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+                   timeout_s=res.eval_timeout_s)
 
 
 class RayPool:
@@ -187,12 +203,6 @@ class RayPool:
                     out.append((job, _failed(job, f"timed out after {self.timeout_s:.0f} s")))
         self._dispatch()
         return out
-
-    def kill_one(self) -> None:
-        """Kill a busy actor (fault-injection for tests and drills)."""
-        for actor, _, _ in self.running.values():
-            self.ray.kill(actor, no_restart=True)
-            return
 
     def close(self) -> None:
         for actor in self.idle + [a for a, _, _ in self.running.values()]:

@@ -23,22 +23,23 @@ import yaml
 
 from evomerge.archive import Archive
 from evomerge.config import RunConfig, load_run_config
-from evomerge.config.load import format_validation_error
+from evomerge.config.load import CONFIG_FILE, load_run
 from evomerge.driver import checks, warm
 from evomerge.driver.baselines import Baseline, baseline_recipes
 from evomerge.driver.lock import RunLock
 from evomerge.driver.loop import Driver, Settings
-from evomerge.driver.pool import LocalPool, Pool, RayPool, init_ray
+from evomerge.driver.pool import Pool
 from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
-from evomerge.merge.vocab import depends_on_models, effective_source, vocab_rows
+from evomerge.io.folder import vocab_rows
+from evomerge.merge.vocab import depends_on_models, effective_source
+from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.resolved.yaml"
 
 
 @dataclass
@@ -114,7 +115,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     warm_start = None
     if cfg.space.warm_start is not None:
         warm_start = warm.prepare(cfg, template, models, space, x0_recipe, problem, factory, options)
-    reference = x0_recipe.base_model or x0_recipe.models[0].model
+    reference = x0_recipe.reference_model
     order = tuple(n for n in cfg.sources if n != reference)
     vocab = check_vocab(cfg, folders, reference, tokenizer_source, x0_recipe)
     spec = WorkerSpec(
@@ -186,12 +187,8 @@ def make_pool(prep: Prepared, run_dir: Path) -> Pool:
     res = prep.cfg.resources
     # compiled merge kernels are cached inside the run folder (on a cluster: the same path on each node)
     spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / CACHE_DIR / "kernels").resolve()))
-    if res.backend == "local":
-        return LocalPool(Worker(spec))
-    init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
-             num_gpus=None, temp_dir=None)
-    return RayPool(functools.partial(Worker, spec), res.workers, num_cpus=res.cpus_per_worker,
-                   num_gpus=res.gpus_per_worker, timeout_s=res.eval_timeout_s)
+    pool: Pool = POOLS.get(res.backend)(functools.partial(Worker, spec), res)
+    return pool
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -272,28 +269,6 @@ def start_run(
     finally:
         pool.close()
     return run_dir
-
-
-def load_run(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
-    from pydantic import ValidationError
-
-    data = yaml.safe_load(path.read_text())
-    for section, key in RETIRED_FIELDS:  # written by earlier versions into every resolved config
-        if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
-            log.debug("%s: ignoring %s.%s (no longer a config field)", path, section, key)
-            del data[section][key]
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
-
-
-#: Fields earlier versions accepted (and wrote into config.resolved.yaml) without acting on them; a run folder
-#: holding them still loads, a new config setting them is refused naming the field.
-RETIRED_FIELDS = (("fitness", "normalize"), ("fitness", "allow_test_split"))
 
 
 def resume_run(

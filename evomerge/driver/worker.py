@@ -16,7 +16,7 @@ import torch
 
 from evomerge.driver.pool import Job
 from evomerge.errors import EvomergeError
-from evomerge.types import EvalResult
+from evomerge.evaluation import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    from evomerge.merge.materialize import TORCH_DTYPES
+
+    return TORCH_DTYPES[dtype]
 
 
 class Worker:

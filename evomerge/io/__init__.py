@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from evomerge.io.arch import (
-    KINDS,
-    TensorKind,
     TensorRole,
     layer_index,
     layer_prefix,
@@ -19,11 +17,9 @@ from evomerge.io.header import TensorInfo, read_header
 from evomerge.io.writer import ModelWriter
 
 __all__ = [
-    "KINDS",
     "ModelFolder",
     "ModelWriter",
     "TensorInfo",
-    "TensorKind",
     "TensorRole",
     "check_mergeable",
     "find_tokenizer_files",

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-TensorKind = Literal["embed", "attn", "mlp", "norm", "lm_head", "other"]
-KINDS: tuple[TensorKind, ...] = ("embed", "attn", "mlp", "norm", "lm_head", "other")
+from evomerge.names import ModuleKind
 
 #: ``<stem>.<index>.<rest>``: the first ``layers``/``layer``/``h``/``blocks`` component followed by a number.
 _LAYER = re.compile(r"^(?P<stem>(?:.*?\.)?(?:layers|layer|h|blocks))\.(?P<index>\d+)(?:\.(?P<rest>.*))?$")
@@ -38,7 +36,7 @@ _LM_HEAD = re.compile(r"^(lm_head|embed_out|output_layer)$")
 _EMBED = re.compile(r"(embed|^wte$|^wpe$|^tok_embeddings$|^word_embeddings$|^position_embeddings$)")
 
 #: Family-specific names whose meaning differs from the generic rules.
-_FAMILY_RULES: dict[str, tuple[tuple[re.Pattern[str], TensorKind], ...]] = {
+_FAMILY_RULES: dict[str, tuple[tuple[re.Pattern[str], ModuleKind], ...]] = {
     # GPT-2 checkpoints store the causal-mask buffers ``attn.bias`` / ``attn.masked_bias``: not weights.
     "gpt2": ((re.compile(r"(^|\.)attn\.(masked_)?bias$"), "other"),),
 }
@@ -49,7 +47,7 @@ class TensorRole:
     """The role of one tensor: its layer index (None outside the layer stack) and its kind."""
 
     layer: int | None
-    kind: TensorKind
+    kind: ModuleKind
 
 
 def split_layer(name: str) -> tuple[str, int, str] | None:
@@ -91,7 +89,7 @@ def rename_layer(name: str, new_index: int) -> str:
     return f"{stem}.{new_index}.{rest}" if rest else f"{stem}.{new_index}"
 
 
-def _kind_in_layer(parts: list[str]) -> TensorKind:
+def _kind_in_layer(parts: list[str]) -> ModuleKind:
     if any(word in parts for word in _BUFFER_WORDS):
         return "other"
     # Norms first: ``self_attn.q_norm`` and ``post_attention_layernorm`` are norms, not attention weights.
@@ -104,7 +102,7 @@ def _kind_in_layer(parts: list[str]) -> TensorKind:
     return "other"
 
 
-def _kind_outside(parts: list[str]) -> TensorKind:
+def _kind_outside(parts: list[str]) -> ModuleKind:
     if any(word in parts for word in _BUFFER_WORDS):
         return "other"
     if any(_LM_HEAD.match(p) for p in parts) or parts[:2] == ["output", "weight"]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from evomerge.errors import SourceMismatchError
 from evomerge.io.arch import model_order_key, tensor_role
-from evomerge.io.folder import ModelFolder
+from evomerge.io.folder import ModelFolder, vocab_rows
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ def _shape_message(
 
 def _vocab_only(name: str, a: ModelFolder, b: ModelFolder) -> bool:
     """Whether tensor ``name`` differs between ``a`` and ``b`` only in its vocabulary rows."""
-    from evomerge.merge.vocab import vocab_rows
-
     sa, sb = a.shape(name), b.shape(name)
     return (
         tensor_role(name, a.model_type).kind in ("embed", "lm_head")

@@ -39,6 +39,7 @@ __all__ = [
     "TensorInfo",
     "find_tokenizer_files",
     "read_header",
+    "vocab_rows",
 ]
 
 CONFIG_FILE = "config.json"
@@ -62,6 +63,22 @@ TOKENIZER_FILES = (
 #: Suffixes of weight files stored with pickle, which evomerge refuses to load.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def config_sections(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config, then its nested ``text_config`` (multimodal wrappers) when it has one."""
+    nested = config.get("text_config")
+    return [config, nested] if isinstance(nested, dict) else [config]
+
+
+def vocab_rows(folder: Any) -> int | None:
+    """Rows of the model's input embedding: the config's ``vocab_size``, else the largest ``embed`` row count."""
+    for cfg in config_sections(folder.config):
+        if isinstance(cfg.get("vocab_size"), int):
+            return int(cfg["vocab_size"])
+    rows = [folder.shape(n)[0] for n in folder.tensor_names
+            if tensor_role(n, folder.model_type).kind == "embed" and len(folder.shape(n)) == 2]
+    return max(rows) if rows else None
 
 
 def find_tokenizer_files(path: Path) -> list[Path]:
@@ -214,9 +231,7 @@ class ModelFolder:
         return self.model_type or "unknown"
 
     def _configs(self) -> list[dict[str, Any]]:
-        """The config, then its nested ``text_config`` (multimodal wrappers) when it has one."""
-        nested = self.config.get("text_config")
-        return [self.config, nested] if isinstance(nested, dict) else [self.config]
+        return config_sections(self.config)
 
     @property
     def num_layers(self) -> int:

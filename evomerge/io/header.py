@@ -9,15 +9,12 @@ A safetensors file is an 8-byte little-endian header length, a JSON header mappi
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from evomerge.errors import SourceError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "TensorInfo", "read_header"]
 

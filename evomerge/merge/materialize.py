@@ -25,11 +25,13 @@ import torch
 
 import evomerge.merge.methods  # noqa: F401  (registers every method)
 from evomerge.errors import ConfigError, MaterializeError
+from evomerge.io.arch import TensorRole
 from evomerge.merge.kernels import cache_scope, fused_kernels, fused_merge
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.merge.methods.rng import tensor_generator
 from evomerge.merge.methods.sparsify import sorted_magnitudes
-from evomerge.merge.params import Role, delta_models, reference_model, tensor_params, validate_recipe_params
+from evomerge.merge.params import delta_models, tensor_params, validate_recipe_params
+from evomerge.names import DTYPES
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,12 @@ log = logging.getLogger(__name__)
 #: A merge to disk compiles the fused kernels (seconds) only for models of at least this many elements.
 ONE_OFF_FUSED_MIN_ELEMENTS = 1 << 28
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The torch dtype of each dtype name a recipe or a run config may give.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
 
 def torch_dtype(name: str | None, fallback: torch.dtype) -> torch.dtype:
-    return DTYPES[name] if name else fallback
+    return TORCH_DTYPES[name] if name else fallback
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,13 @@ class MergePlan:
     @classmethod
     def build(cls, recipe: Recipe, num_layers: int) -> MergePlan:
         method = validate_recipe_params(recipe)
-        return cls(recipe, method, reference_model(recipe), tuple(delta_models(recipe)), num_layers)
+        return cls(recipe, method, recipe.reference_model, tuple(delta_models(recipe)), num_layers)
 
 
 def merge_tensor(
     plan: MergePlan,
     name: str,
-    role: Role,
+    role: TensorRole,
     base: torch.Tensor,
     deltas: torch.Tensor,
     *,
@@ -125,7 +128,7 @@ def iter_merged(
     """
     from evomerge.io import tensor_role
 
-    ref_name = reference_model(recipe)
+    ref_name = recipe.reference_model
     ref = folders[ref_name]
     plan = MergePlan.build(recipe, ref.num_layers)
     vocab = vocab if vocab is not None else recipe_plan(recipe, folders)
@@ -159,7 +162,7 @@ def iter_merged(
                 del t
         else:
             deltas = base.new_empty((0, *base.shape))
-        yield name, merge_tensor(plan, name, Role(role.layer, role.kind), base, deltas)
+        yield name, merge_tensor(plan, name, role, base, deltas)
 
 
 def tied_head(folder) -> tuple[str, str] | None:  # noqa: ANN001  (a ModelFolder)
@@ -220,7 +223,7 @@ def materialize_to_disk(
     from evomerge.io import ModelWriter
 
     folders = _open_sources(recipe, paths)
-    ref = folders[reference_model(recipe)]
+    ref = folders[recipe.reference_model]
     vocab = recipe_plan(recipe, folders)
     config = set_vocab_size(ref.config, vocab.size) if vocab.aligns else dict(ref.config)
     if recipe.dtype:
@@ -248,7 +251,7 @@ def materialize_to_disk(
     if vocab.tokenizer is None and vocab.tokenizer_dir is None:
         log.warning("no source folder has tokenizer files (%s): the merged model is written without a tokenizer",
                     ", ".join(str(f.path) for f in folders.values()))
-    elif vocab.tokenizer_model != reference_model(recipe) or vocab.source == "union":
+    elif vocab.tokenizer_model != recipe.reference_model or vocab.source == "union":
         log.info("tokenizer of the merged model: %s", vocab.describe())
     out = writer.finish(
         config,
@@ -316,7 +319,7 @@ class InPlaceMerger:
         return {"merge": time.perf_counter() - t0}
 
 
-def _tied_pairs(pairs: Mapping[str, str], roles: Mapping[str, Role]) -> dict[str, str]:
+def _tied_pairs(pairs: Mapping[str, str], roles: Mapping[str, TensorRole]) -> dict[str, str]:
     """Of each pair of names sharing one live tensor: the name not to write -> the name written.
 
     The output projection of a tied model is never written: the input embedding is (the merge to disk

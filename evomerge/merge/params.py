@@ -14,16 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from evomerge.errors import ConfigError
+from evomerge.io.arch import TensorRole
 from evomerge.merge.methods.base import METHODS, MergeMethod
-from evomerge.recipe import MODULE_KINDS, ParamValue, Recipe
-
-
-@dataclass(frozen=True)
-class Role:
-    """Where a tensor sits: its layer index (None outside the layer stack) and module kind."""
-
-    layer: int | None
-    kind: str
+from evomerge.recipe import ParamValue, Recipe
 
 
 def layer_position(layer: int | None, num_layers: int) -> float:
@@ -33,7 +26,7 @@ def layer_position(layer: int | None, num_layers: int) -> float:
     return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def evaluate(value: ParamValue, role: Role, num_layers: int) -> float | bool:
+def evaluate(value: ParamValue, role: TensorRole, num_layers: int) -> float | bool:
     """Evaluate one parameter value for a tensor of ``role`` in a model of ``num_layers`` layers."""
     if isinstance(value, dict):
         if role.kind in value:
@@ -66,14 +59,9 @@ class TensorParams:
     ref_sp: dict[str, float] | None
 
 
-def reference_model(recipe: Recipe) -> str:
-    """The model task vectors are taken from: ``base_model``, else the first listed model."""
-    return recipe.base_model if recipe.base_model else recipe.models[0].model
-
-
 def delta_models(recipe: Recipe) -> list[str]:
     """Models that contribute a task vector, in recipe order (every listed model but the reference)."""
-    ref = reference_model(recipe)
+    ref = recipe.reference_model
     return [m.model for m in recipe.models if m.model != ref]
 
 
@@ -126,7 +114,7 @@ def _value(
 
 
 def tensor_params(
-    recipe: Recipe, method: MergeMethod, role: Role, num_layers: int, order: Sequence[str] | None = None
+    recipe: Recipe, method: MergeMethod, role: TensorRole, num_layers: int, order: Sequence[str] | None = None
 ) -> TensorParams:
     """Resolve every declared parameter of ``method`` for one tensor.
 
@@ -136,7 +124,7 @@ def tensor_params(
     order = list(order) if order is not None else delta_models(recipe)
     sp: dict[str, list[float]] = {}
     gp: dict[str, float | bool] = {}
-    ref = reference_model(recipe)
+    ref = recipe.reference_model
     # the reference contributes its own weight (linear, nuslerp …) only when it is listed among the models
     ref_entry = entries.get(ref)
     ref_sp: dict[str, float] | None = {} if ref_entry is not None else None
@@ -161,13 +149,10 @@ def tensor_params(
 
 
 __all__ = [
-    "MODULE_KINDS",
-    "Role",
     "TensorParams",
     "delta_models",
     "evaluate",
     "layer_position",
-    "reference_model",
     "tensor_params",
     "validate_recipe_params",
 ]

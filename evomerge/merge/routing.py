@@ -10,7 +10,7 @@ layer (no weight is copied; the same layer object may sit at several positions),
 input by ``s_k`` and hands the layer a view of the KV cache indexed by the *position*, so a layer that
 appears twice keeps two cache entries and ``generate`` with the cache works.
 
-**Export** (:func:`routed_state_dict`, :func:`routed_config_patch`, :func:`save_routed_model`): a
+**Export** (:func:`routed_state_dict`, :func:`routed_config_patch`, :func:`export_routed`): a
 folder that stock ``transformers`` loads without custom code, ``num_hidden_layers`` = path length.
 The scales are folded into the weights. In a pre-norm decoder (Llama family) position ``k`` computes
 ``a = x + Attn(N1(x))`` and ``y = a + MLP(N2(a))`` with ``x = s_k * h_{k-1}``; every norm ``N`` is
@@ -30,15 +30,10 @@ routes whose scales are all 1.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -361,40 +356,3 @@ def export_routed(
     model_type = str(config.get("model_type", ""))
     tensors = routed_state_dict(routing, get_tensor, names, model_type=model_type)
     return tensors, {**config, **routed_config_patch(routing, config, names)}
-
-
-def save_routed_model(
-    out_dir: str | Path,
-    routing: Routing,
-    get_tensor: GetTensor,
-    tensor_names: Sequence[str],
-    config: Mapping[str, Any],
-) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` of the routed model into a new folder ``out_dir``.
-
-    ``config`` is the frame's ``config.json`` content. The folder appears complete or not at all
-    (written next to it, then renamed); an existing non-empty ``out_dir`` is refused.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise MaterializeError(f"routed export: {out} exists and is not empty")
-    model_type = str(config.get("model_type", ""))
-    tensors = {
-        name: tensor.detach().contiguous().cpu()
-        for name, tensor in routed_state_dict(routing, get_tensor, tensor_names, model_type=model_type)
-    }
-    cfg = {**config, **routed_config_patch(routing, config, tensor_names)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

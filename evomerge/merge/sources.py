@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.errors import MaterializeError
+from evomerge.io.arch import TensorRole
+from evomerge.io.folder import vocab_rows
 from evomerge.merge.methods.sparsify import magnitude_order
-from evomerge.merge.params import Role
-from evomerge.merge.vocab import VocabPlan, depends_on_models, effective_source, vocab_rows
+from evomerge.merge.vocab import VocabPlan, depends_on_models, effective_source
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class ResidentSources:
         order: Sequence[str],
         base: dict[str, torch.Tensor],
         deltas: dict[str, torch.Tensor],
-        roles: dict[str, Role],
+        roles: dict[str, TensorRole],
         num_layers: int,
         device: torch.device,
         ordered: dict[str, torch.Tensor] | None = None,
@@ -95,7 +96,7 @@ class ResidentSources:
         by_token = set(vocab_tensors(ref)) if vocab.aligns else set()
         base: dict[str, torch.Tensor] = {}
         deltas: dict[str, torch.Tensor] = {}
-        roles: dict[str, Role] = {}
+        roles: dict[str, TensorRole] = {}
         ordered: dict[str, torch.Tensor] | None = {} if sorted_magnitudes else None
         for name in ref.tensor_names:
             dt = dtype or ref.dtype(name)
@@ -120,8 +121,7 @@ class ResidentSources:
                     t = folders[m].get(name, device=device, dtype=dt)
                     check_finite(name, m, t)
                     torch.sub(t, b, out=d[i])
-            r = tensor_role(name, ref.model_type)
-            base[name], deltas[name], roles[name] = b, d, Role(r.layer, r.kind)
+            base[name], deltas[name], roles[name] = b, d, tensor_role(name, ref.model_type)
             if ordered is not None:
                 ordered[name] = torch.stack([magnitude_order(row) for row in d]) if len(order) else d.new_empty(
                     (0, b.numel()), dtype=torch.int32)

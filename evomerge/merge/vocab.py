@@ -37,28 +37,12 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, SourceMismatchError
+from evomerge.io.folder import vocab_rows
 
 log = logging.getLogger(__name__)
 
 VOCAB_KINDS = ("embed", "lm_head")
 KEYWORDS = ("base", "union")
-
-
-def _configs(folder: Any) -> list[dict[str, Any]]:
-    nested = folder.config.get("text_config")
-    return [folder.config, nested] if isinstance(nested, dict) else [folder.config]
-
-
-def vocab_rows(folder: Any) -> int | None:
-    """Rows of the model's input embedding: the config's ``vocab_size``, else the largest ``embed`` row count."""
-    from evomerge.io import tensor_role
-
-    for cfg in _configs(folder):
-        if isinstance(cfg.get("vocab_size"), int):
-            return int(cfg["vocab_size"])
-    rows = [folder.shape(n)[0] for n in folder.tensor_names
-            if tensor_role(n, folder.model_type).kind == "embed" and len(folder.shape(n)) == 2]
-    return max(rows) if rows else None
 
 
 def vocab_tensors(folder: Any) -> list[str]:
@@ -287,9 +271,7 @@ def plan_vocab(
 
 def recipe_plan(recipe: Any, folders: Mapping[str, Any]) -> VocabPlan:
     """The :class:`VocabPlan` of a recipe over its opened folders (base first)."""
-    from evomerge.merge.params import reference_model
-
-    return plan_vocab(folders, reference_model(recipe), recipe.tokenizer_source, recipe.pad_to_multiple_of)
+    return plan_vocab(folders, recipe.reference_model, recipe.tokenizer_source, recipe.pad_to_multiple_of)
 
 
 __all__ = [
@@ -302,6 +284,5 @@ __all__ = [
     "recipe_plan",
     "set_vocab_size",
     "tokenizer_donor",
-    "vocab_rows",
     "vocab_tensors",
 ]

@@ -35,6 +35,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import ConfigError, OptimizerError
+from evomerge.evaluation import Candidate
 from evomerge.optim.problem import Observation, Problem, SegmentStructure, Told
 from evomerge.optim.scalarize import Scalarizer
 from evomerge.optim.state import (
@@ -43,11 +44,9 @@ from evomerge.optim.state import (
     decode_blob,
     encode_blob,
     frozen_array,
-    rng_from_json,
-    rng_state_to_json,
 )
 from evomerge.registry import Registry
-from evomerge.types import Candidate
+from evomerge.rng import rng_from_json, rng_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +251,7 @@ class BaseOptimizer:
             "lo": None if self._lo is None else self._lo.tolist(),
             "hi": None if self._hi is None else self._hi.tolist(),
             "best": None if self._best is None else candidate_to_json(self._best),
-            "rng": rng_state_to_json(self._rng),
+            "rng": rng_to_json(self._rng),
             "impl": impl,
             "blob": None if blob is None else encode_blob(blob),
         }

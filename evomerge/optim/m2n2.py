@@ -60,8 +60,8 @@ import numpy.typing as npt
 from pydantic import Field, field_validator
 
 from evomerge.errors import ConfigError, OptimizerError
+from evomerge.evaluation import Candidate
 from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
-from evomerge.types import Candidate
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from nevergrad.optimization.recaster import RecastOptimizer
 from pydantic import Field
 
 from evomerge.errors import ConfigError, OptimizerError
+from evomerge.evaluation import Candidate
 from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
 from evomerge.optim.state import frozen_array
-from evomerge.types import Candidate
 
 logger = logging.getLogger(__name__)
 

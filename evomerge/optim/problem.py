@@ -7,17 +7,14 @@ Scores are higher-is-better, one per task (``Problem.task_names``).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from evomerge.errors import ConfigError, OptimizerError
-from evomerge.types import Candidate, EvalResult
-
-logger = logging.getLogger(__name__)
+from evomerge.errors import ConfigError
+from evomerge.evaluation import Candidate
 
 __all__ = ["Observation", "Problem", "SegmentStructure", "Told"]
 
@@ -140,20 +137,6 @@ class Observation:
     def failure(cls, candidate_id: int) -> Observation:
         return cls(candidate_id=candidate_id, ok=False)
 
-    @classmethod
-    def from_result(cls, result: EvalResult, task_names: Sequence[str]) -> Observation:
-        """Task means as objectives and the tasks' per-example scores concatenated in ``task_names`` order."""
-        if not result.ok:
-            return cls.failure(result.candidate_id)
-        missing = [t for t in task_names if t not in result.tasks]
-        if missing:
-            raise OptimizerError(f"result of candidate {result.candidate_id} lacks task {missing[0]!r}")
-        tasks = [result.tasks[t] for t in task_names]
-        return cls(
-            candidate_id=result.candidate_id,
-            objectives=np.array([t.mean for t in tasks], dtype=np.float64),
-            per_example=np.concatenate([np.asarray(t.scores, dtype=np.float64) for t in tasks]),
-        )
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
-
-logger = logging.getLogger(__name__)
 
 
 class RandomOptions(OptimizerOptions):

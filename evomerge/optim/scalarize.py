@@ -14,15 +14,12 @@ strictly dominated by another candidate.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from evomerge.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 #: What the ``scalarize`` option accepts.
 ScalarizeSpec = str | Mapping[str, float]

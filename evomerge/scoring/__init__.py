@@ -12,14 +12,9 @@ from evomerge.scoring.base import (
     ScoreOutput,
     Scorer,
     make_scorer,
-    normalize,
-    normalize_output,
-    references_from,
 )
 from evomerge.scoring.suite import (
-    SPLITS,
     Example,
-    Reference,
     Suite,
     SuiteConfig,
     Task,
@@ -31,9 +26,7 @@ from evomerge.scoring.suite import (
 
 __all__ = [
     "SCORERS",
-    "SPLITS",
     "Example",
-    "Reference",
     "ScoreOutput",
     "Scorer",
     "Suite",
@@ -42,9 +35,6 @@ __all__ = [
     "build_suite",
     "load_suite",
     "make_scorer",
-    "normalize",
-    "normalize_output",
     "parse_suite_config",
-    "references_from",
     "subset_examples",
 ]

@@ -1,4 +1,4 @@
-"""The scorer contract, its registry, the result type, and score normalization.
+"""The scorer contract, its registry and the result type.
 
 A scorer evaluates one model on a loaded :class:`~evomerge.scoring.suite.Suite` and returns, for every
 task, the per-example scores (higher is better) in a :class:`ScoreOutput`. Construct one by name::
@@ -26,20 +26,14 @@ candidate as failed.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-import numpy as np
-import numpy.typing as npt
-
 from evomerge.errors import ConfigError
+from evomerge.evaluation import EvalResult, TaskScores
 from evomerge.registry import Registry
-from evomerge.scoring.suite import Example, Reference, Suite, Task, subset_examples
-from evomerge.types import EvalResult, TaskScores
-
-log = logging.getLogger(__name__)
+from evomerge.scoring.suite import Example, Suite, Task, subset_examples
 
 
 @dataclass(frozen=True)
@@ -191,48 +185,3 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def normalize(raw: float | npt.NDArray[np.float64], low: float, high: float) -> Any:
-    """``(raw - low) / (high - low)``: ``low`` maps to 0 and ``high`` to 1 (arrays element-wise)."""
-    if high == low:
-        raise ConfigError(f"cannot normalize with equal references low == high == {low}")
-    out = (np.asarray(raw, dtype=np.float64) - low) / (high - low)
-    return float(out) if out.ndim == 0 else out
-
-
-def references_from(low: ScoreOutput, high: ScoreOutput | Sequence[ScoreOutput]) -> dict[str, Reference]:
-    """References per task from scored models: ``low`` (e.g. the base) -> 0 and the best of ``high``
-    (e.g. the experts) -> 1. Tasks where they coincide get none (a warning is logged)."""
-    highs = [high] if isinstance(high, ScoreOutput) else list(high)
-    refs: dict[str, Reference] = {}
-    for name, ts in low.tasks.items():
-        values = [h.tasks[name].mean for h in highs if name in h.tasks]
-        if not values:
-            continue
-        lo, hi = ts.mean, max(values)
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo == hi:
-            log.warning("task %s: no reference range (low %.4g, high %.4g); left unnormalized", name, lo, hi)
-            continue
-        refs[name] = Reference(low=lo, high=hi)
-    return refs
-
-
-def normalize_output(output: ScoreOutput, references: Mapping[str, Reference]) -> ScoreOutput:
-    """``output`` with every task's per-example scores normalized by its reference.
-
-    Normalization is affine, so the mean of the normalized scores is the normalized mean. A task
-    without a reference raises :class:`ConfigError`.
-    """
-    missing = [n for n in output.tasks if n not in references]
-    if missing:
-        raise ConfigError(f"no reference values for task(s) {', '.join(missing)}; declare or fill them in")
-    tasks = {
-        name: replace(
-            ts,
-            scores=normalize(ts.scores, references[name].low, references[name].high),
-            metric=f"{ts.metric}_normalized",
-        )
-        for name, ts in output.tasks.items()
-    }
-    return replace(output, tasks=tasks)

@@ -14,7 +14,6 @@ overlapping splits, an answer extraction that fits no reference answer) is a :cl
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,6 @@ from evomerge.scoring.extract import extract_answer, parse_number
 
 if TYPE_CHECKING:
     from evomerge.scoring.suite import GenerateTask
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["Example", "check_answers", "check_overlap", "read_examples", "reference_answer"]
 

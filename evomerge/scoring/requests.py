@@ -17,7 +17,6 @@ Text is encoded with the tokenizer's default special tokens, as lm-eval's HF mod
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,8 +26,6 @@ from evomerge.errors import ConfigError
 from evomerge.scoring.data import Example, reference_answer
 from evomerge.scoring.extract import extract_answer, match
 from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Task
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "PERPLEXITY_METRIC",

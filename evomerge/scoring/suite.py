@@ -8,7 +8,7 @@ A suite file looks like::
         kind: generate            # generate | choice | perplexity | lmeval
         data: {calibration: zoo/add.calibration.jsonl, test: zoo/add.test.jsonl}
         max_new_tokens: 12
-        reference: {low: 0.1, high: 0.95}   # optional: normalized score = (raw - low) / (high - low)
+        reference: {low: 0.1, high: 0.95}   # optional: this task's 0 and 1 (default: the base and best source)
 
 Data paths are relative to the suite file; the JSONL formats of each kind and the data checks are
 described in :mod:`evomerge.scoring.data`.
@@ -31,12 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.names import SPLITS
 from evomerge.resources import read_text, resolve
 from evomerge.scoring.data import Example, check_answers, check_overlap, read_examples, reference_answer
 from evomerge.scoring.extract import AnswerMetric, ExtractMode
 
 __all__ = [
-    "SPLITS",
     "ChoiceTask",
     "Example",
     "GenerateTask",
@@ -58,8 +58,6 @@ __all__ = [
     "subset_examples",
 ]
 
-Split = Literal["calibration", "test"]
-SPLITS: tuple[Split, ...] = ("calibration", "test")
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _KINDS = ("generate", "choice", "perplexity", "lmeval")
 
@@ -268,17 +266,8 @@ class Suite:
         return replace(self, tasks=tuple(self.task(n) for n in names))
 
     def references(self) -> dict[str, Reference]:
+        """The ``reference:`` each task declares (tasks declaring none are left out)."""
         return {t.name: t.spec.reference for t in self.tasks if t.spec.reference is not None}
-
-    def with_references(self, refs: Mapping[str, Reference], *, override: bool = False) -> Suite:
-        """A copy with references filled in for tasks that declare none (all of them with ``override``)."""
-        tasks = []
-        for t in self.tasks:
-            ref = refs.get(t.name)
-            if ref is not None and (override or t.spec.reference is None):
-                t = replace(t, spec=t.spec.model_copy(update={"reference": ref}))
-            tasks.append(t)
-        return replace(self, tasks=tuple(tasks))
 
 
 def subset_examples(

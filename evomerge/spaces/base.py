@@ -25,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import MERGED, MODULE_KINDS, Recipe
+from evomerge.names import MODULE_KINDS
+from evomerge.recipe import MERGED, Recipe
 from evomerge.registry import Registry
 
 if TYPE_CHECKING:

@@ -34,13 +34,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import MODULE_KINDS, ParamValue
+from evomerge.names import DType, ModuleKind
+from evomerge.recipe import ParamValue
 from evomerge.registry import Registry
 from evomerge.resources import read_text, resolve
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
-ModuleKind = Literal["embed", "attn", "mlp", "norm", "lm_head", "other"]
 Range = tuple[float, float]
 
 
@@ -69,7 +69,7 @@ class ParamsSection(BaseModel):
     init: dict[str, float | Literal["1/n"]] = Field(default_factory=dict)
     fixed: dict[str, ParamValue] = Field(default_factory=dict)
     seed: int = 0
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DType | None = None
 
     @field_validator("ranges")
     @classmethod
@@ -175,7 +175,7 @@ class RoutingTemplate(RoutingSection):
     kind: Literal["routing"]
     description: str = ""
     seed: int = 0
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DType | None = None
 
 
 class HybridTemplate(BaseModel):
@@ -242,7 +242,6 @@ def builtin_templates() -> list[str]:
 
 
 __all__ = [
-    "MODULE_KINDS",
     "HybridTemplate",
     "ParamsSection",
     "ParamsTemplate",

@@ -26,7 +26,8 @@ def decided_state(run_dir: str | Path) -> dict[str, Any]:
     """The final checkpoint's state without the clock, the optimizer's opaque blob (cma pickles its own timer)
     replaced by what it decides: the genomes of the next 5 candidates an optimizer restored from it proposes."""
     from evomerge.checkpoint import read_checkpoint
-    from evomerge.driver.run import load_run, preflight
+    from evomerge.config.load import load_run
+    from evomerge.driver.run import preflight
 
     ckpt = read_checkpoint(run_dir)
     if ckpt is None:

@@ -27,7 +27,6 @@ prompt of either split (see :func:`sample_training`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import string
@@ -37,13 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import TaskDataError
-
-logger = logging.getLogger(__name__)
+from evomerge.names import SPLITS
 
 #: The stop string that ends every completion.
 STOP = "\n"
 #: Evaluation splits shipped for every skill, and the number of examples in each.
-SPLITS = ("calibration", "test")
 SPLIT_SIZE = 200
 _SPLIT_TAGS = {"calibration": "cal", "test": "test"}
 #: Seed of the evaluation splits; fixed so that the shipped files never depend on a zoo seed.

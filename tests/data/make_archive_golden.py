@@ -18,9 +18,10 @@ import numpy as np
 from evomerge.archive import SCHEMA_VERSION as ARCHIVE_VERSION
 from evomerge.archive import Archive
 from evomerge.checkpoint import SCHEMA_VERSION as CHECKPOINT_VERSION
-from evomerge.checkpoint import rng_state, save_checkpoint
+from evomerge.checkpoint import save_checkpoint
+from evomerge.evaluation import Candidate, EvalResult, TaskScores
 from evomerge.recipe import ModelEntry, Recipe
-from evomerge.types import Candidate, EvalResult, TaskScores
+from evomerge.rng import rng_to_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -120,12 +121,12 @@ def write_checkpoint(folder: Path) -> None:
     rng.random(5)
     state = {
         "optimizer": {"name": "cma_es", "generation": 3, "sigma": 0.3, "mean": [0.25, 0.75]},
-        "rng": rng_state(rng),
+        "rng": rng_to_json(rng),
         "next_candidate_id": 4,
         "best_fitness": -math.inf,
         "note": "résumé ✓",
     }
-    save_checkpoint(folder, state, {"es.pickle": bytes(range(256))}, cursor=4)
+    save_checkpoint(folder, state, cursor=4)
 
 
 def main() -> int:

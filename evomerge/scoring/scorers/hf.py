@@ -35,6 +35,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from evomerge.errors import ConfigError, ScoreError
+from evomerge.evaluation import TaskScores
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
 from evomerge.scoring.data import Example
 from evomerge.scoring.extract import cut_at_stop
@@ -50,7 +51,6 @@ from evomerge.scoring.requests import (
 )
 from evomerge.scoring.scorers.stopping import StopOnText, StopSplit, split_stops
 from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
-from evomerge.types import TaskScores
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,10 @@ import numpy as np
 import torch
 
 from evomerge.errors import BackendUnavailableError, ConfigError, ScoreError
+from evomerge.evaluation import TaskScores
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
 from evomerge.scoring.requests import encode
 from evomerge.scoring.suite import Example, LmevalTask, Suite, Task, subset_examples
-from evomerge.types import TaskScores
-
-log = logging.getLogger(__name__)
 
 KINDS = ("lmeval",)
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import BackendUnavailableError, ConfigError, ScoreError
+from evomerge.evaluation import TaskScores
 from evomerge.scoring.base import ScoreOutput, plan
 from evomerge.scoring.data import Example
 from evomerge.scoring.extract import cut_at_stop
@@ -59,7 +60,6 @@ from evomerge.scoring.requests import (
     primary_metric,
 )
 from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
-from evomerge.types import TaskScores
 
 log = logging.getLogger(__name__)
 

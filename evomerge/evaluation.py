@@ -1,4 +1,5 @@
-"""Plain data passed between the optimizer, the driver, the workers and the archive."""
+"""Candidates and what evaluating them produced: plain data passed between the optimizer, the driver, the
+workers and the archive."""
 
 from __future__ import annotations
 
