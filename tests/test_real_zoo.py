@@ -178,7 +178,7 @@ def test_search_over_the_real_test_zoo_exports_a_loadable_model(real_zoo_test: R
         "fitness": {"suite": str(suite_path), "scorer": "hf", "batch_size": 12},
         "optimizer": {"name": "cma_es", "options": {"popsize": 2, "sigma0": 0.1, "x0_first": True}},
         "budget": {"evaluations": 3}, "resources": {"threads_per_worker": 1},
-        "fidelity": {"subset": 2, "rescore_test": True},
+        "fidelity": {"subset": 2, "promote_quantile": 1.0, "rescore_test": True},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_dir = start_run(tmp_path / "cfg.yaml")
@@ -187,23 +187,47 @@ def test_search_over_the_real_test_zoo_exports_a_loadable_model(real_zoo_test: R
     assert len(searched) >= 3 and all(r.ok for r in searched)
     assert {r.split for r in res.records} == {"calibration", "test"}
 
-    # a searched candidate re-scored on the held-out split (the Pareto set is)
-    test_rec = next(r for r in res.records if r.split == "test" and r.candidate_id >= 0)
-    out = export_run(run_dir, pick=str(test_rec.candidate_id), out=tmp_path / "export")[0]
+    best = res.best()
+    assert best is not None and best.result.fidelity == "full"
+    out = export_run(run_dir, pick="best", out=tmp_path / "export")[0]
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     assert tok.chat_template and tok("What is 23 + 45? Answer: 68")["input_ids"][-3:] == tok(" 68")["input_ids"]
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    ref = materialize_state_dict(test_rec.recipe, sources)
+    ref = materialize_state_dict(best.recipe, sources)
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref[k]), k
-    # the exported folder scores what the run's workers scored for the same recipe on the held-out split
+    # the exported folder scores what the run's worker scored for the same recipe
     suite = load_suite(suite_path)
-    again = make_scorer("hf", batch_size=12, threads=1).score(model, tok, suite, split="test")
+    again = make_scorer("hf", batch_size=12, threads=1).score(model, tok, suite, split="calibration")
     for name, ts in again.tasks.items():
-        assert ts.scores.tolist() == test_rec.result.tasks[name].scores.tolist(), name
+        assert ts.scores.tolist() == best.result.tasks[name].scores.tolist(), name
     enc = tok(suite.task("add").examples("test")[0].prompt, return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_hf_stop_strings_on_the_real_tokenizer(real_zoo_test: RealManifest) -> None:
+    """The scorer's stop-string criterion is built once per tokenizer and stops where transformers' own does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.scoring.scorers.hf import generate, stop_criteria
+
+    tok = AutoTokenizer.from_pretrained(real_zoo_test.expert("order"))
+    model = AutoModelForCausalLM.from_pretrained(real_zoo_test.expert("order"), dtype=torch.float32)
+    assert stop_criteria(tok, ["\n"]) is stop_criteria(tok, ("\n",))
+    prompts = [e.prompt for e in rs.generate_eval_splits("order")["test"][:4]]
+    stops = ["\n", " the"]
+    ours = generate(model, tok, [tok(p)["input_ids"] for p in prompts], max_new_tokens=8, stops=stops,
+                    batch_size=4, max_length=64)
+    for prompt, text in zip(prompts, ours, strict=True):
+        enc = tok(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=8, do_sample=False, stop_strings=stops, tokenizer=tok,
+                                 pad_token_id=tok.pad_token_id)
+        theirs = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for stop in stops:
+            theirs = theirs.split(stop)[0]
+        assert text == theirs
