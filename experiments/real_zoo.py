@@ -1,6 +1,6 @@
 """The real zoo's reference table, and what its fine-tunes keep of the base's general abilities (CPU).
 
-    python experiments/real_zoo.py --zoo zoo/real            # builds the zoo first if needed (~30-40 min)
+    python experiments/real_zoo.py --zoo zoo/real            # builds the zoo first if needed (~27 min)
     python experiments/real_zoo.py --zoo zoo/real --size real-test --results /tmp/real_zoo_test.md   # smoke run
 
 Builds (or reuses) ``evomerge zoo build DIR --size real`` and writes ``experiments/results/real_zoo.md``: the

@@ -101,7 +101,7 @@ class RealManifest(ZooManifest):
 def real_code_version() -> str:
     """``REAL_ZOO_VERSION`` plus a digest of the modules that define the real zoo's data and training.
 
-    This module's own source is left out, so that editing its reporting does not rebuild a 40-minute zoo;
+    This module's own source is left out, so that editing its reporting does not rebuild a half-hour zoo;
     its recipe is versioned by ``REAL_ZOO_VERSION`` and :class:`RealSize`.
     """
     from evomerge.testing import train as train_module
