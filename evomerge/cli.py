@@ -119,14 +119,21 @@ def parse_size(text: str) -> int:
 @user_errors
 def zoo_build(
     out: Annotated[Path, typer.Argument(help="Folder to build the zoo in.")],
-    size: Annotated[str, typer.Option(help="test (fast, for the test suite) or demo.")] = "demo",
+    size: Annotated[str, typer.Option(
+        help="test (fast, for the test suite) or demo: the tiny zoo; real (SmolLM2-135M, needs evomerge[real]) "
+             "or real-test (its first layers, for tests).")] = "demo",
     seed: Annotated[int, typer.Option(help="Seed: the same seed builds the same zoo.")] = 0,
 ) -> None:
-    """Build the tiny model zoo (base, experts, multitask) on this machine."""
+    """Build a model zoo (base, experts, multitask) on this machine."""
     from evomerge.testing.zoo import build_zoo
 
     manifest = build_zoo(out, size=size, seed=seed)
-    typer.echo(manifest_table(manifest))
+    if hasattr(manifest, "reference"):
+        from evomerge.testing.real import manifest_summary
+
+        typer.echo(manifest_summary(manifest))
+    else:
+        typer.echo(manifest_table(manifest))
 
 
 def manifest_table(manifest: Any) -> str:

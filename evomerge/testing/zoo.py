@@ -338,7 +338,9 @@ def resolve_size(size: str | ZooSize) -> ZooSize:
     if isinstance(size, ZooSize):
         return size
     if size not in SIZES:
-        raise ConfigError(f"unknown zoo size {size!r}; valid sizes: {', '.join(SIZES)}")
+        from evomerge.testing.real import REAL_SIZES
+
+        raise ConfigError(f"unknown zoo size {size!r}; valid sizes: {', '.join([*SIZES, *REAL_SIZES])}")
     return SIZES[size]
 
 
@@ -355,7 +357,16 @@ def build_zoo(
     :class:`ZooSize`; ``skills`` defaults to all of ``SKILLS``. If ``out_dir`` already holds a zoo of the
     same version, size, seed and skills, it is returned without rebuilding. Concurrent builders of one
     ``out_dir`` wait for each other; the manifest is written last, so a zoo without one is incomplete.
+    The sizes of the real zoo (``"real"``, ``"real-test"``) are handed to
+    :func:`evomerge.testing.real.build_real_zoo`.
     """
+    if isinstance(size, str) and size not in SIZES:
+        from evomerge.testing.real import REAL_SIZES, build_real_zoo
+
+        if size in REAL_SIZES:
+            if skills is not None:
+                raise ConfigError("the real zoo has a fixed set of skills; skills cannot be chosen")
+            return build_real_zoo(out_dir, size=size, seed=seed)
     spec = resolve_size(size)
     chosen = tuple(SKILLS if skills is None else skills)
     if not chosen or len(set(chosen)) != len(chosen):
