@@ -5,7 +5,7 @@
   built once per session. Set ``EVOMERGE_ZOO_CACHE`` to a folder to keep it between sessions; it is
   rebuilt there only when the zoo recipe, size or seed changes.
 * ``isolated_hf``: ``HF_HOME`` in a temporary folder (lm-eval caches datasets there) and one torch thread.
-* ``real_zoo_test``: the same for the ``real-test`` size of the real zoo (skipped without ``evomerge[real]``);
+* ``real_zoo_test``: like ``zoo_test``, for the ``real-test`` size of the real zoo (skipped without ``evomerge[real]``);
   ``real_base_loader`` reads the GGUF base at most once per session.
 """
 
