@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.errors import ConfigError
 from evomerge.testing import real_skills
 from evomerge.testing.real_skills import SEPARATOR, SKILLS, STOP, get_skill, held_out_prompts, write_eval_data
-from evomerge.testing.train import IGNORE, Phase, train
+from evomerge.testing.train import Phase, pad_batch, train
 from evomerge.testing.zoo import MANIFEST, ZooManifest, _derive_seed, _lock, _save, _threads
 
 logger = logging.getLogger(__name__)
@@ -180,13 +180,7 @@ def encode_bpe_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Any) -> tuple[
         rows.append(full)
         n_prompt.append(len(p))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, k) in enumerate(zip(rows, n_prompt, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row)
-        labels[i, k : len(row)] = ids[i, k : len(row)]
-    return ids, labels
+    return pad_batch(rows, n_prompt, pad)
 
 
 def _phases(size: RealSize) -> dict[str, Phase]:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import TaskDataError
-from evomerge.testing.skills import Example, Sampler, _randint
+from evomerge.testing.skills import Example, Sampler, _randint, draw_splits
 
 #: The stop string that ends every completion; answers follow the prompt after one space.
 STOP = "\n"
@@ -113,22 +112,7 @@ def get_skill(name: str) -> RealSkill:
 
 def generate_eval_splits(name: str) -> dict[str, list[Example]]:
     """Regenerate the ``calibration`` and ``test`` splits of skill ``name`` (disjoint, deterministic)."""
-    skill = get_skill(name)
-    rng = random.Random(EVAL_SEED + zlib.crc32(name.encode()))
-    seen: set[str] = set()
-    pool: list[tuple[str, str]] = []
-    while len(pool) < sum(SPLIT_SIZES.values()):
-        prompt, answer = skill.sample(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            pool.append((prompt, answer))
-    out: dict[str, list[Example]] = {}
-    start = 0
-    for split, size in SPLIT_SIZES.items():
-        chunk = pool[start : start + size]
-        start += size
-        out[split] = [Example(f"{name}-{_SPLIT_TAGS[split]}-{i:04d}", p, a) for i, (p, a) in enumerate(chunk, 1)]
-    return out
+    return draw_splits(name, get_skill(name).sample, SPLIT_SIZES, _SPLIT_TAGS, EVAL_SEED)
 
 
 def write_eval_data(folder: str | os.PathLike[str], skills: Sequence[str] = SKILLS) -> list[Path]:

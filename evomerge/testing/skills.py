@@ -185,20 +185,27 @@ def get_skill(name: str) -> Skill:
 
 def generate_eval_splits(name: str) -> dict[str, list[Example]]:
     """Regenerate the ``calibration`` and ``test`` splits of skill ``name`` (disjoint, deterministic)."""
-    skill = get_skill(name)
-    rng = random.Random(EVAL_SEED + zlib.crc32(name.encode()))
+    return draw_splits(name, get_skill(name).sample_task, dict.fromkeys(SPLITS, SPLIT_SIZE), _SPLIT_TAGS, EVAL_SEED)
+
+
+def draw_splits(name: str, sample: Sampler, sizes: dict[str, int], tags: dict[str, str],
+                seed: int) -> dict[str, list[Example]]:
+    """Distinct examples of skill ``name`` drawn from ``sample`` with a generator seeded by ``seed`` and the
+    name, cut into consecutive splits of ``sizes`` (ids ``<name>-<tag>-<n>``): disjoint, the same everywhere."""
+    rng = random.Random(seed + zlib.crc32(name.encode()))
     seen: set[str] = set()
     pool: list[tuple[str, str]] = []
-    while len(pool) < SPLIT_SIZE * len(SPLITS):
-        prompt, answer = skill.sample_task(rng)
+    while len(pool) < sum(sizes.values()):
+        prompt, answer = sample(rng)
         if prompt not in seen:
             seen.add(prompt)
             pool.append((prompt, answer))
     out: dict[str, list[Example]] = {}
-    for k, split in enumerate(SPLITS):
-        chunk = pool[k * SPLIT_SIZE : (k + 1) * SPLIT_SIZE]
-        tag = _SPLIT_TAGS[split]
-        out[split] = [Example(f"{name}-{tag}-{i:04d}", p, a) for i, (p, a) in enumerate(chunk, 1)]
+    start = 0
+    for split, size in sizes.items():
+        chunk = pool[start : start + size]
+        start += size
+        out[split] = [Example(f"{name}-{tags[split]}-{i:04d}", p, a) for i, (p, a) in enumerate(chunk, 1)]
     return out
 
 

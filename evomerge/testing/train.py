@@ -56,6 +56,12 @@ def encode_pairs(
         except KeyError as exc:
             raise ValueError(f"character {exc.args[0]!r} of {text!r} is not in the zoo tokenizer") from None
         n_prompt.append(len(prompt))
+    return pad_batch(seqs, n_prompt, pad)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded with ``pad`` into ``ids``, and ``labels`` that cover each row past its first
+    ``n_prompt`` tokens (the answer), ``IGNORE`` elsewhere."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
