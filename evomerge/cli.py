@@ -59,10 +59,10 @@ def load_recipe_file(path: Path) -> Any:
     """Read an evomerge recipe YAML or a mergekit YAML (detected by ``merge_method``)."""
     import yaml
 
+    from evomerge.builtin import read_text
     from evomerge.errors import ConfigError
     from evomerge.mergekit_compat import from_mergekit_yaml
     from evomerge.recipe import Recipe
-    from evomerge.resources import read_text
 
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")

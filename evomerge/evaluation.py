@@ -54,3 +54,16 @@ class EvalResult:
 
     def task_means(self) -> dict[str, float]:
         return {name: ts.mean for name, ts in self.tasks.items()}
+
+    def archived(self) -> EvalResult:
+        """This result as the archive gives it back: float64 scores, non-finite scores turned into a failure."""
+        if not self.ok:
+            return self
+        tasks: dict[str, TaskScores] = {}
+        for name, ts in self.tasks.items():
+            scores = np.asarray(ts.scores, dtype=np.float64)
+            if not np.all(np.isfinite(scores)):
+                return EvalResult(self.candidate_id, "failed", {}, f"non-finite scores in task {name!r}",
+                                  self.timings, self.worker, self.fidelity)
+            tasks[name] = TaskScores(tuple(ts.example_ids), scores, ts.metric)
+        return EvalResult(self.candidate_id, self.status, tasks, self.error, self.timings, self.worker, self.fidelity)

@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.io.arch import TensorRole
-from evomerge.merge.params import evaluate
+from evomerge.merge.tensor_params import evaluate
 from evomerge.recipe import MERGED, ModelEntry, ParamValue, Recipe, RouteStep, Routing
 
 #: Substring filters that select a module kind in each naming family (first match wins in mergekit).

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.archive import Archive
-from evomerge.driver.loop import Driver, Settings
+from evomerge.driver.loop import Driver
 from evomerge.driver.pool import Job
+from evomerge.driver.records import Settings
 from evomerge.evaluation import EvalResult, TaskScores
 from evomerge.events import EventLog
 from evomerge.optim import OPTIMIZERS

@@ -196,7 +196,7 @@ def stage_split(sources: ResidentSources, model: torch.nn.Module, recipe: Recipe
     """
     from evomerge.merge.materialize import MergePlan
     from evomerge.merge.methods.sparsify import largest_mask, sparsify
-    from evomerge.merge.params import tensor_params
+    from evomerge.merge.tensor_params import tensor_params
 
     plan = MergePlan.build(recipe, sources.num_layers)
     params = dict(model.named_parameters())
@@ -290,7 +290,7 @@ def threshold_ties(sources: ResidentSources, recipe: Recipe) -> dict[str, torch.
     """
     from evomerge.merge.materialize import MergePlan
     from evomerge.merge.methods.sparsify import kth_smallest
-    from evomerge.merge.params import tensor_params
+    from evomerge.merge.tensor_params import tensor_params
 
     plan = MergePlan.build(recipe, sources.num_layers)
     out = {}

@@ -155,7 +155,7 @@ def _models(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, str], str]:
 
 def _suite(tmp: Path) -> str:
     """``builtin:zoo`` when its data is shipped, else a copy of it with regenerated data."""
-    from evomerge.resources import builtin_dir
+    from evomerge.builtin import builtin_dir
 
     fitness = builtin_dir("fitness")
     if (fitness / "zoo" / "add.calibration.jsonl").is_file():

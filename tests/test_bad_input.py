@@ -97,6 +97,14 @@ def c_unknown_opt_option(cfg, tmp, fam, suite):
     return {**cfg, "optimizer": {"name": "cma_es", "options": {"sigma": 0.1}}}
 
 
+def c_bad_opt_value(cfg, tmp, fam, suite):
+    return {**cfg, "optimizer": {"name": "cma_es", "options": {"sigma0": -1}}}
+
+
+def c_option_of_another_optimizer(cfg, tmp, fam, suite):
+    return {**cfg, "optimizer": {"name": "random", "options": {"sigma0": 0.1}}}
+
+
 def c_unknown_scorer(cfg, tmp, fam, suite):
     return {**cfg, "fitness": {**cfg["fitness"], "scorer": "tgi"}}
 
@@ -279,7 +287,9 @@ CASES = [
     (c_negative_budget, "budget.evaluations"),
     (c_no_budget, "budget"),
     (c_unknown_optimizer, "cmaes"),
-    (c_unknown_opt_option, "sigma"),
+    (c_unknown_opt_option, "optimizer.options.sigma: unknown key"),
+    (c_bad_opt_value, "optimizer.options.sigma0: Input should be greater than 0"),
+    (c_option_of_another_optimizer, "optimizer.options.sigma0: unknown key"),
     (c_unknown_scorer, "tgi"),
     (c_unknown_builtin, "nope"),
     (c_missing_template, "none.yaml"),

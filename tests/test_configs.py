@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
+from evomerge.builtin import builtin_dir
 from evomerge.cli import app
 from evomerge.config import load_run_config
-from evomerge.resources import builtin_dir
+from evomerge.errors import ConfigError
 from evomerge.spaces.template import builtin_templates, load_template
 
 CONFIGS = sorted(builtin_dir("configs").glob("*.yaml"))
@@ -37,6 +39,46 @@ def test_schema_command_prints_the_run_config_schema():
     assert res.exit_code == 0
     schema = json.loads(res.output)
     assert {"sources", "space", "fitness", "optimizer", "budget"} <= set(schema["properties"])
+
+
+def test_schema_shows_every_optimizers_options_by_name():
+    schema = json.loads(CliRunner().invoke(app, ["schema"]).output)
+    union = schema["properties"]["optimizer"]
+    assert union["discriminator"]["propertyName"] == "name"
+    defs = schema["$defs"]
+    options = {}
+    for ref in union["discriminator"]["mapping"].values():
+        model = defs[ref.rsplit("/", 1)[-1]]
+        opts = defs[model["properties"]["options"]["$ref"].rsplit("/", 1)[-1]]
+        options[model["properties"]["name"]["const"]] = opts["properties"]
+    assert set(options) == {"cma_es", "nevergrad", "m2n2", "random"}
+    assert options["cma_es"]["sigma0"]["exclusiveMinimum"] == 0 and options["cma_es"]["sigma0"]["default"] == 0.2
+    assert "archive_size" in options["m2n2"] and "num_workers" in options["nevergrad"]
+    assert all("scalarize" in o for o in options.values())
+
+
+def test_an_optimizer_block_without_a_name_is_cma_es_and_options_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    doc = yaml.safe_load((builtin_dir("configs") / "tiny-demo.yaml").read_text())
+    doc["optimizer"] = {"options": {"sigma0": 0.05}}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_run_config(path)
+    assert cfg.optimizer.name == "cma_es" and cfg.optimizer.options.sigma0 == 0.05
+    doc["optimizer"] = {"name": "nevergrad", "options": {"num_workers": 0}}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"optimizer\.options\.num_workers: Input should be greater than or equal to 1"):
+        load_run_config(path)
+
+
+def test_options_left_to_the_run_are_filled_from_it_and_kept_unset_in_the_config():
+    from evomerge.config.optimizers import CmaEsOptions, NevergradOptions
+
+    ng = NevergradOptions()
+    assert (ng.num_workers, ng.budget) == (None, None)
+    filled = ng.for_run(workers=4, evaluations=64)
+    assert (filled.num_workers, filled.budget) == (4, 64)
+    assert NevergradOptions(num_workers=2).for_run(workers=4, evaluations=None).num_workers == 2
+    assert CmaEsOptions().for_run(workers=4, evaluations=64) == CmaEsOptions()
 
 
 def test_config_paths_resolve_relative_to_the_file(tmp_path):

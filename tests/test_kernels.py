@@ -15,7 +15,6 @@ from evomerge.merge.methods.sparsify import (
     excluded_ties,
     largest_mask,
     magnitude_order,
-    sorted_magnitudes,
     top_k_threshold,
 )
 
@@ -70,9 +69,19 @@ def test_sorted_magnitude_hints_give_identical_bits():
     sp, gp = {"weight": [0.5, 0.3, 0.8], "density": [0.25, 0.6, 0.9]}, {}
     with fused_kernels(True, min_numel=1024):
         plain, _ = fused_merge("ties", base, deltas, sp, gp)
-        with sorted_magnitudes([magnitude_order(r) for r in deltas]):
-            hinted, _ = fused_merge("ties", base, deltas, sp, gp)
-    assert torch.equal(plain, hinted)
+        hinted, _ = fused_merge("ties", base, deltas, sp, gp, orders=[magnitude_order(r) for r in deltas])
+        # orders for another stack (wrong row count) are ignored, never misread
+        ignored, _ = fused_merge("ties", base, deltas, sp, gp, orders=[magnitude_order(deltas[0])])
+    eager = METHODS.get("ties").fn(base, deltas, sp, gp, orders=[magnitude_order(r) for r in deltas])
+    assert torch.equal(plain, hinted) and torch.equal(plain, ignored) and torch.equal(plain, eager)
+
+
+def test_methods_declare_their_fused_plan_and_magnitude_orders():
+    assert set(METHODS.names(having={"fused"})) == {"ties", "task_arithmetic", "linear"}
+    assert set(METHODS.names(having={"magnitude_orders"})) == {"ties"}
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        assert (method.fused is not None) == ("fused" in METHODS.capabilities(name))
 
 
 @pytest.mark.parametrize("seed", range(4))

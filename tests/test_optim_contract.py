@@ -205,6 +205,14 @@ def test_options_are_validated_and_state_checks_its_origin(name):
         make(foreign, problem, 0).load_state_dict(state)
 
 
+def test_every_registered_optimizer_has_typed_config_options():
+    from evomerge.config.optimizers import OPTIMIZER_CONFIGS
+
+    assert set(OPTIMIZER_CONFIGS) == set(ALL)
+    for name in ALL:
+        assert OPTIMIZERS.get(name).Options is OPTIMIZER_CONFIGS[name], name
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS.names(having={MULTIOBJECTIVE}))
 def test_multiobjective_recommend_is_on_the_pareto_front(name):
     problem = Problem.unit_cube(3, task_names=("left", "right"))

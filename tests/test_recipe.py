@@ -4,7 +4,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.io.arch import TensorRole
-from evomerge.merge.params import evaluate
+from evomerge.merge.tensor_params import evaluate
 from evomerge.recipe import Recipe
 from evomerge.registry import Registry
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from evomerge.builtin import builtin_dir
 from evomerge.errors import ConfigError, ScoreError
-from evomerge.resources import builtin_dir
 from evomerge.scoring import SCORERS, load_suite, make_scorer
 from evomerge.scoring.base import torch_threads
 from evomerge.testing.family import build_family

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evomerge.resources import builtin_dir
+from evomerge.builtin import builtin_dir
 from evomerge.scoring import load_suite, make_scorer
 from evomerge.scoring.base import torch_threads
 from evomerge.testing.tokenizer import build_tokenizer

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from evomerge.builtin import builtin_dir
 from evomerge.errors import BackendUnavailableError, ConfigError, ScoreError
-from evomerge.resources import builtin_dir
 from evomerge.scoring import load_suite, make_scorer
 from evomerge.scoring.base import torch_threads
 from evomerge.testing.tokenizer import build_tokenizer

@@ -10,7 +10,7 @@ import pytest
 from evomerge.errors import ConfigError
 from evomerge.io.arch import TensorRole
 from evomerge.merge.methods.base import METHODS, MergeMethod, ParamSpec
-from evomerge.merge.params import evaluate, validate_recipe_params
+from evomerge.merge.tensor_params import evaluate, validate_recipe_params
 from evomerge.names import MODULE_KINDS
 from evomerge.recipe import MERGED, Recipe
 from evomerge.registry import Registry
@@ -121,6 +121,13 @@ def test_space_contract(template, methods):
         space.decode(np.zeros(space.dim + 1))
     with pytest.raises(ConfigError):
         space.decode(np.full(space.dim, np.nan))
+    # declared capabilities: the parameter genes a warm start re-centres exist exactly for params and hybrid
+    genes_block = space.param_genes
+    assert (genes_block is not None) == (space.kind in ("params", "hybrid")), space.kind
+    if genes_block is not None:
+        assert genes_block.dim <= space.dim and genes_block.method.name == first.method
+    if space.kind != "segments":
+        assert space.prepare_segments({}) is None
 
 
 def _all_roles(n: int):

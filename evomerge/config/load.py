@@ -10,9 +10,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from evomerge.builtin import read_text
 from evomerge.config.models import RunConfig
+from evomerge.config.optimizers import OPTIMIZER_CONFIGS
 from evomerge.errors import ConfigError
-from evomerge.resources import read_text
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem, each naming the YAML path (``fitness.suite``, ``sources.a``)."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts = list(err["loc"])
+        if parts[:1] == ["optimizer"] and len(parts) > 1 and parts[1] in OPTIMIZER_CONFIGS:
+            del parts[1]  # the union's tag: the YAML path is optimizer.options.<field>
+        loc = ".".join(str(p) for p in parts) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

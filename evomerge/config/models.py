@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.config.optimizers import CmaEsConfig, OptimizerConfig
 from evomerge.names import DType
 from evomerge.pools import POOLS
 
@@ -60,12 +61,6 @@ class FitnessConfig(BaseModel):
     scorer: str = "hf"
     tasks: list[str] | None = Field(default=None, description="subset of the suite's tasks (default: all)")
     batch_size: int = Field(default=64, ge=1)
-
-
-class OptimizerConfig(BaseModel):
-    model_config = _FROZEN
-    name: str = "cma_es"
-    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class BudgetConfig(BaseModel):
@@ -136,11 +131,19 @@ class RunConfig(BaseModel):
     zoo: ZooConfig | None = None
     space: SpaceConfig
     fitness: FitnessConfig
-    optimizer: OptimizerConfig = OptimizerConfig()
+    optimizer: OptimizerConfig = CmaEsConfig()
     budget: BudgetConfig = BudgetConfig()
     resources: ResourcesConfig = ResourcesConfig()
     fidelity: FidelityConfig = FidelityConfig()
     trust_remote_code: bool = False
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _default_optimizer(cls, v: Any) -> Any:
+        # ``name`` picks the options model; an ``optimizer:`` block without it means CMA-ES, the default
+        if isinstance(v, dict) and "name" not in v:
+            return {"name": "cma_es", **v}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

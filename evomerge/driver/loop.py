@@ -20,60 +20,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from evomerge.archive import Archive
-from evomerge.driver.baselines import Baseline
 from evomerge.driver.journal import Journal, Stop
 from evomerge.driver.pool import Job, Pool
 from evomerge.driver.promotion import Promotion
-from evomerge.evaluation import Candidate, EvalResult, TaskScores
+from evomerge.driver.records import Handled, Settings, StartPolicy
+from evomerge.driver.rescoring import rescoring_candidates
+from evomerge.evaluation import Candidate, EvalResult
 from evomerge.events import EventLog
 from evomerge.optim.base import Observation
 from evomerge.recipe import Recipe
 from evomerge.references import References
 
 log = logging.getLogger(__name__)
-
-#: Builds the search's optimizer from the scored baselines and the references: (optimizer, warm-start info).
-StartPolicy = Callable[[list["Handled"], References], tuple[Any, "dict[str, Any] | None"]]
-
-
-@dataclass(frozen=True)
-class Handled:
-    """One result the driver has handled (and the archive holds), in handling order."""
-
-    job: Job
-    candidate: Candidate
-    result: EvalResult
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def split(self) -> str:
-        return self.job.split
-
-    @property
-    def ok(self) -> bool:
-        return self.result.ok
-
-
-@dataclass
-class Settings:
-    """What the run config says about the loop."""
-
-    tasks: list[str]
-    baselines: list[Baseline]
-    budget_evals: int | None
-    budget_seconds: float | None
-    subset: int | None
-    promote_quantile: float
-    rescore_test: bool
-    #: (low, high) per task from the suite's ``reference:`` fields; other tasks use the base and best source.
-    declared: dict[str, tuple[float, float]] = field(default_factory=dict)
-
 
 class Driver:
     """Runs one search in ``run_dir`` (see the module docstring)."""
@@ -202,7 +165,7 @@ class Driver:
 
     # ------------------------------------------------------------------ results
     def _handle(self, job: Job, cand: Candidate, res: EvalResult, *, meta: dict[str, Any] | None = None) -> None:
-        res = _archived_form(res)
+        res = res.archived()
         meta = {"fidelity": job.fidelity, **(meta or {})}
         self.journal.record(cand, job, res, meta)
         self.history.append(Handled(job, cand, res, {**cand.meta, **meta}))  # the archive record's meta
@@ -244,30 +207,5 @@ class Driver:
                 "best": self.best}
 
     def _submit_test_rescoring(self) -> None:
-        from evomerge.archive.pareto import pareto_front
-
-        full = [h for h in self.history if h.result.ok and h.split == "calibration" and h.job.subset is None]
-        searched = [h for h in full if h.candidate.id >= 0]
-        front = pareto_front(searched, self.tasks) if searched else []
-        seen: set[str] = set()
-        for h in [*(h for h in full if h.candidate.id < 0), *front]:
-            if h.job.recipe.hash in seen:
-                continue
-            seen.add(h.job.recipe.hash)
-            meta = {k: v for k, v in h.candidate.meta.items() if k in ("baseline", "kind")}
-            self._submit(Candidate(h.candidate.id, h.candidate.genome, meta), h.job.recipe, split="test")
-
-
-def _archived_form(res: EvalResult) -> EvalResult:
-    """``res`` as the archive gives it back: float64 scores, non-finite scores turned into a failure."""
-    if not res.ok:
-        return res
-    tasks: dict[str, TaskScores] = {}
-    for name, ts in res.tasks.items():
-        scores = np.asarray(ts.scores, dtype=np.float64)
-        if not np.all(np.isfinite(scores)):
-            return EvalResult(res.candidate_id, "failed", {}, f"non-finite scores in task {name!r}",
-                              res.timings, res.worker, res.fidelity)
-        tasks[name] = TaskScores(tuple(ts.example_ids), scores, ts.metric)
-    return EvalResult(res.candidate_id, res.status, tasks, res.error, res.timings, res.worker, res.fidelity)
-
+        for cand, recipe in rescoring_candidates(self.history, self.tasks):
+            self._submit(cand, recipe, split="test")

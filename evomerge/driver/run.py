@@ -27,13 +27,15 @@ from evomerge.config.load import CONFIG_FILE, load_run
 from evomerge.driver import checks, warm
 from evomerge.driver.baselines import Baseline, baseline_recipes
 from evomerge.driver.lock import RunLock
-from evomerge.driver.loop import Driver, Settings
+from evomerge.driver.loop import Driver
 from evomerge.driver.pool import Pool
+from evomerge.driver.records import Settings
 from evomerge.driver.warm import WarmStart
 from evomerge.driver.worker import Worker, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
 from evomerge.io.folder import vocab_rows
+from evomerge.merge.methods import METHODS
 from evomerge.merge.vocab import depends_on_models, effective_source
 from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
@@ -72,7 +74,7 @@ def _ensure_zoo(cfg: RunConfig) -> None:
 def preflight(cfg: RunConfig) -> Prepared:
     """Validate every input (models, suite, space, optimizer, scorer) without doing any work."""
     from evomerge.io import ModelFolder, check_mergeable
-    from evomerge.merge.params import validate_recipe_params
+    from evomerge.merge.tensor_params import validate_recipe_params
     from evomerge.optim import OPTIMIZERS
     from evomerge.optim.base import Problem
     from evomerge.scoring.base import SCORERS
@@ -99,18 +101,12 @@ def preflight(cfg: RunConfig) -> Prepared:
     space = build_space(template, models)
     x0_recipe = space.decode(space.x0)
     validate_recipe_params(x0_recipe)
-    segments = None
-    if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) and hasattr(space, "attach_gram"):
-        space.attach_gram(folders)  # M2N2 over recipes: SLERP angles from the seeds' Gram matrices
-        segments = space.segment_structure()
+    # an optimizer that recombines segments (M2N2 over recipes) gets the space's segment structure, if any
+    segments = space.prepare_segments(folders) if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) else None
     problem = Problem(space.dim, space.lower, space.upper, space.x0, tuple(tasks), segments)
     factory = OPTIMIZERS.get(cfg.optimizer.name)
-    options = dict(cfg.optimizer.options)
-    fields = getattr(getattr(factory, "Options", None), "model_fields", {})
-    if "num_workers" in fields:  # the run's parallelism, unless the config says otherwise
-        options.setdefault("num_workers", cfg.resources.workers)
-    if "budget" in fields and cfg.budget.evaluations:
-        options.setdefault("budget", cfg.budget.evaluations)
+    run_options = cfg.optimizer.options.for_run(workers=cfg.resources.workers, evaluations=cfg.budget.evaluations)
+    options = run_options.model_dump()
     optimizer = factory(problem, seed=cfg.seed, **options)
     warm_start = None
     if cfg.space.warm_start is not None:
@@ -157,12 +153,13 @@ def check_vocab(cfg: RunConfig, folders: dict[str, Any], reference: str, source:
 
 
 def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: int) -> bool:
-    """Resolve ``resources.sorted_magnitude_cache``: 'auto' keeps the magnitude orders for TIES on the CPU when
-    the workers' extra int32 per task-vector entry stays under a quarter of the available memory."""
+    """Resolve ``resources.sorted_magnitude_cache``: 'auto' keeps the magnitude orders, on the CPU, for a method
+    that declares it reads them (``magnitude_orders``: TIES) when the workers' extra int32 per task-vector entry
+    stays under a quarter of the available memory."""
     setting = cfg.resources.sorted_magnitude_cache
     if setting != "auto":
         return bool(setting)
-    if method != "ties" or n_deltas == 0:
+    if not METHODS.get(method).magnitude_orders or n_deltas == 0:
         return False
     from evomerge.driver.worker import resolve_device
 

@@ -36,12 +36,11 @@ def prepare(cfg: RunConfig, template: Any, models: Any, space: Any, x0_recipe: R
             factory: Any, options: dict[str, Any]) -> WarmStart:
     """Validate ``space.warm_start`` against the space and build its grid and optimizer factory."""
     from evomerge.spaces.base import build_space
-    from evomerge.spaces.params import ParamGenes
     from evomerge.spaces.template import parse_template
 
     assert cfg.space.warm_start is not None
-    genes = getattr(space, "block", None) or getattr(space, "params", None)
-    if not isinstance(genes, ParamGenes):
+    genes = space.param_genes
+    if genes is None:
         raise ConfigError(f"{WHERE}: needs a params or hybrid template; {cfg.space.template} is a "
                           f"{getattr(template, 'kind', '?')} template")
     if not any(p.spec.name == "weight" and p.spec.scope == "source" for p in genes.searched):

@@ -105,7 +105,7 @@ class Worker:
         if self.wants_state_dict and vocab.aligns:
             raise EvomergeError(f"scorer {spec.scorer!r} loads the reference folder's shapes; it cannot score models "
                                 "whose vocabulary was re-laid out (tokenizer_source); use the hf scorer")
-        if self.wants_state_dict and hasattr(self.scorer, "bind"):
+        if self.wants_state_dict:  # such a scorer owns its engine, started on the reference folder
             self.scorer.bind(ref_dir)
         self._routed: Any = None
         #: Hash of the recipe whose merge the live model holds (``None``: unknown).

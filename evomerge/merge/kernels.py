@@ -8,8 +8,8 @@ weighting, TIES sign election and agreement, normalization, ``lambda``, the base
 result once, straight into its destination (a live parameter in place). The NaN/inf check is a
 reduction in the same pass.
 
-Served: ``ties`` (magnitude sparsification without rescale), ``task_arithmetic`` and ``linear``, on
-CPU tensors of at least :data:`MIN_NUMEL` elements with at most :data:`MAX_SOURCES` task vectors.
+Served: the methods that declare a fused plan (``fused=`` when they register, see
+:mod:`evomerge.merge.methods.base`: ``ties`` without rescale, ``task_arithmetic``, ``linear``), on CPU tensors of at least :data:`MIN_NUMEL` elements with at most :data:`MAX_SOURCES` task vectors.
 Everything else (small tensors, other methods, CUDA tensors, a machine without a C++ compiler) runs
 the eager methods. Fused and eager give the same bits: the kept entries are the same (ties at the
 threshold included) and the arithmetic is the same sequence of IEEE operations (each product rounded,
@@ -37,9 +37,8 @@ from pathlib import Path
 import torch
 
 from evomerge.merge.methods.arguments import resolve, work_dtype
-from evomerge.merge.methods.linear import weight_total
-from evomerge.merge.methods.sparsify import current_sorted_magnitudes, excluded_ties, top_k_threshold
-from evomerge.merge.methods.task_vectors import check_task_vector_args, weight_norm
+from evomerge.merge.methods.base import METHODS, MergeMethod
+from evomerge.merge.methods.sparsify import excluded_ties, fitting_orders, top_k_threshold
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ __all__ = ["MAX_SOURCES", "MIN_NUMEL", "cache_scope", "fused_kernels", "fused_me
 MIN_NUMEL = 1 << 16
 #: More task vectors than this merge eagerly (the kernel unrolls one loop body per task vector).
 MAX_SOURCES = 16
-SUPPORTED = ("ties", "task_arithmetic", "linear")
 
 _enabled: bool | None = None if os.environ.get("EVOMERGE_FUSED_KERNELS", "1") != "0" else False
 _min_numel = MIN_NUMEL
@@ -206,36 +204,8 @@ def fused_kernels(enabled: bool, min_numel: int | None = None) -> Iterator[None]
         _enabled, _min_numel, _disabled_reason = saved
 
 
-def _plan(
-    method: str, base: torch.Tensor, deltas: torch.Tensor, sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool], ref_sp: Mapping[str, float] | None,
-) -> tuple[list[float], list[float] | None, list[float], bool, bool] | None:
-    """``(weights, densities or None, [coef, norm, lambda], consensus, normalize)``, or None when eager.
-
-    ``normalize`` is the TIES per-entry normalization; the other methods divide by the scalar ``norm``.
-    """
-    args = resolve(method, base, deltas, sp, gp, ref_sp)
-    cd = work_dtype(base.dtype)
-    weights = torch.tensor(args.floats("weight"), dtype=cd).tolist()
-    if method == "linear":
-        total = weight_total(args, cd)
-        if args.flag("normalize"):
-            return weights, None, [1.0, total, 1.0], False, False
-        return weights, None, [total, 1.0, 1.0], False, False
-    sparse = method == "ties"
-    check_task_vector_args(method, args, "magnitude" if sparse else None)
-    normalize = args.flag("normalize")
-    lam = args.num("lambda")
-    if sparse:
-        if args.flag("rescale"):
-            return None
-        densities = args.floats("density")
-        return weights, densities, [1.0, 1.0, lam], True, normalize
-    return weights, None, [1.0, weight_norm(weights, cd) if normalize else 1.0, lam], False, False
-
-
 def fused_merge(
-    method: str,
+    method: str | MergeMethod,
     base: torch.Tensor,
     deltas: torch.Tensor,
     sp: Mapping[str, Sequence[float]],
@@ -243,28 +213,32 @@ def fused_merge(
     *,
     ref_sp: Mapping[str, float] | None = None,
     out: torch.Tensor | None = None,
+    orders: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, bool] | None:
     """Merge one tensor with the fused kernel: ``(result, all finite)``, or None where the eager method must run.
 
     Same inputs and result as the method's eager function (:mod:`evomerge.merge.methods.base`); the result
     is written into ``out`` when given (same shape and dtype as ``base``, contiguous), else a new tensor.
+    ``orders`` are the task vectors' magnitude orders, when resident (the thresholds are then read from them).
     """
+    method = METHODS.get(method) if isinstance(method, str) else method
     global _enabled, _disabled_reason
     n = deltas.shape[0]
     if (
         _enabled is False
-        or method not in SUPPORTED
+        or method.fused is None
         or base.device.type != "cpu"
         or not base.is_floating_point()
         or base.numel() < _min_numel
         or not 1 <= n <= MAX_SOURCES
     ):
         return None
-    plan = _plan(method, base, deltas, sp, gp, ref_sp)
+    cd = work_dtype(base.dtype)
+    plan = method.fused(resolve(method.name, base, deltas, sp, gp, ref_sp), cd)
     if plan is None:
         return None
-    weights, densities, scalars, consensus, normalize = plan
-    cd = work_dtype(base.dtype)
+    weights, densities, consensus, normalize = plan.weights, plan.densities, plan.consensus, plan.normalize
+    scalars = [plan.coef, plan.norm, plan.lam]
     m = base.numel()
     flat = deltas.reshape(n, m)
     thresholds = [-1.0] * n
@@ -272,7 +246,7 @@ def fused_merge(
     sparse = densities is not None and any(d < 1.0 for d in densities)
     if sparse:
         assert densities is not None
-        hints = current_sorted_magnitudes(n, m)
+        hints = fitting_orders(orders, n, m)
         for i, d in enumerate(densities):
             if d < 1.0:
                 k = max(1, int(d * m))

@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +28,7 @@ from evomerge.io.arch import TensorRole
 from evomerge.merge.kernels import cache_scope, fused_kernels, fused_merge
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.merge.methods.rng import tensor_generator
-from evomerge.merge.methods.sparsify import sorted_magnitudes
-from evomerge.merge.params import delta_models, tensor_params, validate_recipe_params
+from evomerge.merge.tensor_params import delta_models, tensor_params, validate_recipe_params
 from evomerge.names import DTYPES
 from evomerge.recipe import Recipe
 
@@ -71,8 +69,10 @@ def merge_tensor(
     deltas: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    orders: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor. ``deltas`` is stacked ``(N, *base.shape)`` in ``plan.order``.
+    """Merge one tensor. ``deltas`` is stacked ``(N, *base.shape)`` in ``plan.order``; ``orders`` are its rows'
+    magnitude orders when the caller keeps them (methods that declare ``magnitude_orders`` read them).
 
     Large tensors of the methods :mod:`evomerge.merge.kernels` serves take its fused kernel, which writes
     into ``out`` when given (the caller must then use the returned tensor, which may or may not be ``out``).
@@ -81,12 +81,14 @@ def merge_tensor(
         return base
     tp = tensor_params(plan.recipe, plan.method, role, plan.num_layers, plan.order)
     try:
-        fused = fused_merge(plan.method.name, base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, out=out)
+        orders = orders if plan.method.magnitude_orders else None
+        fused = fused_merge(plan.method, base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, out=out, orders=orders)
         if fused is not None:
             merged, finite = fused
         else:
             gen = tensor_generator(plan.recipe.seed, name) if plan.method.randomized else None
-            merged = plan.method.fn(base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, generator=gen)
+            extra = {"orders": orders} if orders is not None else {}
+            merged = plan.method.fn(base, deltas, tp.sp, tp.gp, ref_sp=tp.ref_sp, generator=gen, **extra)
             # A finite sum proves every entry finite; only an overflowing sum needs the full elementwise check.
             finite = bool(torch.isfinite(merged.sum())) or bool(torch.isfinite(merged).all())
     except ConfigError as exc:
@@ -309,9 +311,8 @@ class InPlaceMerger:
         select = self.sources.row_index(plan)
         for name, dest in self.targets.items():
             base, deltas = self.sources.group(name, select)
-            hints = self.sources.sorted_rows(name, select)
-            with sorted_magnitudes(hints) if hints is not None else nullcontext():
-                merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas, out=dest)
+            orders = self.sources.sorted_rows(name, select)
+            merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas, out=dest, orders=orders)
             if merged is not dest:
                 dest.copy_(merged)
         if self.sources.device.type == "cuda":

@@ -32,8 +32,9 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
+from evomerge.config.optimizers import OptimizerOptions
 from evomerge.errors import ConfigError, OptimizerError
 from evomerge.evaluation import Candidate
 from evomerge.optim.problem import Observation, Problem, SegmentStructure, Told
@@ -96,16 +97,6 @@ OptimizerFactory = Callable[..., Optimizer]
 
 #: ``OPTIMIZERS.get(name)(problem, seed=0, **options)``; entries are registered in ``evomerge.optim``.
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
-
-
-class OptimizerOptions(BaseModel):
-    """Options every optimizer accepts; subclasses add their own fields."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    #: How per-task scores become one number (single-objective search and ``recommend``).
-    scalarize: str | dict[str, float] = "mean"
-
 
 OptionsT = TypeVar("OptionsT", bound=OptimizerOptions)
 

@@ -11,22 +11,13 @@ from typing import Any
 import cma
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
 
+from evomerge.config.optimizers import CmaEsOptions
 from evomerge.errors import OptimizerError
-from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
+from evomerge.optim.base import BaseOptimizer, Told
 
 logger = logging.getLogger(__name__)
 
-
-class CmaEsOptions(OptimizerOptions):
-    #: Initial step size, in genome units (the search spaces' box is [0, 1]^d).
-    sigma0: float = Field(0.2, gt=0)
-    #: Generation size; None uses cma's default ``4 + floor(3 ln d)``.
-    popsize: int | None = Field(None, ge=2)
-    #: Make ``problem.x0`` itself the first member of the first generation (injected into cma), so a
-    #: search warm-started from a tuned hand-set merge evaluates that merge and never reports worse.
-    x0_first: bool = False
 
 
 class _Randn:

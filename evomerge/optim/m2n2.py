@@ -57,41 +57,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, field_validator
 
+from evomerge.config.optimizers import M2N2Options
 from evomerge.errors import ConfigError, OptimizerError
 from evomerge.evaluation import Candidate
-from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
+from evomerge.optim.base import BaseOptimizer, Told
 
 logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float64]
 _SIN_EPS = 1e-6
 
-
-class M2N2Options(OptimizerOptions):
-    archive_size: int = Field(20, ge=2)
-    alpha: float = Field(1.0, ge=0)
-    use_crossover: bool = True
-    use_splitpoint: bool = True
-    use_matchmaker: bool = True
-    #: Standard deviation of Gaussian noise added to each child (0: no mutation).
-    mutation: float = Field(0.0, ge=0)
-    #: Random initial members (None: ``archive_size - 1`` without segments, 0 with segments).
-    init_random: int | None = Field(None, ge=0)
-    #: With segments, also start from ``problem.x0`` (it is always the first member without segments).
-    include_x0: bool = False
-    #: With segments, initial task-arithmetic children of the seeds (None: enough to fill the archive).
-    init_children: int | None = Field(None, ge=0)
-    #: Range of the task-vector weights ``λ`` drawn for each initial task-arithmetic child.
-    child_weights: tuple[float, float] = (0.0, 1.0)
-
-    @field_validator("child_weights")
-    @classmethod
-    def _weight_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (np.isfinite(v[0]) and np.isfinite(v[1]) and v[0] <= v[1]):
-            raise ValueError(f"needs finite low <= high, got [{v[0]}, {v[1]}]")
-        return v
 
 
 def shared_fitness(scores: npt.ArrayLike, alpha: float) -> tuple[Array, Array]:

@@ -13,25 +13,15 @@ import numpy as np
 import numpy.typing as npt
 from nevergrad.optimization.optimizerlib import NGOptBase
 from nevergrad.optimization.recaster import RecastOptimizer
-from pydantic import Field
 
+from evomerge.config.optimizers import NevergradOptions
 from evomerge.errors import ConfigError, OptimizerError
 from evomerge.evaluation import Candidate
-from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
+from evomerge.optim.base import BaseOptimizer, Told
 from evomerge.optim.state import frozen_array
 
 logger = logging.getLogger(__name__)
 
-
-class NevergradOptions(OptimizerOptions):
-    #: Name in ``nevergrad.optimizers.registry``.
-    optimizer: str = "TwoPointsDE"
-    #: Planned number of evaluations (``NGOpt`` and its relatives need it to pick an algorithm).
-    budget: int | None = Field(None, ge=1)
-    #: Number of evaluations run in parallel (nevergrad's ``num_workers``; NGOpt's choice depends on it).
-    num_workers: int = Field(1, ge=1)
-    #: Tell nevergrad the vector of task losses instead of the scalarized score.
-    multiobjective: bool = False
 
 
 def _resolve(opt: Any) -> Any:
@@ -98,7 +88,7 @@ class NevergradOptimizer(BaseOptimizer):
         param.random_state = param.random_state
         try:
             self._ng = ng.optimizers.registry[o.optimizer](
-                parametrization=param, budget=o.budget, num_workers=o.num_workers
+                parametrization=param, budget=o.budget, num_workers=o.num_workers or 1
             )
             algorithm = _resolve(self._ng)
         except AssertionError as exc:

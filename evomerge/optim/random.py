@@ -7,12 +7,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from evomerge.optim.base import BaseOptimizer, OptimizerOptions, Told
-
-
-class RandomOptions(OptimizerOptions):
-    #: Hand out ``problem.x0`` (the hand-set merge) as the very first candidate.
-    x0_first: bool = True
+from evomerge.config.optimizers import RandomOptions
+from evomerge.optim.base import BaseOptimizer, Told
 
 
 class RandomOptimizer(BaseOptimizer):

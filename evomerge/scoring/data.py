@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.builtin import read_text
 from evomerge.errors import TaskDataError
-from evomerge.resources import read_text
 from evomerge.scoring.extract import extract_answer, parse_number
 
 if TYPE_CHECKING:

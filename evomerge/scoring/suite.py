@@ -30,9 +30,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.builtin import read_text, resolve
 from evomerge.errors import ConfigError
 from evomerge.names import SPLITS
-from evomerge.resources import read_text, resolve
 from evomerge.scoring.data import Example, check_answers, check_overlap, read_examples, reference_answer
 from evomerge.scoring.extract import AnswerMetric, ExtractMode
 

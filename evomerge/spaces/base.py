@@ -31,6 +31,8 @@ from evomerge.registry import Registry
 
 if TYPE_CHECKING:
     from evomerge.merge.methods.base import MergeMethod
+    from evomerge.optim.problem import SegmentStructure
+    from evomerge.spaces.params import ParamGenes
 
 Array = npt.NDArray[np.float64]
 
@@ -163,6 +165,16 @@ class SearchSpace(Protocol):
 
     def describe(self) -> str: ...
 
+    #: The parameter-space genes (per-model weights …) a warm start re-centres; None where the space has none
+    #: (routing, segments).
+    @property
+    def param_genes(self) -> ParamGenes | None: ...
+
+    def prepare_segments(self, folders: Mapping[str, Any]) -> SegmentStructure | None:
+        """The segment structure M2N2's crossover works over (reading what it needs from the source folders),
+        or None for a space without segments."""
+        ...
+
 
 # --------------------------------------------------------------------------- transforms
 @dataclass(frozen=True)
@@ -234,6 +246,13 @@ class GeneSpace:
 
     def genes(self) -> list[GeneInfo]:
         return list(self._genes)
+
+    @property
+    def param_genes(self) -> ParamGenes | None:
+        return None
+
+    def prepare_segments(self, folders: Mapping[str, Any]) -> SegmentStructure | None:
+        return None
 
     def unit(self, genome: npt.ArrayLike) -> Array:
         """``genome`` as a float vector clipped to the bounds; wrong length or non-finite -> ConfigError."""

@@ -40,6 +40,10 @@ class HybridSpace(GeneSpace):
         super().__init__(self.params.genes + r.genes, list(self.params.x0) + list(r.x0), title)
         check_recipe(self.decode(self.x0), self.params.method, "search space")
 
+    @property
+    def param_genes(self) -> ParamGenes:
+        return self.params
+
     def decode(self, genome: Any) -> Recipe:
         unit = self.unit(genome)
         fields = self.params.recipe_fields(unit[: self.params.dim])

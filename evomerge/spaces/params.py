@@ -284,7 +284,7 @@ class ParamGenes:
 
 def check_recipe(recipe: Recipe, method: MergeMethod, where: str) -> None:
     """Validate a decoded recipe against its method (names, scopes, model counts, required parameters)."""
-    from evomerge.merge.params import validate_recipe_params
+    from evomerge.merge.tensor_params import validate_recipe_params
 
     try:
         validate_recipe_params(recipe, method)
@@ -303,6 +303,10 @@ class ParamSpace(GeneSpace):
         title = f"search space 'params' ({self.block.method.name}, {template.granularity})"
         super().__init__(self.block.genes, self.block.x0, title)
         check_recipe(self.decode(self.x0), self.block.method, "search space")
+
+    @property
+    def param_genes(self) -> ParamGenes:
+        return self.block
 
     def decode(self, genome: Any) -> Recipe:
         return Recipe(**self.block.recipe_fields(self.unit(genome)))

@@ -148,6 +148,14 @@ class SegmentSpace:
         """Compute the seeds' per-segment Gram matrices from their folders (read once, streaming)."""
         self.gram, self.sizes = segment_gram(folders, self.seeds, self.segments)
 
+    #: Segments hold model coefficients, not method parameters: nothing for a warm start to re-centre.
+    param_genes = None
+
+    def prepare_segments(self, folders: Mapping[str, Any]) -> Any:
+        """The Gram matrices of the seeds (SLERP angles of M2N2 over recipes) and the segment structure."""
+        self.attach_gram(folders)
+        return self.segment_structure()
+
 
 def segment_gram(
     folders: Mapping[str, Any], seeds: Sequence[str], segments: Sequence[tuple[int | None, str]]

@@ -33,11 +33,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.builtin import read_text, resolve
 from evomerge.errors import ConfigError
 from evomerge.names import DType, ModuleKind
 from evomerge.recipe import ParamValue
 from evomerge.registry import Registry
-from evomerge.resources import read_text, resolve
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -236,7 +236,7 @@ def load_template(ref: str | Path, *, base_dir: Path | None = None) -> Any:
 
 def builtin_templates() -> list[str]:
     """Names of the built-in templates (usable as ``builtin:NAME``)."""
-    from evomerge.resources import builtin_dir
+    from evomerge.builtin import builtin_dir
 
     return sorted(p.stem for p in builtin_dir("search_spaces").glob("*.yaml"))
 

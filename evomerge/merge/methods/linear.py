@@ -10,13 +10,11 @@ without ``normalize``), which equals mergekit's formula up to rounding. Weights 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods.arguments import Arguments, resolve, work_dtype
-from evomerge.merge.methods.base import ParamSpec, merge_method
+from evomerge.merge.methods.arguments import Arguments, work_dtype
+from evomerge.merge.methods.base import FusedPlan, ParamSpec, merge_method
 from evomerge.merge.methods.task_vectors import Rows, weighted_sum
 
 __all__ = ["linear", "weight_total"]
@@ -36,6 +34,14 @@ def weight_total(args: Arguments, dtype: torch.dtype) -> float:
     return total
 
 
+def _fused_plan(args: Arguments, cd: torch.dtype) -> FusedPlan:
+    weights = torch.tensor(args.floats("weight"), dtype=cd).tolist()
+    total = weight_total(args, cd)
+    if args.flag("normalize"):
+        return FusedPlan(weights, None, 1.0, total, 1.0)
+    return FusedPlan(weights, None, total, 1.0, 1.0)
+
+
 @merge_method(
     "linear",
     params=[
@@ -44,18 +50,10 @@ def weight_total(args: Arguments, dtype: torch.dtype) -> float:
     ],
     needs_base=False,
     min_models=0,
+    fused=_fused_plan,
 )
-def linear(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def linear(base: torch.Tensor, deltas: torch.Tensor, args: Arguments) -> torch.Tensor:
     """Linear: weighted average of the models' tensors."""
-    args = resolve("linear", base, deltas, sp, gp, ref_sp)
     cd = work_dtype(base.dtype)
     weights = args.floats("weight")
     total = weight_total(args, cd)

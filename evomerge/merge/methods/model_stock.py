@@ -12,11 +12,9 @@ tensors are one row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-from evomerge.merge.methods.arguments import resolve, work_dtype
+from evomerge.merge.methods.arguments import Arguments, work_dtype
 from evomerge.merge.methods.base import ParamSpec, merge_method
 from evomerge.merge.methods.task_vectors import Rows, weighted_sum
 
@@ -48,17 +46,8 @@ def stock_ratio(deltas: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
     needs_base=True,
     min_models=2,
 )
-def model_stock(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def model_stock(base: torch.Tensor, deltas: torch.Tensor, args: Arguments) -> torch.Tensor:
     """Model stock: move from the base toward the models' average by a ratio set by their task vectors' angles."""
-    args = resolve("model_stock", base, deltas, sp, gp, ref_sp)
     cd = work_dtype(base.dtype)
     n = args.n
     d = deltas if deltas.dtype == cd else deltas.to(cd)

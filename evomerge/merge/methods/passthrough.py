@@ -6,11 +6,9 @@ The single model is the reference (``base``) and its ``scale`` comes in ``ref_sp
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-from evomerge.merge.methods.arguments import resolve, work_dtype
+from evomerge.merge.methods.arguments import Arguments, work_dtype
 from evomerge.merge.methods.base import ParamSpec, merge_method
 
 __all__ = ["passthrough"]
@@ -23,17 +21,8 @@ __all__ = ["passthrough"]
     min_models=0,
     max_models=0,
 )
-def passthrough(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def passthrough(base: torch.Tensor, deltas: torch.Tensor, args: Arguments) -> torch.Tensor:
     """Passthrough: the one model's tensor times its ``scale`` (when set)."""
-    args = resolve("passthrough", base, deltas, sp, gp, ref_sp)
     scale = args.ref.get("scale") if args.ref is not None else None
     if scale is None:
         return base.clone()

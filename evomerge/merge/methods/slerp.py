@@ -18,12 +18,11 @@ is linearly interpolated.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods.arguments import check_range, resolve, work_dtype
+from evomerge.merge.methods.arguments import Arguments, check_range, work_dtype
 from evomerge.merge.methods.base import ParamSpec, merge_method
 
 __all__ = ["nuslerp", "slerp", "slerp_coefficients"]
@@ -61,17 +60,8 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
     min_models=1,
     max_models=1,
 )
-def slerp(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def slerp(base: torch.Tensor, deltas: torch.Tensor, args: Arguments) -> torch.Tensor:
     """SLERP between the base and one other model, over the whole tensor as one vector."""
-    args = resolve("slerp", base, deltas, sp, gp, ref_sp)
     t = args.num("t")
     check_range("slerp", "t", [t], 0.0, 1.0)
     cd = work_dtype(base.dtype)
@@ -121,17 +111,8 @@ def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, fl
     min_models=1,
     max_models=2,
 )
-def nuslerp(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    sp: Mapping[str, Sequence[float]],
-    gp: Mapping[str, float | bool],
-    *,
-    ref_sp: Mapping[str, float] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def nuslerp(base: torch.Tensor, deltas: torch.Tensor, args: Arguments) -> torch.Tensor:
     """NuSLERP: spherical interpolation of two models (or of their task vectors when a base is given)."""
-    args = resolve("nuslerp", base, deltas, sp, gp, ref_sp)
     cd = work_dtype(base.dtype)
     weights = args.floats("weight")
     with_base = args.ref is None

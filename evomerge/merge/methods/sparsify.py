@@ -25,7 +25,7 @@ the answer, one pass counts, and only the bracket is searched), not from a full 
 per-row ranks and uses one stable sort per row (on the magnitudes' bit patterns, which order like the
 magnitudes). Random draws use only the given CPU generator, drawn as ``torch.rand(row shape)`` per
 sparsified row in row order, then moved to the tensor's device. A caller that holds the rows' magnitude
-order (:func:`magnitude_order` of resident task vectors) passes it with :func:`sorted_magnitudes`: the
+order (:func:`magnitude_order` of resident task vectors) passes it as ``orders``: the
 ``magnitude`` threshold and the tie cut are then read from it in O(1) instead of selected, with the same
 result.
 """
@@ -33,21 +33,18 @@ result.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 
 import torch
 
 __all__ = [
     "SPARSIFICATIONS",
-    "current_sorted_magnitudes",
     "excluded_ties",
+    "fitting_orders",
     "kth_smallest",
     "largest_mask",
     "magnitude_order",
     "smallest_mask",
-    "sorted_magnitudes",
     "sparsify",
     "top_k_threshold",
 ]
@@ -57,7 +54,6 @@ SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune"
 _DIRECT = 1 << 16  # below this many elements torch.kthvalue is used as is
 _SAMPLE = 1 << 14  # target size of the strided sample that brackets a threshold
 _EPS = 1e-7  # mergekit's rescale tolerance
-_SORTED: ContextVar[Sequence[torch.Tensor | None] | None] = ContextVar("sorted_magnitudes", default=None)
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}
 
@@ -76,28 +72,13 @@ def magnitude_order(row: torch.Tensor) -> torch.Tensor:
     return torch.sort(row.reshape(-1).abs(), descending=True, stable=True).indices.to(torch.int32)
 
 
-@contextmanager
-def sorted_magnitudes(rows: Sequence[torch.Tensor | None]) -> Iterator[None]:
-    """Within this context, ``magnitude`` thresholds of the next stack come from ``rows``.
-
-    ``rows[i]`` must be :func:`magnitude_order` of row ``i`` of the stack that the next :func:`sparsify` or
-    fused merge receives, or ``None`` for a row without one; a stack with another row count or row size
-    ignores them. The masks are the same as without (same threshold, same tie-breaking); only the
-    selection pass is skipped.
-    """
-    token = _SORTED.set(list(rows))
-    try:
-        yield
-    finally:
-        _SORTED.reset(token)
-
-
-def current_sorted_magnitudes(n: int, m: int) -> list[torch.Tensor | None] | None:
-    """The rows given to the enclosing :func:`sorted_magnitudes` block if they fit ``n`` rows of ``m`` elements."""
-    hints = _SORTED.get()
-    if hints is None or len(hints) != n or any(h is not None and h.numel() != m for h in hints):
+def fitting_orders(
+    orders: Sequence[torch.Tensor | None] | None, n: int, m: int
+) -> Sequence[torch.Tensor | None] | None:
+    """``orders`` if they describe ``n`` rows of ``m`` elements (one order or ``None`` per row), else None."""
+    if orders is None or len(orders) != n or any(o is not None and o.numel() != m for o in orders):
         return None
-    return list(hints)
+    return orders
 
 
 def kth_smallest(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -340,13 +321,15 @@ def sparsify(
     epsilons: Sequence[float] | None = None,
     rescale: bool = False,
     generator: torch.Generator | None = None,
+    orders: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparsified copy of ``deltas`` (``(N, *S)``, left unchanged) and its per-row L1 rescale factors.
 
     Returns ``(masked, factors)``: ``masked`` a new ``(N, *S)`` tensor in ``dtype`` (default: the
     dtype of ``deltas``) with the dropped entries zeroed and *not* yet rescaled; ``factors`` an ``(N,)``
     tensor in that dtype (ones without ``rescale`` and for rows with density ``>= 1``). Densities must
-    lie in ``(0, 1]``.
+    lie in ``(0, 1]``. ``orders`` (:func:`magnitude_order` of each row, or ``None`` per row) skip the
+    selection pass of ``magnitude`` thresholds; the masks are the same with or without them.
     """
     if method not in SPARSIFICATIONS:
         raise ValueError(f"unknown sparsification {method!r}; valid: {', '.join(SPARSIFICATIONS)}")
@@ -359,7 +342,7 @@ def sparsify(
     src = deltas.reshape(n, -1)
     factors = torch.ones(n, dtype=dtype, device=deltas.device)
     m = flat.shape[1]
-    hints = current_sorted_magnitudes(n, m)
+    hints = fitting_orders(orders, n, m)
     magnitude = torch.empty(m, dtype=dtype, device=deltas.device)
     keep = torch.empty(m, dtype=torch.bool, device=deltas.device)
     keep_f = torch.empty(m, dtype=dtype, device=deltas.device)

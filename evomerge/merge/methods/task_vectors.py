@@ -15,13 +15,13 @@ Every method of this family is one :func:`task_vector_method` call: a registrati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods.arguments import Arguments, check_range, require_generator, resolve, work_dtype
-from evomerge.merge.methods.base import MergeFn, ParamSpec, merge_method
+from evomerge.merge.methods.arguments import Arguments, check_range, work_dtype
+from evomerge.merge.methods.base import FusedPlan, FusedPlanFn, MergeFn, ParamSpec, merge_method
 from evomerge.merge.methods.sparsify import sparsify
 
 __all__ = [
@@ -153,8 +153,11 @@ def merge_task_vectors(
     sparsification: str | None,
     consensus: ConsensusMix | None,
     generator: torch.Generator | None = None,
+    orders: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Merge with the family's semantics (module docstring); returns a new tensor in ``base.dtype``."""
+    """Merge with the family's semantics (module docstring); returns a new tensor in ``base.dtype``.
+
+    ``orders`` are the rows' magnitude orders (``magnitude`` sparsification only; same result without)."""
     check_task_vector_args(name, args, sparsification)
     n = deltas.shape[0]
     if n == 0:
@@ -174,6 +177,7 @@ def merge_task_vectors(
             epsilons=args.floats("epsilon") if "epsilon" in args.source else None,
             rescale=args.flag("rescale"),
             generator=generator,
+            orders=orders,
         )
         scales = (torch.tensor(weights, dtype=cd) * factors.cpu()).tolist()
         rows = Rows(masked, scales, cd, owned=True)
@@ -191,31 +195,46 @@ def merge_task_vectors(
     return mixed.to(base.dtype)
 
 
+def _fused_plan(name: str, sparsification: str | None, consensus: bool) -> FusedPlanFn:
+    """The fused kernel's plan for a family member without random masks: magnitude or no sparsification,
+    plain sum or TIES sign election (a ``rescale`` call runs eagerly)."""
+
+    def plan(args: Arguments, cd: torch.dtype) -> FusedPlan | None:
+        check_task_vector_args(name, args, sparsification)
+        weights = torch.tensor(args.floats("weight"), dtype=cd).tolist()
+        normalize, lam = args.flag("normalize"), args.num("lambda")
+        if sparsification is None:
+            return FusedPlan(weights, None, 1.0, weight_norm(weights, cd) if normalize and not consensus else 1.0,
+                             lam, consensus, normalize and consensus)
+        if args.flag("rescale"):
+            return None
+        return FusedPlan(weights, args.floats("density"), 1.0, 1.0, lam, consensus, normalize and consensus)
+
+    return plan
+
+
 def task_vector_method(
     name: str, *, sparsification: str | None, consensus: ConsensusMix | None, normalize: bool, rescale: bool,
-    doc: str,
+    doc: str, fused: bool = False,
 ) -> MergeFn:
     """Define and register the task-vector method ``name``: sparsify each task vector with ``sparsification``
     (``None``: keep all), then sum them (``consensus=None``) or mix them by ``consensus`` (TIES sign election);
-    ``normalize`` and ``rescale`` are the defaults of those parameters. Returns the merge function."""
+    ``normalize`` and ``rescale`` are the defaults of those parameters. ``fused`` declares that the fused
+    kernel serves it (magnitude or no sparsification; its consensus is TIES sign election). Returns the merge
+    function."""
     randomized = sparsification in RANDOM_SPARSIFICATIONS
+    if fused and sparsification not in (None, "magnitude"):
+        raise ValueError(f"{name}: the fused kernel serves magnitude sparsification only, not {sparsification}")
+    magnitude_orders = sparsification == "magnitude"
 
-    def fn(
-        base: torch.Tensor,
-        deltas: torch.Tensor,
-        sp: Mapping[str, Sequence[float]],
-        gp: Mapping[str, float | bool],
-        *,
-        ref_sp: Mapping[str, float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        args = resolve(name, base, deltas, sp, gp, ref_sp)
-        return merge_task_vectors(
-            name, base, deltas, args, sparsification=sparsification, consensus=consensus,
-            generator=require_generator(name, generator) if randomized else None,
-        )
+    def impl(base: torch.Tensor, deltas: torch.Tensor, args: Arguments, *,
+             generator: torch.Generator | None = None,
+             orders: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        return merge_task_vectors(name, base, deltas, args, sparsification=sparsification, consensus=consensus,
+                                  generator=generator, orders=orders)
 
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = doc
+    impl.__doc__ = doc
     params = task_vector_params(sparsification=sparsification, normalize=normalize, rescale=rescale)
-    return merge_method(name, params=params, min_models=1, randomized=randomized)(fn)
+    plan = _fused_plan(name, sparsification, consensus is not None) if fused else None
+    return merge_method(name, params=params, min_models=1, randomized=randomized, fused=plan,
+                        magnitude_orders=magnitude_orders)(impl)

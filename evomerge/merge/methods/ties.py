@@ -62,6 +62,6 @@ def mix_agreeing(rows: Rows, weights: list[float], normalize: bool) -> torch.Ten
 
 
 ties = task_vector_method(
-    "ties", sparsification="magnitude", consensus=mix_agreeing, normalize=True, rescale=False,
+    "ties", sparsification="magnitude", consensus=mix_agreeing, normalize=True, rescale=False, fused=True,
     doc="TIES: keep each task vector's largest-magnitude entries (density), elect signs, merge the agreeing entries.",
 )

@@ -1,0 +1,148 @@
+"""Each optimizer's options, typed: the ``optimizer:`` block of a run config is one of these, chosen by ``name``.
+
+The union is part of the run config's schema (``evomerge config schema`` lists every optimizer's options
+with their defaults and bounds), and a bad option is refused while the config loads, with the YAML path
+(``optimizer.options.sigma0: Input should be greater than 0``). The optimizers (:mod:`evomerge.optim`)
+validate the same models when built directly.
+
+Options an optimizer can take from the run itself (the number of parallel evaluations, the evaluation
+budget) default to ``None``, meaning "the run's": :meth:`OptimizerOptions.for_run` fills them from
+``resources.workers`` and ``budget.evaluations``, so a run folder's resolved config says what was asked,
+not what the run then chose.
+
+Adding an optimizer: subclass :class:`OptimizerOptions`, add a ``*Config`` model below and list it in
+:data:`OptimizerConfig`, then register the optimizer in :mod:`evomerge.optim`
+(``tests/test_optim_contract.py`` checks that the two lists agree).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "CmaEsOptions",
+    "M2N2Options",
+    "NevergradOptions",
+    "OPTIMIZER_CONFIGS",
+    "OptimizerConfig",
+    "OptimizerOptions",
+    "RandomOptions",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class OptimizerOptions(BaseModel):
+    """Options every optimizer accepts; subclasses add their own fields."""
+
+    model_config = _FROZEN
+
+    scalarize: str | dict[str, float] = Field(
+        "mean", description="how per-task scores become one number (single-objective search and the recommended "
+                            "candidate): mean, worst (the lowest task score), or a weight per task")
+
+    def for_run(self, *, workers: int, evaluations: int | None) -> Self:
+        """These options with the ones left to the run filled in (none here)."""
+        return self
+
+
+class CmaEsOptions(OptimizerOptions):
+    sigma0: float = Field(0.2, gt=0, description="initial step size, in genome units (the box is [0, 1]^d)")
+    popsize: int | None = Field(None, ge=2, description="generation size; unset: cma's 4 + floor(3 ln d)")
+    x0_first: bool = Field(
+        False, description="make the space's start point the first member of the first generation, so a search "
+                           "warm-started from a tuned hand-set merge evaluates that merge and never reports worse")
+
+
+class NevergradOptions(OptimizerOptions):
+    optimizer: str = Field("TwoPointsDE", description="a name in nevergrad.optimizers.registry")
+    budget: int | None = Field(
+        None, ge=1, description="planned number of evaluations (NGOpt and its relatives pick an algorithm from it); "
+                                "unset: the run's budget.evaluations")
+    num_workers: int | None = Field(
+        None, ge=1, description="evaluations run in parallel (NGOpt's choice depends on it); unset: the run's "
+                                "resources.workers, 1 outside a run")
+    multiobjective: bool = Field(False, description="tell nevergrad the vector of task losses instead of the "
+                                                    "scalarized score")
+
+    def for_run(self, *, workers: int, evaluations: int | None) -> Self:
+        update: dict[str, int] = {}
+        if self.num_workers is None:
+            update["num_workers"] = workers
+        if self.budget is None and evaluations:
+            update["budget"] = evaluations
+        return self.model_copy(update=update) if update else self
+
+
+class M2N2Options(OptimizerOptions):
+    archive_size: int = Field(20, ge=2, description="slots of the archive of members")
+    alpha: float = Field(1.0, ge=0, description="fitness-sharing exponent (0: a plain GA)")
+    use_crossover: bool = Field(True, description="children are the SLERP of two parents (otherwise: the first "
+                                                  "parent, mutated)")
+    use_splitpoint: bool = Field(True, description="crossover draws a split point (otherwise one t everywhere)")
+    use_matchmaker: bool = Field(True, description="draw the second parent by attraction (otherwise by fitness)")
+    mutation: float = Field(0.0, ge=0, description="standard deviation of Gaussian noise added to each child")
+    init_random: int | None = Field(
+        None, ge=0, description="random initial members; unset: archive_size - 1 without segments, 0 with them")
+    include_x0: bool = Field(False, description="with segments, also start from the space's start point (it is "
+                                                "always the first member without segments)")
+    init_children: int | None = Field(
+        None, ge=0, description="with segments, initial task-arithmetic children of the seeds; unset: enough to "
+                                "fill the archive")
+    child_weights: tuple[float, float] = Field(
+        (0.0, 1.0), description="range of the task-vector weights drawn for each initial task-arithmetic child")
+
+    @field_validator("child_weights")
+    @classmethod
+    def _weight_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1]):
+            raise ValueError(f"needs finite low <= high, got [{v[0]}, {v[1]}]")
+        return v
+
+
+class RandomOptions(OptimizerOptions):
+    x0_first: bool = Field(True, description="hand out the space's start point (the hand-set merge) first")
+
+
+class CmaEsConfig(BaseModel):
+    """CMA-ES (the ``cma`` package): a full generation per update; single objective."""
+
+    model_config = _FROZEN
+    name: Literal["cma_es"] = "cma_es"
+    options: CmaEsOptions = CmaEsOptions()
+
+
+class NevergradConfig(BaseModel):
+    """Any optimizer of nevergrad's registry; asynchronous; multi-objective on request."""
+
+    model_config = _FROZEN
+    name: Literal["nevergrad"]
+    options: NevergradOptions = NevergradOptions()
+
+
+class M2N2Config(BaseModel):
+    """Natural niches: competition over per-example scores, attraction, SLERP crossover."""
+
+    model_config = _FROZEN
+    name: Literal["m2n2"]
+    options: M2N2Options = M2N2Options()
+
+
+class RandomConfig(BaseModel):
+    """Uniform sampling in the bounds (the baseline every optimizer must beat)."""
+
+    model_config = _FROZEN
+    name: Literal["random"]
+    options: RandomOptions = RandomOptions()
+
+
+#: The ``optimizer:`` block: one optimizer's name and its typed options.
+OptimizerConfig = Annotated[CmaEsConfig | NevergradConfig | M2N2Config | RandomConfig, Field(discriminator="name")]
+
+#: Optimizer name -> its options model.
+OPTIMIZER_CONFIGS: dict[str, type[OptimizerOptions]] = {
+    "cma_es": CmaEsOptions, "nevergrad": NevergradOptions, "m2n2": M2N2Options, "random": RandomOptions,
+}
