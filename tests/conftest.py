@@ -7,10 +7,13 @@
 * ``isolated_hf``: ``HF_HOME`` in a temporary folder (lm-eval caches datasets there) and one torch thread.
 * ``real_zoo_test``: like ``zoo_test``, for the ``real-test`` size of the real zoo (skipped without ``evomerge[real]``);
   ``real_base_loader`` reads the GGUF base at most once per session.
+* ``real_agreement``: suites for comparing scorers on the ``real-test`` zoo's base with its real tokenizer (see
+  :func:`real_agreement`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -79,3 +82,66 @@ def real_zoo_test(
     cache = os.environ.get("EVOMERGE_ZOO_CACHE")
     root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("realzoo")
     return build_real_zoo(root / "real-test-seed0", "real-test", 0, load_base=real_base_loader)
+
+
+#: Examples per generate task in ``real_agreement`` (the first calibration prompts of fitness/real/).
+REAL_AGREEMENT_N = 9
+
+
+@pytest.fixture(scope="session")
+def real_agreement(real_zoo_test: RealManifest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real zoo's five tasks on the ``real-test`` base, as an evomerge suite and as an lm-eval suite.
+
+    ``add``, ``order`` and ``unit`` keep the first calibration prompts of ``fitness/real/`` and their
+    ``max_new_tokens``; the answers are the base's own greedy answers (cache-free, unbatched decoding; the
+    completion after the prompt's space, up to the first newline) for two examples in three and a wrong
+    answer for the rest, so a scorer has to reproduce each completion token for token, leading space
+    included. ``capital`` and ``text`` are the shipped calibration data. Returns the folder, ``suite``
+    (kinds generate/choice/perplexity) and ``lmeval_suite`` (the same data through ``fitness/lmeval/real_*``).
+    """
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.resources import builtin_dir
+    from evomerge.scoring.base import torch_threads
+
+    fitness = builtin_dir("fitness")
+    real = yaml.safe_load((fitness / "real.yaml").read_text())
+    general = yaml.safe_load((fitness / "real-general.yaml").read_text())
+    root = tmp_path_factory.mktemp("real-agreement")
+    base = real_zoo_test.path("base")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+    def greedy(prompt: str, n: int) -> str:
+        ids, new = list(tok(prompt)["input_ids"]), []
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+            new.append(nxt)
+        return tok.decode(new, skip_special_tokens=True).split("\n")[0].strip()
+
+    tasks, lm_tasks = [], []
+    with torch.no_grad(), torch_threads(1):
+        for task in real["tasks"]:
+            rows = [json.loads(line) for line in (fitness / task["data"]["calibration"]).read_text().splitlines()]
+            out = []
+            for i, row in enumerate(rows[:REAL_AGREEMENT_N]):
+                done = greedy(row["prompt"], task["max_new_tokens"])
+                answer = done if i % 3 != 1 and done else (done + " no") if done else "no"
+                out.append({**row, "answer": answer})
+            name = f"{task['name']}.jsonl"
+            (root / name).write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+            tasks.append({**task, "data": {"calibration": name}})
+    for task in general["tasks"]:
+        tasks.append({**task, "data": {"calibration": str(fitness / task["data"]["calibration"])}})
+    for task in tasks:
+        metric = {"capital": "acc", "text": "perplexity"}.get(task["name"], "exact_match")
+        lm_tasks.append({"name": task["name"], "kind": "lmeval", "data": task["data"], "metric": metric,
+                         "task_yaml": str(fitness / "lmeval" / f"real_{task['name']}.yaml")})
+    (root / "suite.yaml").write_text(json.dumps({"name": "real-agreement", "tasks": tasks}))
+    (root / "lmeval.yaml").write_text(json.dumps({"name": "real-agreement-lmeval", "tasks": lm_tasks}))
+    return {"root": root, "suite": root / "suite.yaml", "lmeval_suite": root / "lmeval.yaml"}

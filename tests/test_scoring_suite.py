@@ -60,7 +60,7 @@ def test_valid_suite_loads_with_data_relative_to_the_suite_file(data_dir: Path) 
     assert task.examples("test")[0].id == "test-100"
 
 
-@pytest.mark.parametrize("name", ["zoo", "zoo-2", "zoo-add-lmeval"])
+@pytest.mark.parametrize("name", ["zoo", "zoo-2", "zoo-add-lmeval", "real", "real-general", "real-lmeval"])
 def test_shipped_suites_validate(name: str) -> None:
     import yaml
 

@@ -5,7 +5,8 @@ from the reference model's folder, and every :meth:`VllmScorer.score` call recei
 merged weights as a ``{name: tensor}`` mapping (Hugging Face parameter names), loads them into the live
 engine through vLLM's public ``LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})``
 and scores. No restart and no disk I/O per candidate. The prefix cache is reset after every swap, so no
-key/value block computed with the previous weights is reused.
+key/value block computed with the previous weights is reused, and on the CPU the packed matmul copy of the
+output head is rebuilt (:func:`_refresh_vocab_gemms`: vLLM keeps a tied head's copy from the first model).
 
 * ``generate``: greedy decoding (``temperature=0``) of token-id prompts encoded with the caller's
   tokenizer exactly as the hf scorer encodes them, stopped at the task's stop strings, ``max_new_tokens``
@@ -122,6 +123,27 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _refresh_vocab_gemms(model: Any) -> int:
+    """Rebuild the CPU matmul state of every vocabulary-embedding layer from its current weight.
+
+    On the CPU, vLLM gives a ``ParallelLMHead`` a packed (oneDNN) copy of its weight when the model loads.
+    ``reload_weights`` re-processes the layers whose weights it loaded, but a head tied to the input
+    embeddings (SmolLM2, Llama 3.2, ...) loads nothing itself, so its packed copy kept the weights the
+    engine started with: every swapped-in candidate was scored with the first model's output head. The
+    layer's own ``process_weights_after_loading`` packs the current (shared) weight again; layers without
+    the CPU matmul state (GPU engines) are left alone. Returns the number of layers refreshed.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    done = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear") and method is not None:
+            method.process_weights_after_loading(module)
+            done += 1
+    return done
 
 
 def _finite(values: Sequence[float], what: str) -> None:
@@ -254,6 +276,7 @@ class VllmScorer:
             ) from e
         except (RuntimeError, ValueError, KeyError, AssertionError) as e:
             raise ScoreError(f"vLLM could not load the merged weights: {type(e).__name__}: {e}") from e
+        llm.apply_model(_refresh_vocab_gemms)
         llm.reset_prefix_cache()
         return time.perf_counter() - t0
 
