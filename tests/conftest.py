@@ -103,7 +103,7 @@ def real_agreement(real_zoo_test: RealManifest, tmp_path_factory: pytest.TempPat
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.resources import builtin_dir
+    from evomerge.builtin import builtin_dir
     from evomerge.scoring.base import torch_threads
 
     fitness = builtin_dir("fitness")
