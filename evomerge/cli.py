@@ -128,9 +128,9 @@ def zoo_build(
     from evomerge.testing.zoo import build_zoo
 
     manifest = build_zoo(out, size=size, seed=seed)
-    if hasattr(manifest, "reference"):
-        from evomerge.testing.real import manifest_summary
+    from evomerge.testing.real import RealManifest, manifest_summary
 
+    if isinstance(manifest, RealManifest):
         typer.echo(manifest_summary(manifest))
     else:
         typer.echo(manifest_table(manifest))
