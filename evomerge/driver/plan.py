@@ -349,6 +349,9 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
         weights, kv = (p.bytes for p in parts if p.name.startswith("vLLM"))
         if kv is not None and kv <= 0:
             plan.blocked = f"vLLM's {VLLM_GPU_MEMORY_UTILIZATION:g} share of the device is smaller than its weights"
+            at = next(i for i, x in enumerate(parts) if x.name.startswith("vLLM KV"))
+            parts[at] = replace(parts[at], bytes=0, note="none left: the share is under the weights")
+            kv = 0
         beside = plan.per_worker - (weights or 0) - (kv or 0)
         plan.notes.append(
             f"vLLM starts only with {VLLM_GPU_MEMORY_UTILIZATION:g} of the device free: the {fmt(beside)} held "
