@@ -103,7 +103,7 @@ def merge(
     typer.echo(f"wrote {out_path} (recipe {r.hash})")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--shard-size") -> int:
     from evomerge.errors import ConfigError
 
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -112,7 +112,7 @@ def parse_size(text: str) -> int:
     try:
         return int(float(num) * units[t[len(num):]])
     except (KeyError, ValueError):
-        raise ConfigError(f"--shard-size: cannot read {text!r} (e.g. 5GB, 500MB)") from None
+        raise ConfigError(f"{option}: cannot read {text!r} (e.g. 5GB, 500MB, 80GiB)") from None
 
 
 @zoo_app.command("build")
@@ -217,6 +217,37 @@ def run(
     finally:
         prog.stop()
     _finish(run_dir, export)
+
+
+@app.command()
+@user_errors
+def plan(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    shapes_from: Annotated[str | None, typer.Option(
+        help="Plan for a reference of these shapes instead of reading the sources' headers (no weights needed): "
+             "llama-7b, mistral-7b, llama-3-8b, qwen2.5-32b or llama-3-70b.")] = None,
+    assume_gpu_memory: Annotated[str | None, typer.Option(
+        help="Plan for CUDA workers on GPUs of this size (e.g. 80GiB) instead of this machine's memory.")] = None,
+) -> None:
+    """The memory each worker keeps resident (sources, task vectors, magnitude orders, live model, vLLM) and
+    whether it fits; exit 2 with the smallest change that makes it fit when it does not."""
+    from rich.console import Console as RichConsole
+
+    from evomerge.config import load_run_config
+    from evomerge.driver import plan as memory
+
+    cfg = load_run_config(config)
+    gpu = parse_size(assume_gpu_memory, "--assume-gpu-memory") if assume_gpu_memory is not None else None
+    shapes = memory.shapes_from(shapes_from) if shapes_from is not None else None
+    p = memory.plan_run(cfg, shapes=shapes, assume_gpu_memory=gpu)
+    out = RichConsole(width=140)
+    out.print(p.table())
+    for note in p.notes:
+        out.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if p.fits is False:
+        console.print(f"[bold red]error:[/] {memory.no_fit_line(p)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    out.print(p.verdict(), highlight=False, soft_wrap=True)
 
 
 @app.command()

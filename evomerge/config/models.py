@@ -92,7 +92,8 @@ class ResourcesConfig(BaseModel):
         default="auto",
         description="keep each task vector's magnitude order resident: TIES top-k thresholds become O(1) "
         "lookups (several times faster merges) at the cost of one int32 per task-vector entry in worker memory; "
-        "'auto': on for TIES searches on the CPU when that costs under a quarter of the available memory",
+        "kept only for methods that read them (TIES); 'auto': on for TIES searches on the CPU when that costs "
+        "under a quarter of the available memory (`evomerge plan` shows the cost)",
     )
 
     @field_validator("backend")

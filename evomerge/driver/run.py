@@ -28,14 +28,14 @@ from evomerge.driver import checks, warm
 from evomerge.driver.baselines import Baseline, baseline_recipes
 from evomerge.driver.lock import RunLock
 from evomerge.driver.loop import Driver
+from evomerge.driver.plan import magnitude_cache, plan_run, refusal
 from evomerge.driver.pool import Pool
 from evomerge.driver.records import Settings
 from evomerge.driver.warm import WarmStart
-from evomerge.driver.worker import Worker, WorkerSpec
+from evomerge.driver.worker import Worker, WorkerSpec, resolve_device
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
 from evomerge.io.folder import vocab_rows
-from evomerge.merge.methods import METHODS
 from evomerge.merge.vocab import depends_on_models, effective_source
 from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
@@ -153,28 +153,20 @@ def check_vocab(cfg: RunConfig, folders: dict[str, Any], reference: str, source:
 
 
 def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: int) -> bool:
-    """Resolve ``resources.sorted_magnitude_cache``: 'auto' keeps the magnitude orders, on the CPU, for a method
-    that declares it reads them (``magnitude_orders``: TIES) when the workers' extra int32 per task-vector entry
-    stays under a quarter of the available memory."""
-    setting = cfg.resources.sorted_magnitude_cache
-    if setting != "auto":
-        return bool(setting)
-    if not METHODS.get(method).magnitude_orders or n_deltas == 0:
-        return False
-    from evomerge.driver.worker import resolve_device
-
-    if resolve_device(cfg.resources.device).type != "cpu":
-        return False
+    """Resolve ``resources.sorted_magnitude_cache`` for the run's method (:func:`~evomerge.driver.plan.magnitude_cache`)."""
     entries = sum(math.prod(reference.shape(n)) for n in reference.tensor_names)
-    extra = 4 * entries * n_deltas * cfg.resources.workers
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return False
-    use = extra < available / 4
-    log.info("magnitude-order cache %s (%.0f MB for %d worker(s))", "on" if use else "off", extra / 1e6,
-             cfg.resources.workers)
-    return use
+    return magnitude_cache(cfg, method, resolve_device(cfg.resources.device), entries, n_deltas)
+
+
+def check_memory(prep: Prepared) -> None:
+    """Log the run's memory plan; refuse (ConfigError, nothing written) a run the known memory cannot hold."""
+    plan = plan_run(prep.cfg, reference=prep.reference, orders=prep.spec.sorted_magnitudes)
+    log.info("%s", plan.summary())
+    why = refusal(plan)
+    if why is not None:
+        raise ConfigError(why)
+    if plan.fits is False:
+        log.warning("%s (continuing: under the host's total memory)", plan.verdict())
 
 
 CACHE_DIR = "cache"  # per-run caches (compiled merge kernels); a worker may create it before the run folder
@@ -256,6 +248,7 @@ def start_run(
     prep = preflight(cfg)
     run_dir = run_dir_of(cfg)
     check_new_run_dir(run_dir)
+    check_memory(prep)
     pool = (pool_factory or make_pool)(prep, run_dir)
     try:
         run_dir = create_run_dir(prep)
@@ -276,6 +269,7 @@ def resume_run(
     cfg = load_run(run_dir)
     with RunLock(run_dir):
         prep = preflight(cfg)
+        check_memory(prep)
         pool = (pool_factory or make_pool)(prep, run_dir)
         try:
             driver = build_driver(prep, run_dir, pool, on_progress)

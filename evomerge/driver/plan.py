@@ -1,0 +1,546 @@
+"""The memory plan of a run: what each worker keeps resident, and whether it fits, before any work.
+
+A worker keeps everything on its one device (:mod:`evomerge.driver.worker`):
+
+* the reference model's floating-point tensors and one task vector per other source, in the run's dtype
+  (:class:`~evomerge.merge.sources.ResidentSources`; every source of the run, whatever the space merges);
+* for a method that ranks entries by magnitude (``magnitude_orders``: TIES) with the cache on, one int32
+  magnitude order per task-vector entry;
+* the live model candidates are merged into: a module of the reference's shapes in the run's dtype (a tied
+  output head shares the input embedding's storage, so it is counted once);
+* with the ``vllm`` scorer, the engine's own copy of the weights and its key/value cache. On a GPU vLLM
+  reserves :data:`VLLM_GPU_MEMORY_UTILIZATION` of the device's memory (its default; the run config does not
+  set it) at start, weights included, and refuses to start when less than that is free; on a CPU its cache is
+  the scorer's ``kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE`` when set);
+* a merge workspace: :data:`WORKSPACE_FACTOR` times the largest tensor in the run's dtype (TIES holds the
+  merged sum, the elected signs, the divisor and one row of scratch at once; other methods hold less), plus,
+  with magnitude orders, the sort of the largest task vector at load (an int64 index and a value per entry);
+* on CUDA, the process's CUDA context (:data:`CUDA_CONTEXT_BYTES`, an estimate).
+
+Not counted: the scorer's activations, which grow with ``fitness.batch_size`` and the suite's sequence lengths.
+
+Everything is read from the sources' safetensors headers (shapes and dtypes; no weights) or, with
+:func:`shapes_from`, from a built-in model config on PyTorch's meta device. The memory available is the
+device's free memory (``torch.cuda.mem_get_info``), or an assumed size, and the host's (``/proc/meminfo``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.config import RunConfig
+from evomerge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+#: Merge workspace in units of the largest tensor (see the module docstring).
+WORKSPACE_FACTOR = 4
+#: Bytes per entry of the transient sort that builds a magnitude order (int64 index + value) at load.
+ORDER_SORT_BYTES = 16
+#: The CUDA context of a worker process (an estimate: 0.3-0.6 GiB on current drivers).
+CUDA_CONTEXT_BYTES = GiB // 2
+#: The share of a GPU's memory a vLLM engine reserves at start (vLLM's ``gpu_memory_utilization`` default).
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+#: vLLM's key/value cache on a CPU (the vllm scorer's ``kv_cache_gib`` default), in GiB.
+VLLM_CPU_KV_GIB = 1.0
+
+
+# -- the tensors of a model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The tensors of the reference model: floating-point shapes by checkpoint name, and the names that share
+    the live model's storage with another (a tied output head stored beside its embedding)."""
+
+    label: str
+    tensors: dict[str, tuple[int, ...]]
+    tied: frozenset[str] = frozenset()
+
+    @property
+    def entries(self) -> int:
+        return sum(math.prod(s) for s in self.tensors.values())
+
+    @property
+    def live_entries(self) -> int:
+        return sum(math.prod(s) for n, s in self.tensors.items() if n not in self.tied)
+
+    @property
+    def largest(self) -> int:
+        return max((math.prod(s) for s in self.tensors.values()), default=0)
+
+    @classmethod
+    def from_folder(cls, folder: Any, vocab_size: int | None = None) -> Shapes:
+        """From an opened :class:`~evomerge.io.ModelFolder`'s headers; ``vocab_size``: the rows the vocabulary
+        tensors are laid out in when the sources' vocabularies are merged by token."""
+        from evomerge.io import tensor_role
+        from evomerge.io.folder import config_sections
+        from evomerge.merge.vocab import vocab_tensors
+
+        tensors = {n: tuple(folder.shape(n)) for n in folder.tensor_names if folder.dtype(n).is_floating_point}
+        if vocab_size is not None:
+            for name in vocab_tensors(folder):
+                if name in tensors:
+                    tensors[name] = (vocab_size, *tensors[name][1:])
+        tied_flag = any(bool(c.get("tie_word_embeddings", False)) for c in config_sections(folder.config))
+        kinds = {n: tensor_role(n, folder.model_type).kind for n in tensors}
+        tied = frozenset(n for n, k in kinds.items() if k == "lm_head") if tied_flag and "embed" in kinds.values() \
+            else frozenset()
+        return cls(str(folder.path), tensors, tied)
+
+
+#: Built-in model shapes for planning without the weights (``--shapes-from``): the released models' configs.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                       tie_word_embeddings=False),
+    "qwen2.5-32b": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, intermediate_size=27648, vocab_size=152064,
+                        tie_word_embeddings=False),
+    "llama-3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
+                        tie_word_embeddings=False),
+}
+
+
+def shapes_from(name: str) -> Shapes:
+    """The checkpoint tensors of built-in model ``name`` (:data:`SHAPES`), built on the meta device (no weights,
+    no download). A tied head is not a checkpoint tensor (Hugging Face saves the embedding only)."""
+    if name not in SHAPES:
+        raise ConfigError(f"--shapes-from: unknown model {name!r}; known: {', '.join(SHAPES)}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(SHAPES[name])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    tensors = {n: tuple(p.shape) for n, p in model.named_parameters() if p.is_floating_point()}
+    return Shapes(name, tensors)
+
+
+# -- the memory available ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Free and total bytes of the workers' device and of the host (None: unknown)."""
+
+    device_free: int | None = None
+    device_total: int | None = None
+    device_source: str = "unknown"
+    host_available: int | None = None
+    host_total: int | None = None
+
+
+def host_memory() -> tuple[int | None, int | None]:
+    """(available, total) host bytes: ``/proc/meminfo``'s MemAvailable and MemTotal, else ``os.sysconf``."""
+    try:
+        info = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            info[key] = int(rest.split()[0]) * 1024
+        return info.get("MemAvailable"), info.get("MemTotal")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+    except (OSError, ValueError, AttributeError):
+        return None, None
+
+
+def probe_memory(device: torch.device, assume_gpu: int | None = None) -> Memory:
+    """The memory a worker on ``device`` can use on this machine (``assume_gpu``: a GPU of that many bytes)."""
+    avail, total = host_memory()
+    if assume_gpu is not None:
+        return Memory(assume_gpu, assume_gpu, "assumed", avail, total)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index or 0
+        free, cap = torch.cuda.mem_get_info(index)
+        return Memory(free, cap, f"cuda:{index} free", avail, total)
+    if device.type == "cpu":
+        return Memory(avail, total, "host available", avail, total)
+    return Memory(None, None, "unknown", avail, total)
+
+
+# -- the plan ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the plan depends on besides the shapes (the fields a suggested change varies)."""
+
+    n_deltas: int
+    dtype: torch.dtype
+    orders: bool
+    scorer: str
+    device: str  # "cuda", "cpu", ...
+    workers: int
+    workers_per_device: int
+    workers_per_host: int | None  # None: the workers' hosts are not this one (a Ray cluster)
+    gpus_per_worker: float = 0
+    kv_cpu_bytes: int = int(VLLM_CPU_KV_GIB * GiB)
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: int | None  # None: depends on memory not known here
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    shapes: Shapes
+    setup: Setup
+    memory: Memory
+    parts: list[Part]
+    host_parts: list[Part]  # on a GPU: what a worker holds in host memory while it loads
+    suggestion: str | None = None
+    blocked: str | None = None  # a reason it cannot fit whatever the memory
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_worker(self) -> int:
+        return sum(p.bytes or 0 for p in self.parts)
+
+    @property
+    def device_need(self) -> int | None:
+        """Bytes one device needs for the workers it holds (None: vLLM's share of an unknown device)."""
+        if any(p.bytes is None for p in self.parts):
+            return None
+        return self.per_worker * self.setup.workers_per_device
+
+    @property
+    def host_need(self) -> int | None:
+        if self.setup.workers_per_host is None:
+            return None
+        per = self.per_worker if self.setup.device == "cpu" else sum(p.bytes or 0 for p in self.host_parts)
+        return per * self.setup.workers_per_host
+
+    @property
+    def device_fits(self) -> bool | None:
+        if self.blocked:
+            return False
+        need, free = self.device_need, self.memory.device_free
+        return None if need is None or free is None else need <= free
+
+    @property
+    def host_fits(self) -> bool | None:
+        need, avail = self.host_need, self.memory.host_available
+        return None if need is None or avail is None else need <= avail
+
+    @property
+    def fits(self) -> bool | None:
+        """False when the device or the host is known to be too small; None when the device is unknown."""
+        if self.device_fits is False or self.host_fits is False:
+            return False
+        return self.device_fits
+
+    def verdict(self) -> str:
+        where = "per GPU" if self.setup.device == "cuda" else f"on {self.setup.device}"
+        need = self.device_need
+        if self.blocked:
+            return f"does not fit: {self.blocked}"
+        if self.device_fits is False:
+            have = fmt(self.memory.device_free)
+            return f"does not fit: needs {fmt(need)} {where}, {have} {self.memory.device_source}"
+        if self.host_fits is False:
+            return (f"does not fit: the host needs {fmt(self.host_need)} for {self.setup.workers_per_host} worker(s), "
+                    f"{fmt(self.memory.host_available)} available")
+        if self.device_fits is None:
+            return (f"needs {fmt(need) if need is not None else fmt(self.per_worker) + ' + vLLM share'} {where}; "
+                    f"device memory unknown here (give --assume-gpu-memory)")
+        return f"fits: {fmt(need)} {where} of {fmt(self.memory.device_free)} {self.memory.device_source}"
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{p.name} {fmt(p.bytes)}" for p in self.parts if p.bytes != 0)
+        return f"memory plan per worker on {self.setup.device}: {parts}; {self.verdict()}"
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        s = self.setup
+        title = (f"memory plan: {self.shapes.label}, {s.n_deltas} task vector(s), {dtype_name(s.dtype)}, "
+                 f"scorer {s.scorer}, {s.workers} worker(s), {s.workers_per_device} per device")
+        table = Table(title=title, title_justify="left")
+        table.add_column("part")
+        table.add_column("bytes per worker", justify="right")
+        table.add_column("GiB", justify="right")
+        table.add_column("note")
+        for p in self.parts:
+            table.add_row(p.name, "?" if p.bytes is None else f"{p.bytes:,}",
+                          "?" if p.bytes is None else f"{p.bytes / GiB:.2f}", p.note)
+        table.add_row("[bold]total per device[/]", *_cells(self.device_need), "")
+        m = self.memory
+        table.add_row(f"available ({m.device_source})", *_cells(m.device_free), "")
+        if s.device != "cpu":
+            for p in self.host_parts:
+                table.add_row(f"host: {p.name}", *_cells(p.bytes), p.note)
+        table.add_row(f"host available (of {fmt(m.host_total)})", *_cells(m.host_available),
+                      "" if s.workers_per_host is not None else "workers on the cluster's nodes: not checked")
+        return table
+
+
+def _cells(n: int | None) -> tuple[str, str]:
+    return ("?", "?") if n is None else (f"{n:,}", f"{n / GiB:.2f}")
+
+
+def fmt(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
+    """The parts of ``setup`` for a reference of ``shapes`` (see the module docstring), checked against ``memory``."""
+    el = _bytes(setup.dtype)
+    n = setup.n_deltas
+    live = shapes.live_entries * el
+    parts = [
+        Part("reference weights", shapes.entries * el, f"{len(shapes.tensors)} tensors"),
+        Part("task vectors", n * shapes.entries * el, f"{n} x reference"),
+        Part("magnitude orders", 4 * n * shapes.entries if setup.orders else 0,
+             "int32 per task-vector entry" if setup.orders else "off"),
+        Part("live model", live, "tied head counted once" if shapes.tied else ""),
+    ]
+    if setup.scorer == "vllm":
+        if setup.device == "cuda":
+            weights = shapes.live_entries * 2  # vLLM's 'auto' dtype on a GPU is 16-bit
+            share = None if memory.device_total is None else int(VLLM_GPU_MEMORY_UTILIZATION * memory.device_total)
+            parts.append(Part("vLLM engine weights", weights, "16-bit"))
+            parts.append(Part("vLLM KV cache + activations", None if share is None else share - weights,
+                              f"rest of {VLLM_GPU_MEMORY_UTILIZATION:g} x device"))
+        else:
+            parts.append(Part("vLLM engine weights", shapes.live_entries * 4, "float32 on a CPU"))
+            parts.append(Part("vLLM KV cache", setup.kv_cpu_bytes, "kv_cache_gib"))
+    work = WORKSPACE_FACTOR * shapes.largest * el + (ORDER_SORT_BYTES * shapes.largest if setup.orders else 0)
+    parts.append(Part("merge workspace", work, f"{WORKSPACE_FACTOR} x largest tensor"
+                                                + (" + its sort at load" if setup.orders else "")))
+    if setup.device == "cuda":
+        parts.append(Part("CUDA context", CUDA_CONTEXT_BYTES, "estimate"))
+    host = [Part("live model staging", live, "from_pretrained loads on the host, then moves")]
+    plan = Plan(shapes, setup, memory, parts, host)
+    if setup.scorer == "vllm" and setup.device == "cuda":
+        weights, kv = (p.bytes for p in parts if p.name.startswith("vLLM"))
+        if kv is not None and kv <= 0:
+            plan.blocked = f"vLLM's {VLLM_GPU_MEMORY_UTILIZATION:g} share of the device is smaller than its weights"
+            at = next(i for i, x in enumerate(parts) if x.name.startswith("vLLM KV"))
+            parts[at] = replace(parts[at], bytes=0, note="none left: the share is under the weights")
+            kv = 0
+        beside = plan.per_worker - (weights or 0) - (kv or 0)
+        plan.notes.append(
+            f"vLLM starts only with {VLLM_GPU_MEMORY_UTILIZATION:g} of the device free: the {fmt(beside)} held "
+            f"beside the engine must fit in the other {1 - VLLM_GPU_MEMORY_UTILIZATION:.1g}; even without that "
+            f"rule the worker needs {fmt(beside + (weights or 0))} + a KV cache")
+    if setup.gpus_per_worker > 1:
+        plan.notes.append(f"gpus_per_worker {setup.gpus_per_worker:g}: a worker holds everything on its first GPU; "
+                          "the others stay idle")
+    return plan
+
+
+def _changes(setup: Setup, shapes: Shapes) -> list[tuple[str, Setup]]:
+    """Single changes to try, smallest first: (the config change, its setup)."""
+    out: list[tuple[str, Setup]] = []
+    if setup.orders:
+        out.append(("resources.sorted_magnitude_cache: false", replace(setup, orders=False)))
+    if setup.dtype == torch.float32:
+        out.append(("resources.dtype: bfloat16", replace(setup, dtype=torch.bfloat16)))
+    if setup.device == "cuda" and setup.workers_per_device > 1:
+        for k in range(setup.workers_per_device - 1, 0, -1):
+            out.append((f"resources.gpus_per_worker: {1 / k:g} ({k} worker(s) per GPU)",
+                        replace(setup, workers_per_device=k, gpus_per_worker=1 / k)))
+    if setup.device == "cpu" and (setup.workers_per_host or 0) > 1:
+        for k in range(setup.workers_per_host - 1, 0, -1):  # type: ignore[operator]
+            out.append((f"resources.workers: {k} (fewer workers per node)", replace(setup, workers=k,
+                                                                                     workers_per_host=k)))
+    if setup.scorer == "vllm":
+        out.append(("fitness.scorer: hf (no second copy of the weights, no vLLM reservation)",
+                    replace(setup, scorer="hf")))
+    for k in range(1, setup.n_deltas):
+        out.append((f"{k} source(s) fewer ({setup.n_deltas - k} task vector(s))", replace(setup, n_deltas=setup.n_deltas - k)))
+    return out
+
+
+def suggest(plan: Plan) -> str | None:
+    """The smallest change that makes ``plan`` fit: one change, else the changes above combined in order."""
+    if plan.fits is not False:
+        return None
+    changes = _changes(plan.setup, plan.shapes)
+    for text, setup in changes:
+        p = compute(plan.shapes, setup, plan.memory)
+        if p.fits:
+            return f"{text}: {p.verdict()}"
+    # combine: every change that is not a source count, then drop sources one by one
+    combined, texts = plan.setup, []
+    for text, setup in changes:
+        if "source(s) fewer" in text or ("per GPU" in text and texts and "per GPU" in texts[-1]) \
+                or ("fewer workers" in text and texts and "fewer workers" in texts[-1]):
+            continue
+        combined = _merge(combined, setup, plan.setup)
+        texts.append(text)
+    for k in range(0, plan.setup.n_deltas):
+        trial = replace(combined, n_deltas=plan.setup.n_deltas - k)
+        p = compute(plan.shapes, trial, plan.memory)
+        if p.fits:
+            extra = [f"{k} source(s) fewer"] if k else []
+            return " and ".join(texts + extra) + f": {p.verdict()}"
+    return None
+
+
+def _merge(acc: Setup, change: Setup, orig: Setup) -> Setup:
+    diff = {f: getattr(change, f) for f in Setup.__dataclass_fields__ if getattr(change, f) != getattr(orig, f)}
+    return replace(acc, **diff)
+
+
+# -- a run's plan ------------------------------------------------------------------------------------------
+
+
+def template_method(cfg: RunConfig) -> str | None:
+    """The merge method of the run's search space (its template after ``space.overrides``)."""
+    from evomerge.spaces.template import load_template, parse_template
+
+    template = load_template(cfg.space.template)
+    if cfg.space.overrides:
+        data = template.model_dump(mode="json") | dict(cfg.space.overrides)
+        template = parse_template(data, source=f"{cfg.space.template} + space.overrides")
+    method = getattr(template, "method", None)
+    if method is None and getattr(template, "params", None) is not None:
+        method = template.params.method
+    return method
+
+
+def magnitude_cache(cfg: RunConfig, method: str | None, device: torch.device, entries: int, n_deltas: int) -> bool:
+    """Resolve ``resources.sorted_magnitude_cache`` for a method: never for one that does not read magnitude
+    orders (``magnitude_orders``); ``true``: always; ``'auto'``: on the CPU, when the workers' extra int32 per
+    task-vector entry stays under a quarter of the available host memory."""
+    from evomerge.merge.methods import METHODS
+
+    if method is None or method not in METHODS or not METHODS.get(method).magnitude_orders or n_deltas == 0:
+        return False
+    setting = cfg.resources.sorted_magnitude_cache
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cpu":
+        return False
+    extra = 4 * entries * n_deltas * cfg.resources.workers
+    available, _ = host_memory()
+    if available is None:
+        return False
+    use = extra < available / 4
+    log.info("magnitude-order cache %s (%.0f MB for %d worker(s))", "on" if use else "off", extra / 1e6,
+             cfg.resources.workers)
+    return use
+
+
+def plan_run(
+    cfg: RunConfig, *, shapes: Shapes | None = None, assume_gpu_memory: int | None = None,
+    reference: str | None = None, orders: bool | None = None, memory: Memory | None = None,
+) -> Plan:
+    """The memory plan of run ``cfg`` (see the module docstring).
+
+    ``shapes``: the reference's tensors (default: read from its folder's headers); ``assume_gpu_memory``: plan
+    for CUDA workers on a GPU of that many bytes; ``reference`` / ``orders``: as the preflight resolved them
+    (default: ``base_model`` or the first source, and :func:`magnitude_cache` for the space's method);
+    ``memory``: the memory available (default: :func:`probe_memory`).
+    """
+    from evomerge.driver.worker import resolve_device, resolve_dtype
+
+    res = cfg.resources
+    if assume_gpu_memory is not None:
+        if res.device not in ("auto", "cuda") and not res.device.startswith("cuda:"):
+            raise ConfigError(f"--assume-gpu-memory: resources.device is {res.device!r}, not a GPU")
+        device = torch.device(res.device if res.device != "auto" else "cuda")
+    else:
+        device = resolve_device(res.device)
+    dtype = resolve_dtype(res.dtype, device) or torch.float32
+    reference = reference or cfg.base_model or next(iter(cfg.sources))
+    n_deltas = len(cfg.sources) - 1
+    if shapes is None:
+        shapes = _folder_shapes(cfg, reference)
+    if orders is None:
+        orders = magnitude_cache(cfg, template_method(cfg), device, shapes.entries, n_deltas)
+    ray = res.backend == "ray"
+    workers = res.workers if ray else 1  # the local pool runs one worker
+    per_device = 1
+    if ray and device.type == "cuda" and 0 < res.gpus_per_worker < 1:
+        per_device = min(workers, math.floor(1 / res.gpus_per_worker + 1e-9))
+    per_host = None if ray and res.address else workers
+    kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    setup = Setup(
+        n_deltas=n_deltas, dtype=dtype, orders=orders, scorer=cfg.fitness.scorer, device=device.type,
+        workers=workers, workers_per_device=per_device, workers_per_host=per_host,
+        gpus_per_worker=res.gpus_per_worker,
+        kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
+    )
+    plan = compute(shapes, setup, memory or probe_memory(device, assume_gpu_memory))
+    plan.suggestion = suggest(plan)
+    return plan
+
+
+def _folder_shapes(cfg: RunConfig, reference: str) -> Shapes:
+    from evomerge.io import ModelFolder
+    from evomerge.io.folder import vocab_rows
+    from evomerge.merge.vocab import effective_source
+
+    folders: Mapping[str, Any] = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
+    try:
+        size = None
+        source = effective_source(cfg.tokenizer_source, [vocab_rows(f) for f in folders.values()])
+        if source is not None or cfg.pad_to_multiple_of:
+            from evomerge.merge.vocab import plan_vocab
+
+            vocab = plan_vocab({reference: folders[reference], **folders}, reference, source, cfg.pad_to_multiple_of)
+            size = vocab.size if vocab.aligns else None
+        return Shapes.from_folder(folders[reference], size)
+    finally:
+        for f in folders.values():
+            f.close()
+
+
+def refusal(plan: Plan) -> str | None:
+    """The one line :func:`~evomerge.driver.run.start_run` refuses a run with, or None to go ahead.
+
+    Only memory known here counts: a GPU's free memory, or on a CPU the host's total memory (a plan over the
+    host's available memory but under its total is logged as a warning). Unknown memory never refuses.
+    """
+    if plan.device_fits is False and not (plan.setup.device == "cpu" and _under_total(plan)):
+        return no_fit_line(plan)
+    if plan.setup.device != "cpu" and plan.host_fits is False and plan.host_need and plan.memory.host_total \
+            and plan.host_need > plan.memory.host_total:
+        return no_fit_line(plan)
+    return None
+
+
+def _under_total(plan: Plan) -> bool:
+    need, total = plan.device_need, plan.memory.host_total
+    return total is None or (need is not None and need <= total)
+
+
+def no_fit_line(plan: Plan) -> str:
+    fix = plan.suggestion or "no single change to sources, resources or the scorer makes it fit"
+    return f"memory plan: {plan.verdict()}; smallest change that fits: {fix}"
