@@ -51,7 +51,8 @@ def test_schema_shows_every_optimizers_options_by_name():
         model = defs[ref.rsplit("/", 1)[-1]]
         opts = defs[model["properties"]["options"]["$ref"].rsplit("/", 1)[-1]]
         options[model["properties"]["name"]["const"]] = opts["properties"]
-    assert set(options) == {"cma_es", "nevergrad", "m2n2", "random"}
+    assert set(options) == {"cma_es", "nevergrad", "m2n2", "optuna", "random"}
+    assert options["optuna"]["sampler"]["default"] == "TPESampler" and "sampler_options" in options["optuna"]
     assert options["cma_es"]["sigma0"]["exclusiveMinimum"] == 0 and options["cma_es"]["sigma0"]["default"] == 0.2
     assert "archive_size" in options["m2n2"] and "num_workers" in options["nevergrad"]
     assert all("scalarize" in o for o in options.values())
@@ -67,6 +68,14 @@ def test_an_optimizer_block_without_a_name_is_cma_es_and_options_are_typed(tmp_p
     doc["optimizer"] = {"name": "nevergrad", "options": {"num_workers": 0}}
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"optimizer\.options\.num_workers: Input should be greater than or equal to 1"):
+        load_run_config(path)
+    doc["optimizer"] = {"name": "optuna", "options": {"sampler": "NSGAIISampler", "sampler_options": {"population_size": 8}}}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_run_config(path)
+    assert cfg.optimizer.options.sampler == "NSGAIISampler" and cfg.optimizer.options.sampler_options == {"population_size": 8}
+    doc["optimizer"] = {"name": "optuna", "options": {"sampler": "GridSampler"}}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"optimizer\.options\.sampler: .*unknown or unsupported Optuna sampler 'GridSampler'"):
         load_run_config(path)
 
 

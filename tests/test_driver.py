@@ -302,3 +302,26 @@ def test_a_suites_declared_reference_sets_that_tasks_scale_for_the_search_and_th
     assert res.low["digits"] == -6.0 and res.high["digits"] == -2.0
     best = res.best().result.task_means()
     assert res.normalize(best)["digits"] == pytest.approx((best["digits"] + 6.0) / 4.0)
+
+
+def test_an_optuna_run_end_to_end(setup, tmp_path):
+    """``optimizer: {name: optuna, options: {sampler: TPESampler}}`` runs through the CLI; the checkpoint holds the
+    study as JSON trials, one per evaluation, the first being the space's start point."""
+    from evomerge.checkpoint import read_checkpoint
+
+    _, fam, suite = setup
+    cfg = write_run_config(tmp_path / "optuna.yaml", fam, suite, name="optuna", evals=6, optimizer="optuna",
+                           options={"sampler": "TPESampler", "sampler_options": {"n_startup_trials": 3}})
+    res = CliRunner().invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "optuna"
+    r = RunResults(run_dir)
+    searched = sorted((x for x in r.calib if x.candidate_id >= 0), key=lambda x: x.candidate_id)
+    assert [x.candidate_id for x in searched] == list(range(6)) and all(x.ok for x in searched)
+    assert [x.meta["trial"] for x in searched] == list(range(6)) and searched[0].meta["origin"] == "x0"
+    state = read_checkpoint(run_dir).state["optimizer"]
+    assert state["optimizer"] == "optuna" and state["options"]["sampler"] == "TPESampler"
+    trials = state["impl"]["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 6 and state["pending"] == []
+    assert len({tuple(t["params"].values()) for t in trials}) == 6
+    assert (run_dir / "export" / "recipe.yaml").is_file()

@@ -1,4 +1,4 @@
-"""Backend-specific behaviour: CMA-ES generations and its sampler binding; nevergrad algorithm choice."""
+"""Backend-specific behaviour: CMA-ES generations and its sampler binding; nevergrad algorithm choice; Optuna samplers."""
 
 from __future__ import annotations
 
@@ -117,3 +117,70 @@ def test_nevergrad_multiobjective_front():
     points = np.array([c.meta["objectives"] for c in front])
     assert len(front) >= 2 and moocore.is_nondominated(points, maximise=True).all()
     assert opt.recommend().id in {c.id for c in front}
+
+
+def test_optuna_refuses_unknown_samplers_bad_sampler_options_and_single_objective_pareto_search():
+    problem = Problem.unit_cube(3, ("left", "right"))
+    make = OPTIMIZERS.get("optuna")
+    with pytest.raises(ConfigError, match=r"optimizer 'optuna': option sampler: .*'TPESamplr'.*TPESampler"):
+        make(problem, seed=0, sampler="TPESamplr")
+    with pytest.raises(ConfigError, match=r"optimizer 'optuna': option sampler: .*GridSampler"):
+        make(problem, seed=0, sampler="GridSampler")  # needs a grid; its state is not round-tripped
+    with pytest.raises(ConfigError, match=r"optimizer 'optuna': option sampler_options: TPESampler.*n_startup"):
+        make(problem, seed=0, sampler_options={"n_startup": 3})
+    with pytest.raises(ConfigError, match=r"optimizer 'optuna': option sampler_options: .*seed"):
+        make(problem, seed=0, sampler_options={"seed": 3})
+    with pytest.raises(ConfigError, match=r"option sampler: CmaEsSampler searches one objective"):
+        make(problem, seed=0, sampler="CmaEsSampler", multiobjective=True)
+
+
+def test_optuna_options_reach_the_study():
+    from optuna.trial import TrialState
+
+    problem = Problem(3, [0.0, -1.0, 0.0], [1.0, 1.0, 2.0], x0=[0.25, -0.5, 1.5], task_names=("left", "right"))
+    make = OPTIMIZERS.get("optuna")
+    opt = make(problem, seed=0, sampler="NSGAIISampler", sampler_options={"population_size": 7}, multiobjective=True)
+    study = opt.study
+    assert type(study.sampler).__name__ == "NSGAIISampler" and study.sampler._population_size == 7
+    assert len(study.directions) == 2 and all(d.name == "MAXIMIZE" for d in study.directions)
+    first, second = opt.ask(2)
+    assert first.genome.tolist() == [0.25, -0.5, 1.5] and first.meta["origin"] == "x0"  # x0_first
+    assert "origin" not in second.meta
+    lows, highs = np.array([0.0, -1.0, 0.0]), np.array([1.0, 1.0, 2.0])
+    for c in opt.ask(20):
+        assert np.all((c.genome >= lows) & (c.genome <= highs))
+    opt.tell([Observation.failure(first.id), Observation(second.id, objectives=[0.3, 0.6])])
+    assert study.trials[0].state == TrialState.FAIL and study.trials[0].values is None
+    assert study.trials[1].values == [0.3, 0.6] and study.trials[1].params == {
+        f"g{i}": v for i, v in enumerate(second.genome.tolist())
+    }
+    single = make(Problem.unit_cube(2, ("a", "b")), seed=0, x0_first=False, scalarize={"a": 3.0, "b": 1.0})
+    (c,) = single.ask(1)
+    assert "origin" not in c.meta and not np.array_equal(c.genome, [0.5, 0.5])
+    single.tell(Observation(c.id, objectives=[0.2, 0.6]))
+    assert len(single.study.directions) == 1 and single.study.trials[0].values == [pytest.approx(0.3)]
+
+
+def test_optuna_state_is_json_and_a_foreign_sampler_state_is_refused():
+    from evomerge.errors import OptimizerError
+
+    problem = Problem.unit_cube(3)
+    make = OPTIMIZERS.get("optuna")
+    opt = make(problem, seed=1, sampler="CmaEsSampler", sampler_options={"popsize": 4})
+    for _ in range(4):
+        opt.tell([sphere(c) for c in opt.ask(3)])
+    held = opt.ask(2)
+    state = json.loads(json.dumps(opt.state_dict()))
+    assert state["blob"] is None  # no pickle: trials, study attributes and generator states as JSON
+    trials = state["impl"]["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 12 + ["RUNNING"] * 2
+    assert any(k.startswith("cma:") for t in trials for k in t["system_attrs"])  # CMA-ES keeps its state there
+    fresh = make(problem, seed=5, sampler="CmaEsSampler", sampler_options={"popsize": 4})
+    fresh.load_state_dict(state)
+    for o in (opt, fresh):
+        o.tell([sphere(c) for c in held[::-1]])
+    assert [c.genome.tolist() for c in opt.ask(6)] == [c.genome.tolist() for c in fresh.ask(6)]
+    broken = json.loads(json.dumps(state))
+    broken["impl"]["random_states"] = {"sampler._other": broken["impl"]["random_states"]["sampler._cma_rng"]}
+    with pytest.raises(OptimizerError, match="generators"):
+        make(problem, seed=5, sampler="CmaEsSampler", sampler_options={"popsize": 4}).load_state_dict(broken)

@@ -118,20 +118,22 @@ def test_same_seed_same_proposals_and_global_rng_untouched(name, tmp_path, monke
     assert os.listdir(tmp_path) == []  # nothing written to the working directory (cma's outcmaes/)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_state_round_trip_into_fresh_optimizer_reproduces_the_run(name):
+def assert_round_trip(name: str, *, before: int = 23, after: int = 30, evaluate=None, **options) -> None:
+    """Run ``before`` tells, load the JSON state into a fresh optimizer (another seed) with candidates still
+    pending, and check that both then propose and recommend the same for ``after`` more tells."""
     problem = Problem.unit_cube(DIM)
     fail = lambda c: c.id % 7 == 5  # noqa: E731
-    loop = Loop(make(name, problem, seed=11), evaluator(sphere_scores, fail), seed=2).run(23)
+    evaluate = evaluate or evaluator(sphere_scores, fail)
+    loop = Loop(make(name, problem, seed=11, **options), evaluate, seed=2).run(before)
     assert loop.pending, "the round trip must happen with candidates still pending"
     state = json.loads(json.dumps(loop.opt.state_dict()))
-    fresh = make(name, problem, seed=999)
+    fresh = make(name, problem, seed=999, **options)
     fresh.load_state_dict(state)
     assert fresh.pending_ids == loop.opt.pending_ids
     twin = loop.fork(fresh)
     n_before = len(loop.asked)
-    loop.run(30)
-    twin.run(30)
+    loop.run(after)
+    twin.run(after)
     after = loop.asked[n_before:]
     assert twin.asked and [c.id for c in after] == [c.id for c in twin.asked]
     assert all(
@@ -140,6 +142,11 @@ def test_state_round_trip_into_fresh_optimizer_reproduces_the_run(name):
     )
     assert loop.opt.state_dict()["rng"] == twin.opt.state_dict()["rng"]
     assert loop.opt.recommend().id == twin.opt.recommend().id
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_round_trip_into_fresh_optimizer_reproduces_the_run(name):
+    assert_round_trip(name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -230,3 +237,109 @@ def test_multiobjective_recommend_is_on_the_pareto_front(name):
     assert not dominated.any()
     front = moocore.is_nondominated(points, maximise=True)
     assert any(np.array_equal(p, rec_point) for p in points[front])
+
+
+# ---------------------------------------------------------------------- Optuna samplers beyond the default
+# The registry entry ``optuna`` runs TPESampler in the tests above; these run the other samplers it supports
+# through the same checks (small budgets: GPSampler fits a Gaussian process per ask).
+
+OPTUNA_CASES = {
+    "GPSampler": ({"sampler": "GPSampler", "sampler_options": {"n_startup_trials": 4}}, 7, 4),
+    "CmaEsSampler": ({"sampler": "CmaEsSampler", "sampler_options": {"popsize": 5}}, 23, 30),
+    "NSGAIISampler": ({"sampler": "NSGAIISampler", "sampler_options": {"population_size": 6}}, 23, 30),
+    "NSGAIIISampler": ({"sampler": "NSGAIIISampler", "sampler_options": {"population_size": 6}}, 23, 30),
+    "QMCSampler": ({"sampler": "QMCSampler"}, 23, 30),
+    "RandomSampler": ({"sampler": "RandomSampler"}, 23, 30),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTUNA_CASES))
+def test_optuna_samplers_round_trip_exactly(case):
+    options, before, after = OPTUNA_CASES[case]
+    assert_round_trip("optuna", before=before, after=after, **options)
+
+
+@pytest.mark.parametrize("case", ["NSGAIISampler", "NSGAIIISampler"])
+def test_optuna_multiobjective_samplers_round_trip_exactly(case):
+    options, before, after = OPTUNA_CASES[case]
+
+    def evaluate(c: Candidate) -> Observation:
+        if c.id % 7 == 5:
+            return Observation.failure(c.id)
+        x = c.genome
+        return Observation(c.id, objectives=[1 - np.mean((x - 0.2) ** 2), 1 - np.mean((x - 0.8) ** 2)])
+
+    problem = Problem.unit_cube(DIM, task_names=("left", "right"))
+    loop = Loop(make("optuna", problem, seed=3, multiobjective=True, **options), evaluate, seed=2).run(before)
+    fresh = make("optuna", problem, seed=4, multiobjective=True, **options)
+    fresh.load_state_dict(json.loads(json.dumps(loop.opt.state_dict())))
+    twin = loop.fork(fresh)
+    n_before = len(loop.asked)
+    loop.run(after)
+    twin.run(after)
+    assert [c.genome.tolist() for c in loop.asked[n_before:]] == [c.genome.tolist() for c in twin.asked]
+    assert [c.id for c in loop.opt.pareto_front()] == [c.id for c in twin.opt.pareto_front()]
+
+
+@pytest.mark.parametrize(
+    ("case", "budget", "seeds", "workers"),
+    [("CmaEsSampler", 120, 5, 4), ("GPSampler", 20, 2, 1)],  # GP: sequential Bayesian optimization
+    ids=["cma", "gp"],
+)
+def test_optuna_samplers_beat_random_search(case, budget, seeds, workers):
+    import torch
+
+    options = OPTUNA_CASES[case][0]
+    problem = Problem.unit_cube(DIM)
+    mine, rand = [], []
+    before = np.random.get_state()[1].copy(), torch.get_rng_state()
+    for seed in range(seeds):
+        opt = make("optuna", problem, seed, x0_first=False, **options)
+        mine.append(best_score(Loop(opt, evaluator(sphere_scores), workers=workers, seed=seed).run(budget).opt))
+        opt = make("random", problem, seed, x0_first=False)
+        rand.append(best_score(Loop(opt, evaluator(sphere_scores), workers=workers, seed=seed).run(budget).opt))
+    assert np.mean(mine) > np.mean(rand), (mine, rand)
+    # GPSampler fits with torch and samples with scipy and torch QMC engines: the global generators stay as they were
+    assert np.array_equal(before[0], np.random.get_state()[1]) and torch.equal(before[1], torch.get_rng_state())
+
+
+def test_optuna_nsga2_searches_the_pareto_front_better_than_random_sampling():
+    """NSGA-II told both task scores spreads along the front of two conflicting tasks: its told points cover
+    a larger hypervolume than Optuna's RandomSampler's at the same budget, and it recommends a front member."""
+    problem = Problem.unit_cube(3, task_names=("left", "right"))
+
+    def evaluate(c: Candidate) -> Observation:
+        x = c.genome
+        return Observation(c.id, objectives=[1 - np.sum((x - 0.2) ** 2) / 3, 1 - np.sum((x - 0.8) ** 2) / 3])
+
+    volumes = {}
+    for sampler, extra in (("NSGAIISampler", {"population_size": 10}), ("RandomSampler", {})):
+        runs = []
+        for seed in range(3):
+            opt = make("optuna", problem, seed, multiobjective=True, x0_first=False, sampler=sampler,
+                       sampler_options=extra)
+            loop = Loop(opt, evaluate, seed=seed).run(120)
+            points = np.array([c.meta["objectives"] for c in opt.pareto_front()])
+            rec = opt.recommend()
+            assert rec.id in {c.id for c in opt.pareto_front()}
+            assert moocore.is_nondominated(points, maximise=True).all()
+            assert len(opt.study.directions) == 2 and len(loop.asked) >= 120
+            runs.append(moocore.hypervolume(points, ref=[0.0, 0.0], maximise=True))
+        volumes[sampler] = float(np.mean(runs))
+    assert volumes["NSGAIISampler"] > volumes["RandomSampler"], volumes
+
+
+def test_optuna_qmc_covers_the_box_more_evenly_than_random_sampling():
+    """QMCSampler's scrambled Sobol points have a lower discrepancy than independent uniform samples."""
+    from scipy.stats import qmc
+
+    problem = Problem.unit_cube(4)
+    disc = {}
+    for sampler in ("QMCSampler", "RandomSampler"):
+        values = []
+        for seed in range(3):
+            opt = make("optuna", problem, seed, sampler=sampler, x0_first=False)
+            genomes = [c.genome for c in opt.ask(64)]
+            values.append(qmc.discrepancy(np.array(genomes)))
+        disc[sampler] = float(np.mean(values))
+    assert disc["QMCSampler"] < 0.5 * disc["RandomSampler"], disc

@@ -60,6 +60,7 @@ CASES = {
     "nevergrad": ("nevergrad", {"optimizer": "TwoPointsDE"}, "builtin:ties-per-layer"),
     "m2n2": ("m2n2", {"archive_size": 4}, "builtin:segments"),  # scored on the choice suite
     "random": ("random", {}, "builtin:ties-per-layer"),
+    "optuna": ("optuna", {"sampler": "TPESampler", "sampler_options": {"n_startup_trials": 3}}, "builtin:ties-per-layer"),
     # warm start: the task-arithmetic grid is scored with the baselines, CMA-ES starts at the best weight
     "warm": ("cma_es", {"popsize": 4, "sigma0": 0.1, "x0_first": True}, "builtin:task-arithmetic-per-layer"),
 }

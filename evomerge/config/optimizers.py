@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 __all__ = [
     "CmaEsOptions",
@@ -29,6 +29,8 @@ __all__ = [
     "OPTIMIZER_CONFIGS",
     "OptimizerConfig",
     "OptimizerOptions",
+    "OptunaOptions",
+    "OPTUNA_SAMPLERS",
     "RandomOptions",
 ]
 
@@ -107,6 +109,37 @@ class RandomOptions(OptimizerOptions):
     x0_first: bool = Field(True, description="hand out the space's start point (the hand-set merge) first")
 
 
+#: The Optuna samplers whose state round trips exactly (evomerge.optim.optuna checks each one's internals).
+OPTUNA_SAMPLERS = (
+    "TPESampler", "GPSampler", "CmaEsSampler", "NSGAIISampler", "NSGAIIISampler", "QMCSampler", "RandomSampler",
+)
+
+
+class OptunaOptions(OptimizerOptions):
+    sampler: str = Field("TPESampler", description="an Optuna sampler: " + ", ".join(OPTUNA_SAMPLERS))
+    sampler_options: dict[str, JsonValue] = Field(
+        default_factory=dict, description="keyword arguments of the sampler (e.g. {n_startup_trials: 10}); the "
+                                          "seed comes from the run's seed")
+    multiobjective: bool = Field(False, description="tell Optuna the vector of task scores instead of the "
+                                                    "scalarized score (NSGAIISampler, TPESampler, GPSampler, … then "
+                                                    "search the Pareto front)")
+    x0_first: bool = Field(True, description="make the space's start point (the hand-set merge) the first trial")
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        if v not in OPTUNA_SAMPLERS:
+            raise ValueError(f"unknown or unsupported Optuna sampler {v!r}; supported: {', '.join(OPTUNA_SAMPLERS)}")
+        return v
+
+    @field_validator("sampler_options")
+    @classmethod
+    def _no_seed(cls, v: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        if "seed" in v:
+            raise ValueError("'seed' is not a sampler option here: samplers are seeded from the run's seed")
+        return v
+
+
 class CmaEsConfig(BaseModel):
     """CMA-ES (the ``cma`` package): a full generation per update; single objective."""
 
@@ -131,6 +164,15 @@ class M2N2Config(BaseModel):
     options: M2N2Options = M2N2Options()
 
 
+class OptunaConfig(BaseModel):
+    """Any of several Optuna samplers (TPE, GP, CMA-ES, NSGA-II/III, QMC) by ask/tell; async; multi-objective on
+    request."""
+
+    model_config = _FROZEN
+    name: Literal["optuna"]
+    options: OptunaOptions = OptunaOptions()
+
+
 class RandomConfig(BaseModel):
     """Uniform sampling in the bounds (the baseline every optimizer must beat)."""
 
@@ -140,9 +182,12 @@ class RandomConfig(BaseModel):
 
 
 #: The ``optimizer:`` block: one optimizer's name and its typed options.
-OptimizerConfig = Annotated[CmaEsConfig | NevergradConfig | M2N2Config | RandomConfig, Field(discriminator="name")]
+OptimizerConfig = Annotated[
+    CmaEsConfig | NevergradConfig | M2N2Config | OptunaConfig | RandomConfig, Field(discriminator="name")
+]
 
 #: Optimizer name -> its options model.
 OPTIMIZER_CONFIGS: dict[str, type[OptimizerOptions]] = {
-    "cma_es": CmaEsOptions, "nevergrad": NevergradOptions, "m2n2": M2N2Options, "random": RandomOptions,
+    "cma_es": CmaEsOptions, "nevergrad": NevergradOptions, "m2n2": M2N2Options, "optuna": OptunaOptions,
+    "random": RandomOptions,
 }

@@ -7,6 +7,8 @@ declare capabilities (``OPTIMIZERS.names(having={"async_tell"})``):
 cma_es     CMA-ES (``cma`` package), full generation per update; single objective
 nevergrad  any optimizer of nevergrad's registry; async; multi-objective on request
 m2n2       natural niches (competition over per-example scores, attraction, SLERP)
+optuna     an Optuna sampler (TPE, GP, CMA-ES, NSGA-II/III, QMC, random); async; multi-objective on
+           request; exact state as JSON (``optuna`` extra)
 random     uniform sampling in the bounds (baseline)
 ========== =============================================================================
 """
@@ -57,6 +59,9 @@ OPTIMIZERS.register_lazy(
 )
 OPTIMIZERS.register_lazy(
     "m2n2", "evomerge.optim.m2n2:M2N2Optimizer", capabilities=(ASYNC_TELL, PER_EXAMPLE, SEGMENTS)
+)
+OPTIMIZERS.register_lazy(
+    "optuna", "evomerge.optim.optuna:OptunaOptimizer", capabilities=(ASYNC_TELL, MULTIOBJECTIVE)
 )
 OPTIMIZERS.register_lazy(
     "random", "evomerge.optim.random:RandomOptimizer", capabilities=(ASYNC_TELL, BASELINE)
