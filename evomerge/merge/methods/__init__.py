@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from evomerge.merge.methods import (  # noqa: F401  (imported to register)
     breadcrumbs,
+    consensus,
     dare,
     della,
+    iso_c,
     linear,
     model_stock,
     passthrough,
+    pcb,
     slerp,
     task_arithmetic,
     ties,
