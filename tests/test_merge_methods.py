@@ -25,10 +25,10 @@ RANDOMIZED = METHODS.names(having=["randomized"])
 EXPECTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough",
-    "consensus_ta", "consensus_ties", "pcb", "iso_c",
+    "consensus_ta", "consensus_ties", "pcb", "iso_c", "widen",
 }
 #: Methods mergekit lacks (``mergekit_name`` None: refused on export to mergekit YAML).
-NOT_IN_MERGEKIT = {"consensus_ta", "consensus_ties", "pcb", "iso_c"}
+NOT_IN_MERGEKIT = {"consensus_ta", "consensus_ties", "pcb", "iso_c", "widen"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -411,7 +411,7 @@ def test_passthrough_scale() -> None:
 
 # ----------------------------------------------------------------------------- half precision
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "slerp", "model_stock", "consensus_ta",
-                                  "consensus_ties", "pcb", "iso_c"])
+                                  "consensus_ties", "pcb", "iso_c", "widen"])
 def test_half_precision_is_computed_in_float32_and_rounded_once(name: str) -> None:
     n = n_models(name)
     base, deltas = inputs(n, shape=(40, 30), dtype=torch.bfloat16)

@@ -1,5 +1,5 @@
 """Merge methods from the literature without a mergekit equivalent: consensus merging with TALL masks
-(``consensus_ta`` / ``consensus_ties``), PCB-merging (``pcb``) and Iso-C (``iso_c``). Their defining
+(``consensus_ta`` / ``consensus_ties``), PCB-merging (``pcb``), Iso-C (``iso_c``) and WIDEN (``widen``). Their defining
 properties on small hand-computed cases, their refusal on export to mergekit YAML, and ``evomerge merge``
 of a recipe with each on the tiny test zoo. (The contract every method keeps is in test_merge_methods.py.)"""
 
@@ -18,7 +18,7 @@ from evomerge.merge.methods.pcb import balance_scores
 from evomerge.mergekit_compat import to_mergekit_yaml
 from evomerge.recipe import Recipe
 
-NEW = ["consensus_ta", "consensus_ties", "pcb", "iso_c"]
+NEW = ["consensus_ta", "consensus_ties", "pcb", "iso_c", "widen"]
 
 
 def run(name, base, deltas, sp=None, gp=None):
@@ -163,6 +163,51 @@ def test_iso_c_averages_tensors_that_are_not_matrices_or_not_isotropic() -> None
     assert not torch.allclose(run("iso_c", base2, d2), base2 + d2.mean(0))
 
 
+# ----------------------------------------------------------------------------- WIDEN
+def _pair_scores(r1: float, r2: float, calibration: float, threshold: float = 0.375) -> tuple[float, float]:
+    """Softmax over two models, calibrated above the threshold (the mean rank 0.375 of 4 columns, ratio 1)."""
+    z = math.exp(r1) + math.exp(r2)
+    return (calibration if r1 > threshold else math.exp(r1) / z,
+            calibration if r2 > threshold else math.exp(r2) / z)
+
+
+def test_widen_vector_parameters_hand_computed() -> None:
+    d = torch.stack([t(0.3, 0.0, 0.0, 0.1), t(0.0, 0.2, 0.0, 0.1)])
+    # mean |d_1| = 0.1: only entry 0 is above it; mean |d_2| = 0.075: entries 1 and 3; those get the calibration 2
+    out = run("widen", torch.zeros(4), d, {}, {"score_calibration_value": 2.0})
+    close(out, t(0.3 * 2, 0.2 * 2, 0.0, 0.1 * 0.5 + 0.1 * 2))
+
+
+def test_widen_matrix_hand_computed() -> None:
+    base = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    w1 = torch.tensor([[3.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.2, -0.05]])
+    w2 = torch.tensor([[1.0, 2.0, 1.5, 0.8], [0.5, 0.0, -0.3, 0.8]])
+    # magnitude changes: model 1 (2, .414, .2, .00125), model 2 (.118, 1, .530, .131);
+    # direction changes 1 - cos: model 1 (0, .293, 1, .00125), model 2 (.106, 0, .0194, .293); ranks / 4:
+    r_m = ([0.75, 0.5, 0.25, 0.0], [0.0, 0.75, 0.5, 0.25])
+    r_d = ([0.0, 0.5, 0.75, 0.25], [0.5, 0.0, 0.25, 0.75])
+    c = 1.5
+    weights = torch.zeros(2, 4)
+    for j in range(4):
+        sm = _pair_scores(r_m[0][j], r_m[1][j], c)
+        sd = _pair_scores(r_d[0][j], r_d[1][j], c)
+        weights[:, j] = 0.5 * (torch.tensor(sm) + torch.tensor(sd))
+    d = torch.stack([w1 - base, w2 - base])
+    expected = base + (d * weights[:, None, :]).sum(0)
+    close(run("widen", base, d, {}, {"score_calibration_value": c}), expected)
+    close(run("widen", base, d, {"weight": [0.5, 1.0]}, {"score_calibration_value": c}),
+          base + 0.5 * d[0] * weights[0] + d[1] * weights[1])
+
+
+def test_widen_single_model_is_itself_and_per_row_is_the_transposed_layout() -> None:
+    base, d = random(1, seed=7)
+    close(run("widen", base, d), base + d[0])  # one model: softmax 1, calibration 1
+    base, d = random(3, seed=8)
+    rows = run("widen", base.T.contiguous(), d.transpose(1, 2).contiguous(), {}, {"per_row": True})
+    close(rows.T, run("widen", base, d))
+    assert not torch.allclose(run("widen", base, d, {}, {"per_row": True}), run("widen", base, d))
+
+
 # ----------------------------------------------------------------------------- mergekit export, zoo merge
 @pytest.mark.parametrize("name", NEW)
 def test_export_to_mergekit_is_refused(name: str) -> None:
@@ -179,7 +224,8 @@ def test_cli_merges_the_zoo_with_each_method(zoo_test, tmp_path) -> None:
     base_sd = load_file(str(zoo_test.models["base"] / "model.safetensors"))
     expert_sds = [load_file(str(zoo_test.models[e] / "model.safetensors")) for e in experts]
     params = {"consensus_ta": {"k": 2}, "consensus_ties": {"k": 1}, "pcb": {"lambda": 1.0},
-              "iso_c": {"isotropic": {"embed": False, "lm_head": False, "default": True}}}
+              "iso_c": {"isotropic": {"embed": False, "lm_head": False, "default": True}},
+              "widen": {"per_row": {"embed": True, "default": False}}}
     runner = CliRunner()
     for name in NEW:
         recipe = Recipe.model_validate(dict(method=name, base_model="base", models=[{"model": e} for e in experts],
@@ -202,7 +248,7 @@ def test_cli_merges_the_zoo_with_each_method(zoo_test, tmp_path) -> None:
 
 # ----------------------------------------------------------------------------- search space genes
 SEARCHED_GLOBALS = {"consensus_ta": ["k", "lambda"], "consensus_ties": ["k", "lambda"], "pcb": ["lambda"],
-                    "iso_c": ["lambda"]}
+                    "iso_c": ["lambda"], "widen": ["above_average_value_ratio", "score_calibration_value"]}
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -19,6 +19,7 @@ from evomerge.merge.methods import (  # noqa: F401  (imported to register)
     slerp,
     task_arithmetic,
     ties,
+    widen,
 )
 from evomerge.merge.methods.base import METHODS, MergeFn, MergeMethod, ParamSpec, merge_method
 from evomerge.merge.methods.rng import tensor_generator, tensor_seed
