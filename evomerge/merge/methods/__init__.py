@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from evomerge.merge.methods import (  # noqa: F401  (imported to register)
     breadcrumbs,
+    consensus,
     dare,
     della,
+    iso_c,
     linear,
     model_stock,
     passthrough,
+    pcb,
     slerp,
     task_arithmetic,
     ties,
+    widen,
 )
 from evomerge.merge.methods.base import METHODS, MergeFn, MergeMethod, ParamSpec, merge_method
 from evomerge.merge.methods.rng import tensor_generator, tensor_seed

@@ -138,6 +138,17 @@ class MergeMethod:
 METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
+class _SameName:
+    """The type of :data:`SAME_NAME`."""
+
+    def __repr__(self) -> str:
+        return "SAME_NAME"
+
+
+#: ``merge_method``'s default ``mergekit_name``: mergekit knows the method by the same name.
+SAME_NAME = _SameName()
+
+
 #: A method's implementation: ``(base, deltas, resolved arguments, **extras) -> merged tensor``; ``extras`` are
 #: ``generator`` for randomized methods and ``orders`` for ``magnitude_orders`` methods.
 MergeImpl = Callable[..., torch.Tensor]
@@ -151,7 +162,7 @@ def merge_method(
     randomized: bool = False,
     min_models: int = 1,
     max_models: int | None = None,
-    mergekit_name: str | None = None,
+    mergekit_name: str | None | _SameName = SAME_NAME,
     fused: FusedPlanFn | None = None,
     magnitude_orders: bool = False,
 ) -> Callable[[MergeImpl], MergeFn]:
@@ -159,7 +170,9 @@ def merge_method(
 
     ``impl(base, deltas, args)`` receives the :class:`~evomerge.merge.methods.arguments.Arguments` resolved and
     checked for this call (shapes, model count, defaults, types), plus ``generator=`` (checked: a CPU
-    generator) when ``randomized`` and ``orders=`` when ``magnitude_orders``.
+    generator) when ``randomized`` and ``orders=`` when ``magnitude_orders``. ``mergekit_name`` is the
+    method's name in mergekit YAML: by default ``name``; ``None`` for a method mergekit lacks (its recipes
+    are then refused on export to mergekit YAML).
     """
 
     def deco(impl: MergeImpl) -> MergeFn:
@@ -198,7 +211,7 @@ def merge_method(
                 randomized=randomized,
                 min_models=min_models,
                 max_models=max_models,
-                mergekit_name=mergekit_name if mergekit_name is not None else name,
+                mergekit_name=name if isinstance(mergekit_name, _SameName) else mergekit_name,
                 doc=(impl.__doc__ or "").strip(),
                 capabilities=frozenset(caps),
                 fused=fused,
