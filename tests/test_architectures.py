@@ -446,8 +446,12 @@ def test_worker_hands_weight_loading_scorers_the_checkpoint_names(zoo, monkeypat
     from evomerge.errors import ScoreError
 
     seen: list[dict[str, torch.Tensor]] = []
+    bound: list[str] = []
 
     class Recorder:
+        def bind(self, model_dir):  # a state-dict scorer starts its engine on the reference folder
+            bound.append(str(model_dir))
+
         def score(self, model, *args, **kwargs):
             seen.append(model)
             raise ScoreError("recorded")
@@ -462,3 +466,4 @@ def test_worker_hands_weight_loading_scorers_the_checkpoint_names(zoo, monkeypat
     written = materialize_state_dict(_recipe(paths, "ties"))
     assert set(seen[0]) == set(written)
     assert all(torch.equal(seen[0][n], t) for n, t in written.items())
+    assert bound == [str(paths["base"])]
