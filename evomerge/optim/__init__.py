@@ -8,6 +8,7 @@ cma_es     CMA-ES (``cma`` package), full generation per update; single objectiv
 nevergrad  any optimizer of nevergrad's registry; async; multi-objective on request
 m2n2       natural niches (competition over per-example scores, attraction, SLERP)
 random     uniform sampling in the bounds (baseline)
+bo         Bayesian optimization (BoTorch GP, qLogNEI / qLogNEHVI); async; for tens of evaluations
 ========== =============================================================================
 """
 
@@ -60,4 +61,7 @@ OPTIMIZERS.register_lazy(
 )
 OPTIMIZERS.register_lazy(
     "random", "evomerge.optim.random:RandomOptimizer", capabilities=(ASYNC_TELL, BASELINE)
+)
+OPTIMIZERS.register_lazy(
+    "bo", "evomerge.optim.bo:BoOptimizer", capabilities=(ASYNC_TELL, MULTIOBJECTIVE)
 )
