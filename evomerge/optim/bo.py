@@ -102,7 +102,7 @@ class BoOptimizer(BaseOptimizer):
 
     **Cost per ask** with the default options at 30 told points, on 2 shared CPU cores (load ~4, one torch
     thread; an idle core is ~3-5x faster): ``gp`` 3-5 s at d = 8 and 6-9 s at d = 48 (the first fit from the
-    default start costs the most); ``saas`` 47-86 s at d = 8 (NUTS and JAX's compilation). Next to minutes of
+    default start costs the most); ``saas`` 47-86 s at d = 8 and 29-60 s at d = 48 (NUTS and JAX's compilation dominate). Next to minutes of
     GPU per evaluation both are small; ``refit_every``, ``raw_samples``, ``num_restarts``, ``acqf_maxiter`` and
     ``mc_samples`` buy speed where asks must be cheap.
 
