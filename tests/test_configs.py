@@ -51,7 +51,10 @@ def test_schema_shows_every_optimizers_options_by_name():
         model = defs[ref.rsplit("/", 1)[-1]]
         opts = defs[model["properties"]["options"]["$ref"].rsplit("/", 1)[-1]]
         options[model["properties"]["name"]["const"]] = opts["properties"]
-    assert set(options) == {"cma_es", "nevergrad", "m2n2", "optuna", "random"}
+    from evomerge.config.optimizers import OPTIMIZER_CONFIGS
+
+    assert set(options) == set(OPTIMIZER_CONFIGS) >= {"cma_es", "nevergrad", "m2n2", "random", "bo", "optuna"}
+    assert options["bo"]["model"]["enum"] == ["gp", "saas"] and options["bo"]["n_init"]["default"] is None
     assert options["optuna"]["sampler"]["default"] == "TPESampler" and "sampler_options" in options["optuna"]
     assert options["cma_es"]["sigma0"]["exclusiveMinimum"] == 0 and options["cma_es"]["sigma0"]["default"] == 0.2
     assert "archive_size" in options["m2n2"] and "num_workers" in options["nevergrad"]

@@ -61,6 +61,9 @@ CASES = {
     "m2n2": ("m2n2", {"archive_size": 4}, "builtin:segments"),  # scored on the choice suite
     "random": ("random", {}, "builtin:ties-per-layer"),
     "optuna": ("optuna", {"sampler": "TPESampler", "sampler_options": {"n_startup_trials": 3}}, "builtin:ties-per-layer"),
+    # three design points, then GP proposals (a cheap acquisition optimization keeps the case fast)
+    "bo": ("bo", {"n_init": 3, "raw_samples": 16, "num_restarts": 1, "acqf_maxiter": 15, "mc_samples": 16},
+           "builtin:ties-per-layer"),
     # warm start: the task-arithmetic grid is scored with the baselines, CMA-ES starts at the best weight
     "warm": ("cma_es", {"popsize": 4, "sigma0": 0.1, "x0_first": True}, "builtin:task-arithmetic-per-layer"),
 }

@@ -28,6 +28,8 @@ __all__ = [
     "NevergradOptions",
     "OPTIMIZER_CONFIGS",
     "OptimizerConfig",
+    "BoConfig",
+    "BoOptions",
     "OptimizerOptions",
     "OptunaOptions",
     "OPTUNA_SAMPLERS",
@@ -181,13 +183,43 @@ class RandomConfig(BaseModel):
     options: RandomOptions = RandomOptions()
 
 
+class BoOptions(OptimizerOptions):
+    n_init: int | None = Field(
+        None, ge=1, description="initial design: the space's start point, then scrambled Sobol points, this many in "
+                                "all before the GP proposes; unset: max(4, min(10, dim + 1))")
+    multiobjective: bool = Field(False, description="one GP per task and expected hypervolume improvement instead of "
+                                                    "one GP on the scalarized score (needs two or more tasks)")
+    model: Literal["gp", "saas"] = Field(
+        "gp", description="gp: SingleTaskGP with BoTorch's dimension-scaled lengthscale prior; saas: "
+                          "SaasFullyBayesianSingleTaskGP fitted by NUTS (for many genes; needs numpyro, slower)")
+    raw_samples: int = Field(256, ge=1, description="Sobol points the acquisition is evaluated at to pick restarts")
+    num_restarts: int = Field(8, ge=1, description="L-BFGS restarts of the acquisition optimization")
+    acqf_maxiter: int = Field(200, ge=1, description="L-BFGS iterations per restart of the acquisition optimization")
+    mc_samples: int = Field(128, ge=1, description="quasi-Monte-Carlo samples of the acquisition function")
+    sequential: bool = Field(False, description="ask(n): pick the n candidates one after the other, each with the "
+                                                "earlier ones pending (otherwise jointly, q = n)")
+    refit_every: int = Field(1, ge=1, description="gp: refit the hyperparameters once this many new successes "
+                                                  "arrived (in between the GP keeps the last ones)")
+    nuts_warmup: int = Field(128, ge=1, description="saas: NUTS warm-up steps")
+    nuts_samples: int = Field(64, ge=1, description="saas: NUTS samples drawn after warm-up")
+    nuts_thinning: int = Field(16, ge=1, description="saas: keep every this-many-th NUTS sample")
+
+
+class BoConfig(BaseModel):
+    """Bayesian optimization (BoTorch): GP and noisy expected (hypervolume) improvement; asynchronous."""
+
+    model_config = _FROZEN
+    name: Literal["bo"]
+    options: BoOptions = BoOptions()
+
+
 #: The ``optimizer:`` block: one optimizer's name and its typed options.
 OptimizerConfig = Annotated[
-    CmaEsConfig | NevergradConfig | M2N2Config | OptunaConfig | RandomConfig, Field(discriminator="name")
+    CmaEsConfig | NevergradConfig | M2N2Config | OptunaConfig | BoConfig | RandomConfig, Field(discriminator="name")
 ]
 
 #: Optimizer name -> its options model.
 OPTIMIZER_CONFIGS: dict[str, type[OptimizerOptions]] = {
     "cma_es": CmaEsOptions, "nevergrad": NevergradOptions, "m2n2": M2N2Options, "optuna": OptunaOptions,
-    "random": RandomOptions,
+    "bo": BoOptions, "random": RandomOptions,
 }

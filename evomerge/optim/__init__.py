@@ -10,6 +10,7 @@ m2n2       natural niches (competition over per-example scores, attraction, SLER
 optuna     an Optuna sampler (TPE, GP, CMA-ES, NSGA-II/III, QMC, random); async; multi-objective on
            request; exact state as JSON (``optuna`` extra)
 random     uniform sampling in the bounds (baseline)
+bo         Bayesian optimization (BoTorch GP, qLogNEI / qLogNEHVI); async; for tens of evaluations
 ========== =============================================================================
 """
 
@@ -65,4 +66,7 @@ OPTIMIZERS.register_lazy(
 )
 OPTIMIZERS.register_lazy(
     "random", "evomerge.optim.random:RandomOptimizer", capabilities=(ASYNC_TELL, BASELINE)
+)
+OPTIMIZERS.register_lazy(
+    "bo", "evomerge.optim.bo:BoOptimizer", capabilities=(ASYNC_TELL, MULTIOBJECTIVE)
 )
