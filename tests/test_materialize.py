@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from evomerge.cli import app
 from evomerge.errors import ConfigError, MaterializeError, SourceError, SourceMismatchError
 from evomerge.merge.materialize import InPlaceMerger, materialize_state_dict, materialize_to_disk
-from evomerge.merge.sources import ResidentSources
+from evomerge.merge.sources import ResidentSources, check_finite
 from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
 from evomerge.recipe import ModelEntry, Recipe
 from evomerge.testing.tokenizer import build_tokenizer
@@ -194,6 +194,21 @@ def test_mergekit_yaml_round_trip(family):
     a = materialize_state_dict(r, {str(v): v for v in family.values()})
     b = materialize_state_dict(back)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_finite_finds_every_nan_and_inf_and_only_them(dtype):
+    x = torch.linspace(-3, 3, 10_000).to(dtype)
+    check_finite("t", "m", x)
+    check_finite("t", "m", torch.arange(10))  # integers are not checked
+    big = torch.full((10_000,), torch.finfo(dtype).max / 2, dtype=dtype)  # finite, its sum overflows
+    assert not bool(torch.isfinite(big.sum()))
+    check_finite("t", "m", big)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        y = x.clone()
+        y[[17, 9000][: len(bad)]] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(MaterializeError, match="source 'm', tensor t: contains NaN or inf"):
+            check_finite("t", "m", y)
 
 
 def test_mergekit_export_of_linear_lists_the_base_with_weight_zero(family):
