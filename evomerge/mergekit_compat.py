@@ -143,6 +143,11 @@ def to_mergekit_yaml(
             {"model": path[m.model], **({"parameters": params(m.parameters)} if m.parameters else {})}
             for m in recipe.models
         ]
+        if recipe.method == "linear" and recipe.base_model and recipe.base_model not in {m.model for m in recipe.models}:
+            # evomerge's linear base only anchors the task vectors; mergekit averages its base_model in and
+            # refuses it without a weight, so it is listed with weight 0 (the same average, and the same
+            # config and tokenizer source)
+            doc["models"].append({"model": path[recipe.base_model], "parameters": {"weight": 0.0}})
     if recipe.base_model:
         doc["base_model"] = path[recipe.base_model]
     if recipe.parameters:

@@ -23,8 +23,18 @@ noise, float32 safetensors, deleted at the end), then measures:
   entries whose magnitude ties a top-k threshold are counted apart (mergekit's ``torch.topk`` keeps an
   implementation-defined subset of equal magnitudes, evomerge the lower indices).
 
+* **on existing models** (``--zoo DIR``: a zoo folder with ``base/`` and three expert folders, e.g. the real
+  zoo) — no synthetic sources and no in-place rows: for every method of ``--methods``, the merge to disk of
+  both tools as above, one recipe each; agreement entry by entry (for DARE with mergekit run through
+  ``experiments/mergekit_seeded.py``, which draws its masks from evomerge's per-tensor stream, and with
+  mergekit's own masks by the norm and direction of the merged deltas); that both outputs hold the same
+  tensors, load with transformers (output projection tied to the embedding) and generate; and the TIES stage
+  split and profile over the zoo's task vectors.
+
     python experiments/bench_merge.py --mergekit-bin /work/mkvenv/bin/mergekit-yaml --sorted-magnitudes
     python experiments/bench_merge.py --size small --repeats 2 --disk-repeats 1     # quick smoke run
+    python experiments/bench_merge.py --zoo /work/cache/realzoo-merge --build-real-zoo \
+        --mergekit-bin /work/mkvenv/bin/mergekit-yaml --threads 1 --results experiments/results/merge_real.md
 
 It prints a markdown report and writes it to ``experiments/results/bench_merge.md`` (``--results``).
 """
@@ -110,14 +120,15 @@ def build_sources(folder: Path, size: str, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def recipes(paths: dict[str, Path]) -> dict[str, Recipe]:
-    """3-source recipes with per-layer weights and densities (only the parameters each method reads)."""
-    weights = {"ft1": [0.2, 0.6], "ft2": [0.5, 0.3], "ft3": [0.4, 0.4, 0.8]}
-    densities = {"ft1": [0.3, 0.7], "ft2": [0.6, 0.4], "ft3": 0.5}
+def recipes(paths: dict[str, Path], deltas: tuple[str, ...] = DELTAS) -> dict[str, Recipe]:
+    """3-source recipes with per-layer weights and densities (only the parameters each method reads);
+    ``deltas`` names the three fine-tunes in ``paths`` (the base is ``base``)."""
+    weights = dict(zip(deltas, ([0.2, 0.6], [0.5, 0.3], [0.4, 0.4, 0.8]), strict=True))
+    densities = dict(zip(deltas, ([0.3, 0.7], [0.6, 0.4], 0.5), strict=True))
     out = {}
     for method, dense in [("ties", True), ("dare_ties", True), ("task_arithmetic", False), ("linear", False)]:
         models = [{"model": m, "parameters": {"weight": weights[m], **({"density": densities[m]} if dense else {})}}
-                  for m in DELTAS]
+                  for m in deltas]
         out[method] = Recipe.model_validate({
             "method": method, "models": models, "base_model": "base", "dtype": "float32", "seed": 7,
             "sources": {k: str(v) for k, v in paths.items()},
@@ -282,11 +293,13 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def threshold_ties(sources: ResidentSources, recipe: Recipe) -> dict[str, torch.Tensor]:
+def threshold_ties(sources: ResidentSources, recipe: Recipe, nonzero: bool = False) -> dict[str, torch.Tensor]:
     """Per tensor, the flat entries where a task vector's magnitude equals its exact top-k threshold.
 
     Which of several equal magnitudes at the threshold are kept is defined by evomerge (lower index first) but
-    implementation-defined in mergekit (``torch.topk``): outputs may differ there and only there.
+    implementation-defined in mergekit (``torch.topk``): outputs may differ there and only there. With
+    ``nonzero``, ties at a threshold of 0 are left out: a zero entry kept or dropped changes no output (a
+    fine-tune leaves the embedding rows of tokens it never saw exactly at the base).
     """
     from evomerge.merge.materialize import MergePlan
     from evomerge.merge.methods.sparsify import kth_smallest
@@ -302,7 +315,9 @@ def threshold_ties(sources: ResidentSources, recipe: Recipe) -> dict[str, torch.
         for i, density in enumerate(tp.sp.get("density", [])):
             if density < 1:
                 mag = flat[i].abs()
-                tie |= mag == kth_smallest(mag, m - max(1, int(density * m)) + 1)
+                threshold = kth_smallest(mag, m - max(1, int(density * m)) + 1)
+                if not (nonzero and float(threshold) == 0):
+                    tie |= mag == threshold
         out[name] = tie
     return out
 
@@ -311,8 +326,12 @@ def agreement(a: Path, b: Path, ties: dict[str, torch.Tensor]) -> dict:
     """Compare two output folders entry by entry, apart from and at the threshold ties."""
     ta, tb = read_folder(a), read_folder(b)
     res = {"only": sorted(set(ta) ^ set(tb)), "max": 0.0, "max_outside": 0.0, "bad": 0, "bad_outside": 0,
-           "ties": 0, "same": True, "entries": 0}
+           "ties": 0, "same": True, "entries": 0, "mismatch": [], "where": []}
     for n in sorted(set(ta) & set(tb)):
+        if (ta[n].dtype, ta[n].shape) != (tb[n].dtype, tb[n].shape):
+            res["mismatch"].append(f"{n}: {ta[n].dtype} {tuple(ta[n].shape)} vs {tb[n].dtype} {tuple(tb[n].shape)}")
+            res["same"] = False
+            continue
         x, y = ta[n].float().reshape(-1), tb[n].float().reshape(-1)
         tie = ties.get(n, torch.zeros(x.numel(), dtype=torch.bool))
         diff = (x - y).abs()
@@ -321,15 +340,28 @@ def agreement(a: Path, b: Path, ties: dict[str, torch.Tensor]) -> dict:
         res["max_outside"] = max(res["max_outside"], float(diff[~tie].max()) if bool((~tie).any()) else 0.0)
         res["bad"] += int(bad.sum())
         res["bad_outside"] += int((bad & ~tie).sum())
+        for i in torch.nonzero(bad & ~tie).view(-1)[: max(0, 5 - len(res["where"]))].tolist():
+            res["where"].append((n, i, float(x[i]), float(y[i])))  # the first differing entries away from ties
         res["ties"] += int(tie.sum())
         res["entries"] += x.numel()
         res["same"] &= torch.equal(ta[n], tb[n])
     return res
 
 
-def bench_disk(work: Path, recipe: Recipe, args: argparse.Namespace, shard_bytes: int) -> dict:
-    """Time and memory of ``evomerge merge`` (default shards, and shards of ``shard_bytes``) and, when
-    available, ``mergekit-yaml`` on ``recipe``; each tool's import-only cost is measured alike."""
+SEEDED = "mergekit (evomerge's masks)"  # mergekit run through experiments/mergekit_seeded.py
+
+
+def bench_disk(work: Path, recipe: Recipe, args: argparse.Namespace, shard_bytes: int | None,
+               imports: dict[tuple[str, ...], dict] | None = None) -> dict:
+    """Time and memory of ``evomerge merge`` (default shards, and shards of ``shard_bytes`` unless None) and,
+    when available, ``mergekit-yaml`` on ``recipe``; each tool's import-only cost is measured alike (once per
+    command line in ``imports``, which is filled in).
+
+    For a randomized method (DARE) mergekit runs seeded from the recipe's seed (``--random-seed``), and also
+    as :data:`SEEDED`: through ``experiments/mergekit_seeded.py``, which draws mergekit's masks from
+    evomerge's per-tensor stream, so that its output compares with evomerge's entry by entry."""
+    from evomerge.merge.methods import METHODS
+
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if args.disk_threads:
         env["OMP_NUM_THREADS"] = str(args.disk_threads)
@@ -337,15 +369,21 @@ def bench_disk(work: Path, recipe: Recipe, args: argparse.Namespace, shard_bytes
     (work / "mergekit.yaml").write_text(to_mergekit_yaml(recipe))
     evo = [sys.executable, "-m", "evomerge.cli", "merge", str(work / "recipe.yaml")]
     evo_imports = [sys.executable, "-c", "import evomerge.cli, evomerge.merge.materialize"]
-    mb = -(-shard_bytes // 10**6)
-    tools = {"evomerge": (lambda out: [*evo, "--out", str(out)], evo_imports),
-             f"evomerge --shard-size {mb}MB": (lambda out: [*evo, "--out", str(out), "--shard-size", f"{mb}MB"],
-                                               evo_imports)}
+    tools = {"evomerge": (lambda out: [*evo, "--out", str(out)], evo_imports)}
+    if shard_bytes is not None:
+        mb = -(-shard_bytes // 10**6)
+        tools[f"evomerge --shard-size {mb}MB"] = (
+            lambda out: [*evo, "--out", str(out), "--shard-size", f"{mb}MB"], evo_imports)
     res: dict = {"skipped": None, "threads": args.disk_threads, "tools": []}
     mk = args.mergekit_bin
     if mk and Path(mk).is_file():
-        tools["mergekit"] = (lambda out: [mk, str(work / "mergekit.yaml"), str(out)],
-                             [str(Path(mk).parent / "python"), "-c", "import mergekit.scripts.run_yaml, mergekit.merge"])
+        mk_python = str(Path(mk).parent / "python")
+        mk_imports = [mk_python, "-c", "import mergekit.scripts.run_yaml, mergekit.merge"]
+        seed = ["--random-seed", str(recipe.seed)] if METHODS.get(recipe.method).randomized else []
+        tools["mergekit"] = (lambda out: [mk, str(work / "mergekit.yaml"), str(out), *seed], mk_imports)
+        if seed:
+            tools[SEEDED] = (lambda out: [mk_python, str(ROOT / "experiments" / "mergekit_seeded.py"), "--seed",
+                                          str(recipe.seed), str(work / "mergekit.yaml"), str(out)], mk_imports)
     else:
         res["skipped"] = "no --mergekit-bin given" if not mk else f"{mk} not found"
     runs: dict[str, list[dict]] = {t: [] for t in tools}
@@ -356,7 +394,7 @@ def bench_disk(work: Path, recipe: Recipe, args: argparse.Namespace, shard_bytes
             runs[tool].append(run_measured(cmd(out), env))
             print(f"  {tool} run {r + 1}: {runs[tool][-1]['s']:.2f}s, peak RSS {runs[tool][-1]['rss'] / MiB:.0f} MiB",
                   flush=True)
-    imports: dict[tuple[str, ...], dict] = {}
+    imports = {} if imports is None else imports
     for k, (tool, (_, imp)) in enumerate(tools.items()):
         if tuple(imp) not in imports:
             imports[tuple(imp)] = min((run_measured(imp, env) for _ in range(2)), key=lambda x: x["s"])
@@ -364,6 +402,211 @@ def bench_disk(work: Path, recipe: Recipe, args: argparse.Namespace, shard_bytes
                      **{key: max(x[key] for x in runs[tool]) for key in ("rss", "anon", "file")}}
         res["tools"].append(tool)
     return res
+
+
+# ----------------------------------------------------------------------------------------- existing models
+def real_merge_size():  # -> evomerge.testing.real.RealSize
+    """The real zoo cut to what a merge comparison needs: the whole 30-layer SmolLM2-135M-Instruct as the base
+    and genuine full fine-tunes of it, but 4 AdamW steps per expert (batch 16, lr 5e-5), no multitask steps
+    and 4 examples per task and split for the reference table (~6 min on 2 cores instead of ~27)."""
+    from evomerge.testing.real import RealSize
+
+    return RealSize(name="merge-bench", num_layers=None, batch_size=16, expert_steps=4, expert_lr=5e-5,
+                    multitask_steps=0, multitask_lr=5e-5, eval_examples=4, eval_batch_size=12)
+
+
+def zoo_sources(zoo: Path) -> tuple[dict[str, Path], tuple[str, ...]]:
+    """``base`` and three experts of a zoo folder: the manifest's experts (``zoo.json``), else the first three
+    ``expert_*`` folders by name."""
+    if (zoo / "zoo.json").is_file():
+        experts = tuple(json.loads((zoo / "zoo.json").read_text())["experts"].values())
+    else:
+        experts = tuple(sorted(p.name for p in zoo.glob("expert_*") if p.is_dir()))
+    if len(experts) < 3 or not (zoo / "base").is_dir():
+        raise SystemExit(f"--zoo {zoo}: needs base/ and three expert folders, found {list(experts)}")
+    return {"base": zoo / "base", **{e: zoo / e for e in experts[:3]}}, experts[:3]
+
+
+def delta_stats(a: Path, b: Path, base: Path) -> dict[str, float]:
+    """Norms of ``a - base`` and ``b - base`` over every shared tensor, and their cosine."""
+    ta, tb, t0 = read_folder(a), read_folder(b), read_folder(base)
+    aa = bb = ab = 0.0
+    for n in sorted(set(ta) & set(tb) & set(t0)):
+        x, y = (ta[n].double() - t0[n].double()).reshape(-1), (tb[n].double() - t0[n].double()).reshape(-1)
+        aa, bb, ab = aa + float(x @ x), bb + float(y @ y), ab + float(x @ y)
+    return {"a": aa**0.5, "b": bb**0.5, "cos": ab / max((aa * bb) ** 0.5, 1e-300)}
+
+
+def real_prompts() -> list[str]:
+    """The first test prompt of each skill of ``builtin:real`` (fitness/real/)."""
+    return [json.loads((ROOT / "fitness" / "real" / f"{s}.test.jsonl").read_text().splitlines()[0])["prompt"]
+            for s in ("add", "order", "unit")]
+
+
+def load_and_generate(folder: Path, prompts: list[str], max_new_tokens: int = 12) -> dict:
+    """Load ``folder`` with transformers (model and tokenizer), greedy-generate from each prompt; the
+    last-position logits of each prompt, whether the output projection is the input embedding, the chat
+    template and the files of the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out: dict = {"files": sorted(p.name for p in folder.iterdir()), "tokens": [], "text": [], "logits": [],
+                 "tied": model.get_output_embeddings().weight.data_ptr()
+                 == model.get_input_embeddings().weight.data_ptr(),
+                 "chat_template": tok.chat_template, "dtype": str(next(model.parameters()).dtype),
+                 "config": json.loads((folder / "config.json").read_text())}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            out["logits"].append(model(ids).logits[0, -1])
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            out["tokens"].append(gen[0, ids.shape[1]:].tolist())
+            out["text"].append(tok.decode(out["tokens"][-1], skip_special_tokens=True))
+    return out
+
+
+def zoo_main(args: argparse.Namespace) -> int:
+    """``--zoo DIR``: merge to disk with both tools on a zoo's models, one recipe per method; compare."""
+    from evomerge.merge.methods import METHODS
+
+    if args.build_real_zoo:
+        from evomerge.testing.real import build_real_zoo
+
+        t0 = time.perf_counter()
+        build_real_zoo(args.zoo, size=real_merge_size(), seed=0)  # returns at once when already built
+        print(f"real zoo in {args.zoo} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    paths, experts = zoo_sources(args.zoo)
+    recs = recipes(paths, experts)
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
+    set_cache_dir(work / "kernels")
+    try:
+        with ModelFolder.open(paths["base"]) as ref:
+            infos = [ref.info(n) for n in ref.tensor_names]
+            largest, model_bytes = max(i.nbytes for i in infos), sum(i.nbytes for i in infos)
+            tied, n_layers, names = ref.tied_embeddings, ref.num_layers, list(ref.tensor_names)
+        config = json.loads((paths["base"] / "config.json").read_text())
+        src = ResidentSources.load(paths, "base", list(experts))
+        n_params = sum(b.numel() for b in src.base.values())
+        ties = threshold_ties(src, recs["ties"]) if "ties" in args.methods else {}
+        ties_nz = threshold_ties(src, recs["ties"], nonzero=True) if "ties" in args.methods else {}
+        manifest = json.loads((args.zoo / "zoo.json").read_text()) if (args.zoo / "zoo.json").is_file() else {}
+        head = [f"- sources: `{args.zoo}`: base + {', '.join(experts)} ({config.get('architectures')}, "
+                f"{n_layers} layers, hidden {config.get('hidden_size')}, {config.get('num_attention_heads')} heads / "
+                f"{config.get('num_key_value_heads')} KV heads, vocab {config.get('vocab_size')}, tied embeddings "
+                f"{tied}); {len(names)} tensors, {n_params / 1e6:.1f}M parameters, {model_bytes / 1e6:.0f} MB per "
+                f"model ({infos[0].dtype})"
+                + (f"; zoo size preset {json.dumps(manifest['size'])}, steps {manifest.get('steps')}" if manifest else ""),
+                "- recipes: 3 experts, per-layer weights (and densities for ties / dare_ties) as in the synthetic "
+                "benchmark, `dtype: float32`, seed 7; mergekit gets the same recipe from `to_mergekit_yaml`", ""]
+        imports: dict[tuple[str, ...], dict] = {}
+        rows, notes, checks = [], [], []
+        prompts = real_prompts()
+        base_gen = load_and_generate(paths["base"], prompts)
+        for method in args.methods:
+            mwork = work / method
+            mwork.mkdir()
+            print(f"{method}:", flush=True)
+            res = bench_disk(mwork, recs[method], args, None, imports)
+            e = res["evomerge"]
+            evo_gen = load_and_generate(e["out"], prompts)
+            checks.append((method, "evomerge", evo_gen))
+            if res["skipped"]:
+                rows.append([method, " / ".join(f"{t:.2f}" for t in e["times"]), "—", "—", f"{e['rss'] / MiB:.0f}",
+                             *["—"] * 8])
+                shutil.rmtree(mwork, ignore_errors=True)
+                continue
+            m = res["mergekit"]
+            randomized = METHODS.get(method).randomized
+            ref_tool = SEEDED if randomized else "mergekit"
+            tie = ties if method == "ties" else {}
+            g = agreement(e["out"], res[ref_tool]["out"], tie)
+            nz = agreement(e["out"], res[ref_tool]["out"], ties_nz)["bad_outside"] if method == "ties" else None
+            mk_gen = load_and_generate(res[ref_tool]["out"], prompts)
+            checks.append((method, ref_tool, mk_gen))
+            logit_diff = max(float((a - b).abs().max()) for a, b in zip(evo_gen["logits"], mk_gen["logits"],
+                                                                          strict=True))
+            same_tokens = evo_gen["tokens"] == mk_gen["tokens"]
+            rows.append([method, " / ".join(f"{t:.2f}" for t in e["times"]),
+                         " / ".join(f"{t:.2f}" for t in m["times"]), f"**{min(m['times']) / min(e['times']):.2f}**",
+                         f"{e['rss'] / MiB:.0f} ({e['anon'] / MiB:.0f} / {e['file'] / MiB:.0f})",
+                         f"{m['rss'] / MiB:.0f} ({m['anon'] / MiB:.0f} / {m['file'] / MiB:.0f})",
+                         f"**{e['rss'] / m['rss']:.2f}**", ref_tool,
+                         f"{g['max']:.2e}", f"{g['bad']} of {g['entries']}",
+                         f"{g['ties']} / {sum(int(t.sum()) for t in ties_nz.values())}" if method == "ties" else "—",
+                         f"{g['bad_outside']}" + (f" / {nz}" if nz is not None else ""), g["same"]])
+            notes.append(f"- {method}: tensor names {'identical' if not g['only'] else 'differ: ' + str(g['only'])}"
+                         f" ({g['entries']} entries){'; dtype/shape differ: ' + str(g['mismatch']) if g['mismatch'] else ''}"
+                         f"; last-position logits of the 3 prompts, evomerge vs {ref_tool}: max abs diff "
+                         f"{logit_diff:.2e}; greedy tokens identical: {same_tokens}"
+                         + ("; first entries differing away from ties (tensor, flat index, evomerge, "
+                            f"{ref_tool}): {g['where']}" if g["where"] else ""))
+            if randomized:
+                ds = delta_stats(e["out"], m["out"], paths["base"])
+                dsame = delta_stats(e["out"], res[SEEDED]["out"], paths["base"])
+                gp = agreement(e["out"], m["out"], {})
+                notes.append(
+                    f"  - {method}, mergekit's own masks (`--random-seed {recs[method].seed}`, "
+                    f"{' / '.join(f'{t:.2f}' for t in m['times'])} s; {SEEDED}: "
+                    f"{' / '.join(f'{t:.2f}' for t in res[SEEDED]['times'])} s, peak RSS "
+                    f"{res[SEEDED]['rss'] / MiB:.0f} MiB): {gp['bad']} of {gp['entries']} entries differ from "
+                    f"evomerge's (max abs diff {gp['max']:.2e}); merged-delta norm ||out - base|| evomerge "
+                    f"{ds['a']:.4f}, mergekit {ds['b']:.4f} (ratio {ds['b'] / ds['a']:.4f}), cosine of the two "
+                    f"merged deltas {ds['cos']:.4f} (with evomerge's masks: {dsame['cos']:.6f})")
+            shutil.rmtree(mwork, ignore_errors=True)
+        imp_rows = [[" ".join(Path(c).name if i == 0 else c for i, c in enumerate(k)), f"{v['s']:.2f}",
+                     f"{v['rss'] / MiB:.0f}"] for k, v in imports.items()]
+        lines = ["## Merge to disk on the zoo's models (subprocess, end to end, "
+                 f"OMP_NUM_THREADS={args.disk_threads or 'tool default'})", "",
+                 f"Runs alternate between the tools ({args.disk_repeats} per tool); peak RSS from `/usr/bin/time -v` "
+                 "(max over runs), with the peaks of its anonymous and file-backed (memory-mapped sources) parts "
+                 f"sampled every 10 ms; one model is {model_bytes / MiB:.0f} MiB, the largest tensor "
+                 f"{largest / MiB:.0f} MiB. Agreement compares every entry of the two outputs (allclose rtol 1e-5, "
+                 "atol 1e-7); for ties, entries whose magnitude ties a top-k threshold are counted apart (all / "
+                 "those at a nonzero threshold, the only ones that can change an output), and 'outside ties' "
+                 "counts differing entries away from them (all ties / nonzero ties). For dare_ties the entry-"
+                 f"by-entry comparison is with {SEEDED} (`experiments/mergekit_seeded.py`: mergekit's code, with "
+                 "`torch.bernoulli` drawing from evomerge's per-tensor generator); mergekit's own masks are "
+                 "compared below by the norm and direction of the merged deltas.", ""]
+        lines += fmt_table(["method", "evomerge s (runs)", "mergekit s (runs)", "mergekit ÷ evomerge",
+                            "evomerge peak RSS MiB (anon / file)", "mergekit peak RSS MiB (anon / file)",
+                            "evomerge ÷ mergekit RSS",
+                            "compared with", "max abs diff", "entries outside allclose", "ties (all / nonzero)",
+                            "outside ties", "bit-identical"], rows)
+        lines += ["", "Import-only cost (the same interpreter importing the tool and exiting, best of 2):", ""]
+        lines += fmt_table(["command", "s", "peak RSS MiB"], imp_rows)
+        lines += ["", "Checks:", "", *notes]
+        lines += ["", f"Loading with transformers and generating (greedy, 12 new tokens) from {prompts}:", ""]
+        crow = [["base (source)", base_gen["tied"], base_gen["dtype"], " \| ".join(repr(t) for t in base_gen["text"]),
+                 "—", "—"]]
+        for method, tool, gen in checks:
+            cfg_diff = sorted(k for k in set(gen["config"]) | set(base_gen["config"])
+                              if gen["config"].get(k) != base_gen["config"].get(k))
+            crow.append([f"{method}: {tool}", gen["tied"], gen["dtype"], " \| ".join(repr(t) for t in gen["text"]),
+                         ", ".join(f for f in gen["files"] if not f.endswith(".safetensors")),
+                         ", ".join(cfg_diff) or "none"])
+        lines += fmt_table(["model", "lm_head is embed_tokens", "dtype", "generated", "files besides shards",
+                            "config.json keys differing from the base's"], crow)
+        chat = {tool: gen["chat_template"] == base_gen["chat_template"] for _, tool, gen in checks}
+        lines += ["", f"Chat template the same as the base's: {chat}."]
+        if args.profile and "ties" in args.methods:
+            model = live_model(config)
+            t0 = time.perf_counter()
+            InPlaceMerger(src, model).apply(recs["ties"])  # compiles the fused kernels, outside the profile
+            lines += ["", f"In-place TIES: first merge (compiles the fused kernels) {time.perf_counter() - t0:.1f}s, "
+                          f"then {min(best_of(lambda: InPlaceMerger(src, model).apply(recs['ties']), 2, 0)):.2f}s "
+                          "(best of 2); the profile below is of a merge after those."]
+            lines += ties_section(src, model, recs["ties"], args)
+        text = "\n".join(["# Merge benchmark on existing models (`experiments/bench_merge.py --zoo`)", "",
+                          *machine_lines(args), *head, *lines]) + "\n"
+        print("\n" + text)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(text)
+        print(f"wrote {args.results}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -456,7 +699,8 @@ def disk_section(res: dict, model_bytes: int, largest: int, n_sources: int, ties
                   f"allclose(rtol 1e-5, atol 1e-7), {g['bad_outside']} of them away from the {g['ties']} entries "
                   f"whose magnitude ties a top-k threshold (kept set implementation-defined in mergekit); away "
                   f"from those entries max abs diff {g['max_outside']:.2e}; bit-identical {g['same']}"
-                  + (f"; tensors in one output only: {g['only']}" if g["only"] else "") + "."]
+                  + (f"; tensors in one output only: {g['only']}" if g["only"] else "")
+                  + (f"; dtype or shape differs: {g['mismatch']}" if g["mismatch"] else "") + "."]
     return lines
 
 
@@ -488,6 +732,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eager", dest="eager", action="store_false",
                    help="skip the rows that time the eager methods (fused kernels off)")
     p.add_argument("--workdir", type=Path, default=None, help="where to build the sources (default: a temp dir)")
+    p.add_argument("--zoo", type=Path, default=None,
+                   help="merge to disk on the models of this zoo folder (base/ and three expert folders) instead of "
+                        "building synthetic sources: every method of --methods, evomerge against mergekit, with "
+                        "checks that the outputs load and generate (no in-place rows; the TIES profile unless "
+                        "--no-profile)")
+    p.add_argument("--build-real-zoo", action="store_true",
+                   help="with --zoo: first build (or reuse) a real zoo there, the whole SmolLM2-135M-Instruct and "
+                        "experts of 4 fine-tuning steps (real_merge_size; needs evomerge[real])")
     p.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "bench_merge.md")
     args = p.parse_args(argv)
     args.default_threads = torch.get_num_threads()
@@ -499,6 +751,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.zoo is not None:
+        return zoo_main(args)
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
     set_cache_dir(work / "kernels")  # compiled kernels live and die with the work folder
     try:

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from evomerge.cli import app
 from evomerge.errors import ConfigError, MaterializeError, SourceError, SourceMismatchError
 from evomerge.merge.materialize import InPlaceMerger, materialize_state_dict, materialize_to_disk
-from evomerge.merge.sources import ResidentSources
+from evomerge.merge.sources import ResidentSources, check_finite
 from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
-from evomerge.recipe import Recipe
+from evomerge.recipe import ModelEntry, Recipe
 from evomerge.testing.tokenizer import build_tokenizer
 
 
@@ -194,6 +194,40 @@ def test_mergekit_yaml_round_trip(family):
     a = materialize_state_dict(r, {str(v): v for v in family.values()})
     b = materialize_state_dict(back)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_finite_finds_every_nan_and_inf_and_only_them(dtype):
+    x = torch.linspace(-3, 3, 10_000).to(dtype)
+    check_finite("t", "m", x)
+    check_finite("t", "m", torch.arange(10))  # integers are not checked
+    big = torch.full((10_000,), torch.finfo(dtype).max / 2, dtype=dtype)  # finite, its sum overflows
+    assert not bool(torch.isfinite(big.sum()))
+    check_finite("t", "m", big)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        y = x.clone()
+        y[[17, 9000][: len(bad)]] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(MaterializeError, match="source 'm', tensor t: contains NaN or inf"):
+            check_finite("t", "m", y)
+
+
+def test_mergekit_export_of_linear_lists_the_base_with_weight_zero(family):
+    # mergekit averages a linear merge's base_model in and refuses it without a weight ("Missing required
+    # parameter weight"); evomerge's linear base only anchors the task vectors, i.e. weight 0
+    r = _recipe(family, "linear")
+    doc = yaml.safe_load(to_mergekit_yaml(r))
+    assert doc["base_model"] == str(family["base"])
+    assert [m["model"] for m in doc["models"]] == [str(family[m]) for m in ("a", "b", "c", "base")]
+    assert doc["models"][-1]["parameters"] == {"weight": 0.0}
+    assert all("weight" in m["parameters"] for m in doc["models"])
+    a = materialize_state_dict(r)
+    b = materialize_state_dict(from_mergekit_yaml(to_mergekit_yaml(r)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a recipe whose base is listed among its models is exported as written
+    listed = r.model_copy(update={"models": (*r.models, ModelEntry(model="base", parameters={"weight": 0.2}))})
+    assert [m["model"] for m in yaml.safe_load(to_mergekit_yaml(listed))["models"]].count(str(family["base"])) == 1
+    # other methods keep the base as base_model only
+    assert str(family["base"]) not in [m["model"] for m in yaml.safe_load(to_mergekit_yaml(_recipe(family)))["models"]]
 
 
 def test_mergekit_refuses_what_it_cannot_express():

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from evomerge.errors import ConfigError, MaterializeError
 from evomerge.merge.methods import METHODS, tensor_generator, tensor_seed
+from evomerge.merge.methods import sparsify as sparsify_module
 from evomerge.merge.methods.sparsify import kth_smallest, largest_mask, smallest_mask, sparsify
 
 DATA = Path(__file__).parent / "data"
@@ -430,7 +431,7 @@ def _data(kind: str, m: int) -> torch.Tensor:
         return torch.randn(m, generator=g).abs()
     if kind == "few_values":
         return torch.randint(0, 7, (m,), generator=g).float()
-    if kind == "strided":  # the strided sample sees only the large values: exercises the exact fallback
+    if kind == "strided":  # large values at a regular stride
         x = torch.rand(m, generator=g)
         x[:: m // 16384] += 10
         return x
@@ -442,6 +443,36 @@ def test_kth_smallest_is_exact(kind: str) -> None:
     x = _data(kind, 300_000)
     ordered = torch.sort(x).values
     for r in (1, 17, 150_000, 299_000, 300_000):
+        assert torch.equal(kth_smallest(x, r), ordered[r - 1])
+
+
+def test_kth_smallest_sample_does_not_alias_with_the_row_length(monkeypatch) -> None:
+    # columns of different scales (as in a fine-tune's update of an embedding matrix), and a row length that
+    # divides m // _SAMPLE: a strided sample would see column 0 only and fall back to a full kthvalue
+    rows, cols = 32768, 64
+    x = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(5)) * torch.arange(1, cols + 1)).reshape(-1)
+    m = x.numel()
+    assert (m // sparsify_module._SAMPLE) % cols == 0
+    sizes = []
+    kthvalue = torch.kthvalue
+
+    def spy(t, r, *args, **kwargs):
+        sizes.append(t.numel())
+        return kthvalue(t, r, *args, **kwargs)
+
+    ordered = torch.sort(x).values
+    monkeypatch.setattr(torch, "kthvalue", spy)
+    for r in (m // 10, m // 2, m - m // 3):
+        assert torch.equal(kth_smallest(x, r), ordered[r - 1])
+    assert sizes and max(sizes) < m // 20  # the band around the threshold, never the whole tensor
+
+
+def test_kth_smallest_is_exact_when_the_sample_misses(monkeypatch) -> None:
+    x = _data("sorted", 300_000)
+    ordered = torch.sort(x).values
+    # a sample of the smallest values only brackets nothing above them: the exact fallback answers
+    monkeypatch.setattr(sparsify_module, "_sample_index", lambda m, device: torch.arange(sparsify_module._SAMPLE))
+    for r in (1, 150_000, 300_000):
         assert torch.equal(kth_smallest(x, r), ordered[r - 1])
 
 

@@ -191,6 +191,11 @@ class ResidentSources:
 
 
 def check_finite(name: str, model: str, tensor: torch.Tensor) -> None:
-    """:class:`MaterializeError` naming source ``model`` and tensor ``name`` if a float tensor holds NaN/inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """:class:`MaterializeError` naming source ``model`` and tensor ``name`` if a float tensor holds NaN/inf.
+
+    A finite sum proves every entry finite (a NaN or an inf makes the sum NaN or inf) in one pass without
+    allocating; only a non-finite sum (also a finite tensor whose sum overflows) is checked entry by entry.
+    """
+    if (tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum()))
+            and not bool(torch.isfinite(tensor).all())):
         raise MaterializeError(f"source {model!r}, tensor {name}: contains NaN or inf weights")

@@ -81,6 +81,18 @@ def fitting_orders(
     return orders
 
 
+def _sample_index(m: int, device: torch.device) -> torch.Tensor:
+    """``_SAMPLE`` flat indices into ``m`` entries, uniform with replacement, from a fixed seed.
+
+    A strided sample ``x[::m // _SAMPLE]`` aliases with a matrix's row length when the stride is a multiple
+    of it (for a 49152 x 576 embedding the stride is 3 x 576: every sampled entry lies in column 0); it then
+    brackets the threshold of a few columns rather than of the tensor, and :func:`kth_smallest` falls back to
+    a full ``torch.kthvalue``. Only the speed depends on the sample, never the result.
+    """
+    gen = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(m, (_SAMPLE,), generator=gen).to(device)
+
+
 def kth_smallest(x: torch.Tensor, r: int) -> torch.Tensor:
     """The ``r``-th smallest value (1-based) of the 1-D tensor ``x``, exactly, as a 0-d tensor."""
     m = x.numel()
@@ -88,8 +100,7 @@ def kth_smallest(x: torch.Tensor, r: int) -> torch.Tensor:
         raise ValueError(f"rank {r} outside 1..{m}")
     if m <= _DIRECT:
         return torch.kthvalue(x, r).values
-    step = m // _SAMPLE
-    sample = torch.sort(x[::step]).values
+    sample = torch.sort(x[_sample_index(m, x.device)]).values
     s = sample.numel()
     q = r / m
     margin = 4.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
