@@ -383,50 +383,6 @@ def test_nan_weights_are_a_score_error_and_the_engine_recovers(tiny_report, tiny
     _assert_same(tiny_report["results"]["after_nan"]["scores"], tiny_hf["base"], "after_nan")
 
 
-# -- the zoo --------------------------------------------------------------------------------------
-
-ZOO_SUBSET = 64
-
-
-def _zoo_dirs(manifest: Any) -> dict[str, Path]:
-    """The zoo's model folders by name (``base``, ``expert_<skill>``, ...) from its manifest."""
-    models = manifest["models"] if isinstance(manifest, dict) else manifest.models
-    return {name: Path(getattr(m, "path", m)) for name, m in models.items()}
-
-
-@pytest.fixture(scope="module")
-def zoo_pair(zoo_test: Any) -> dict[str, Path]:
-    dirs = _zoo_dirs(zoo_test)
-    expert = sorted(name for name in dirs if name.startswith("expert_"))[0]
-    return {"base": dirs["base"], expert: dirs[expert]}
-
-
-@pytest.fixture(scope="module")
-def zoo_report(vllm_python: Path, zoo_pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    expert = next(name for name in zoo_pair if name != "base")
-    spec = {
-        "base": str(zoo_pair["base"]),
-        "suite": "builtin:zoo",
-        "subset": ZOO_SUBSET,
-        "swaps": [[expert, str(zoo_pair[expert])]],
-    }
-    return run_engine(vllm_python, tmp_path_factory.mktemp("vllm-zoo"), spec)
-
-
-@pytest.mark.vllm
-def test_zoo_greedy_scores_equal_the_hf_scorers_for_base_and_expert(zoo_pair, zoo_report) -> None:
-    results = zoo_report["results"]
-    assert zoo_report["engine_kept"]
-    means = {}
-    for name, folder in zoo_pair.items():
-        expected = hf_scores(folder, "builtin:zoo", subset=ZOO_SUBSET)
-        _assert_same(results[name]["scores"], expected, name)
-        means[name] = {task: float(np.mean(s)) for task, s in expected.items()}
-    expert = next(name for name in zoo_pair if name != "base")
-    skill = expert.removeprefix("expert_")
-    assert means[expert][skill] > means["base"][skill], means
-
-
 # -- the real model ------------------------------------------------------------------------------
 
 
