@@ -129,7 +129,7 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])  # more kills at more moments: experiments/kill_soak.py
+@pytest.mark.parametrize("seed", [1])  # more kills at more moments, on more seeds: experiments/kill_soak.py
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_path, seed):
     """The driver's process SIGKILLed at seeded random moments of a multi-fidelity run (promotions, test
     re-scoring), resumed after each kill; tests/test_resume_exact.py covers every optimizer in-process."""

@@ -26,7 +26,7 @@ TEST_OPTIONS = {"bo": {"raw_samples": 16, "num_restarts": 1, "acqf_maxiter": 15,
 RACE_BUDGET = {"bo": 30}
 #: Seeds of the race, and tells of the other contract runs, for optimizers whose every ask fits a model (a GP):
 #: fewer, still past the initial design, so each property is checked in the model-based phase too.
-RACE_SEEDS = {"bo": 3}
+RACE_SEEDS = {"bo": 2}
 SHORT_RUN = {"bo": 20}
 
 
