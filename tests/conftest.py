@@ -9,6 +9,10 @@
   ``real_base_loader`` reads the GGUF base at most once per session.
 * ``real_agreement``: suites for comparing scorers on the ``real-test`` zoo's base with its real tokenizer (see
   :func:`real_agreement`).
+* Under pytest-xdist (the README's ``-n 2``) the zoos are built once for all workers: their session folder is
+  the run's shared temporary folder (the builds lock their folder, so a second worker waits and then reads
+  the first one's zoo), and each worker runs torch on one thread so that the workers do not oversubscribe
+  the cores.
 """
 
 from __future__ import annotations
@@ -28,6 +32,32 @@ if TYPE_CHECKING:
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
 
+#: Set by pytest-xdist in its worker processes ("gw0", "gw1", ...).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if XDIST_WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def _zoo_root(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a session builds a zoo: ``$EVOMERGE_ZOO_CACHE``, else the run's temporary folder (shared by all
+    xdist workers of the run, whose builds lock the zoo's folder), else a session temporary folder."""
+    cache = os.environ.get("EVOMERGE_ZOO_CACHE")
+    if cache:
+        return Path(cache).expanduser()
+    if XDIST_WORKER:
+        shared = tmp_path_factory.getbasetemp().parent / name
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp(name)
+
 
 @pytest.fixture
 def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
@@ -44,8 +74,7 @@ def zoo_test(tmp_path_factory: pytest.TempPathFactory) -> ZooManifest:
     """The ``test``-size zoo (seed 0), from ``$EVOMERGE_ZOO_CACHE`` or a session temporary folder."""
     from evomerge.testing.zoo import build_zoo
 
-    cache = os.environ.get("EVOMERGE_ZOO_CACHE")
-    root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("zoo")
+    root = _zoo_root(tmp_path_factory, "zoo")
     return build_zoo(root / "test-seed0", size="test", seed=0)
 
 
@@ -79,8 +108,7 @@ def real_zoo_test(
     ``$EVOMERGE_ZOO_CACHE`` or a session temporary folder; the GGUF file is read only when it is (re)built."""
     from evomerge.testing.real import build_real_zoo
 
-    cache = os.environ.get("EVOMERGE_ZOO_CACHE")
-    root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("realzoo")
+    root = _zoo_root(tmp_path_factory, "realzoo")
     return build_real_zoo(root / "real-test-seed0", "real-test", 0, load_base=real_base_loader)
 
 
