@@ -87,6 +87,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     _ensure_zoo(cfg)
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
     check_mergeable(folders, vocab=True)
+    checks.check_cluster(cfg)
     tokenizer_source = effective_source(cfg.tokenizer_source, [vocab_rows(f) for f in folders.values()])
     suite = load_suite(cfg.fitness.suite).select(cfg.fitness.tasks)
     tasks = list(suite.names)
