@@ -91,6 +91,13 @@ class ResourcesConfig(BaseModel):
     )
     device: str = "auto"
     dtype: Literal[DType, "auto"] = "auto"
+    placement: Literal["auto", "device", "host", "mmap"] = Field(
+        default="auto",
+        description="where each worker keeps its sources: device (fastest), host (host memory, pinned for a GPU, "
+                    "streamed to the device tensor by tensor with the copies overlapped with merging), mmap (read "
+                    "from the safetensors files at each merge; the last resort); auto: the first whose memory plan "
+                    "fits (`evomerge plan` shows each placement's resident bytes). Same recipe, same bits in each",
+    )
     eval_timeout_s: float | None = Field(default=None, gt=0)
     threads_per_worker: int | None = Field(default=None, ge=1)
     sorted_magnitude_cache: bool | Literal["auto"] = Field(
