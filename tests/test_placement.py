@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from evomerge.driver.plan import GiB, Memory, Setup, Shapes, choose_placement, compute
+from evomerge.driver.plan import GiB, Memory, Setup, Shapes, choose_placement, compute, suggest
 from evomerge.merge.kernels import fused_kernels
 from evomerge.merge.materialize import InPlaceMerger
 from evomerge.merge.sources import ResidentSources
@@ -101,6 +101,7 @@ def test_the_plan_shows_each_placements_resident_bytes_and_auto_takes_the_first_
     assert choose_placement(shapes, _setup("device"), ample) == "device"
     small_gpu = Memory(14 * GiB, 14 * GiB, "assumed", 100 * GiB, 100 * GiB)
     assert compute(shapes, _setup("device"), small_gpu).fits is False
+    assert suggest(compute(shapes, _setup("device"), small_gpu)).startswith("resources.placement: host")
     assert choose_placement(shapes, _setup("device"), small_gpu) == "host"
     small_host = Memory(14 * GiB, 14 * GiB, "assumed", 10 * GiB, 100 * GiB)
     assert choose_placement(shapes, _setup("device"), small_host) == "mmap"

@@ -406,14 +406,16 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
 def _changes(setup: Setup, shapes: Shapes) -> list[tuple[str, Setup]]:
     """Single changes to try, smallest first: (the config change, its setup)."""
     out: list[tuple[str, Setup]] = []
+    # another placement changes no result, only the merge's speed: host (a copy per merge) before any change that
+    # alters results or the search; mmap (the files read at each merge) only when nothing else fits (suggest)
     later = PLACEMENTS[PLACEMENTS.index(setup.placement) + 1:] if setup.placement in PLACEMENTS else ()
-    for placement in later:
-        if placement == "host" and setup.device == "cpu":
-            continue  # one memory on a CPU
-        note = "sources in pinned host memory, streamed" if placement == "host" else "sources read from the files"
-        out.append((f"resources.placement: {placement} ({note})", replace(setup, placement=placement)))
+    moves = {p: (f"resources.placement: {p} (" + ("sources in pinned host memory, streamed" if p == "host"
+                                                   else "sources read from the files") + ")",
+                 replace(setup, placement=p)) for p in later if not (p == "host" and setup.device == "cpu")}
     if setup.orders:
         out.append(("resources.sorted_magnitude_cache: false", replace(setup, orders=False)))
+    if "host" in moves:
+        out.append(moves["host"])
     if setup.dtype == torch.float32:
         out.append(("resources.dtype: bfloat16", replace(setup, dtype=torch.bfloat16)))
     if setup.device == "cuda" and setup.workers_per_device > 1:
@@ -433,7 +435,20 @@ def _changes(setup: Setup, shapes: Shapes) -> list[tuple[str, Setup]]:
 
 
 def suggest(plan: Plan) -> str | None:
-    """The smallest change that makes ``plan`` fit: one change, else the changes above combined in order."""
+    """The smallest change that makes ``plan`` fit: one change, else the changes above combined in order, else
+    the same with the sources read from the files (``resources.placement: mmap``, the last resort)."""
+    found = _suggest(plan)
+    if found is not None or plan.setup.placement == "mmap":
+        return found
+    mmap = compute(plan.shapes, replace(plan.setup, placement="mmap"), plan.memory)
+    text = "resources.placement: mmap (sources read from the files)"
+    if mmap.fits:
+        return f"{text}: {mmap.verdict()}"
+    more = _suggest(mmap)
+    return None if more is None else f"{text} and {more}"
+
+
+def _suggest(plan: Plan) -> str | None:
     if plan.fits is not False:
         return None
     changes = _changes(plan.setup, plan.shapes)
