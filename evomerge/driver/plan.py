@@ -111,6 +111,8 @@ class Shapes:
 
 #: Built-in model shapes for planning without the weights (``--shapes-from``): the released models' configs.
 SHAPES: dict[str, dict[str, Any]] = {
+    "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False),
     "llama-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
