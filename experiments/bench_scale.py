@@ -220,7 +220,9 @@ def stream_section(args: argparse.Namespace) -> list[str]:
         lines += [
             "On a CPU the host is the device: the host placement copies nothing (the same code path, the copy a "
             "no-op), so its candidate time matches the device placement's, and the ratio compares how fast the merge "
-            "consumes the sources with a plain host-to-host copy of the same memory, on the threads given. It is not "
+            "consumes the sources with a plain host-to-host copy of the same memory, on the threads given (a copy reads "
+            "and writes each byte; task arithmetic reads the base and each task vector and writes one tensor, so it "
+            "can consume source bytes faster than a copy moves them: a ratio above 1 here is no overlap). It is not "
             "the GPU figure the goal (>= 0.6) is about: there the bandwidth is the pinned host-to-device copy and the "
             "ratio says how much of it the overlapped merge keeps. That needs a GPU run of this script.", "",
         ]
