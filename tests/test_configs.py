@@ -134,3 +134,18 @@ def test_pool_backends_come_from_the_registry():
         ResourcesConfig(backend="slurm")
     pool = POOLS.get("local")(lambda: "worker", ResourcesConfig())
     assert isinstance(pool, LocalPool) and pool.evaluator == "worker" and pool.free() == 1
+
+
+def test_custom_resources_per_worker_places_ray_workers_only():
+    from pydantic import ValidationError
+
+    from evomerge.config.models import ResourcesConfig
+
+    ok = ResourcesConfig(backend="ray", custom_resources_per_worker={"merge_worker": 1})
+    assert ok.custom_resources_per_worker == {"merge_worker": 1}
+    with pytest.raises(ValidationError, match="backend 'local' runs one worker in this process"):
+        ResourcesConfig(custom_resources_per_worker={"merge_worker": 1})
+    with pytest.raises(ValidationError, match=r"\['GPU'\] are not custom resources"):
+        ResourcesConfig(backend="ray", custom_resources_per_worker={"GPU": 1})
+    with pytest.raises(ValidationError, match="finite and > 0"):
+        ResourcesConfig(backend="ray", custom_resources_per_worker={"merge_worker": 0})

@@ -32,7 +32,9 @@ def _config(zoo: Any, tmp_path: Path, template: str = "builtin:ties-per-layer", 
         "name": "plan", "output_dir": str(tmp_path / "runs"), "sources": sources, "base_model": "base",
         "space": {"template": template}, "fitness": {"suite": "builtin:zoo", "scorer": "hf"},
         "budget": {"evaluations": 2},
-        "resources": {"device": "cpu", "dtype": "float32", "threads_per_worker": 1, **resources},
+        # the arithmetic of sources on the device (placement auto would move them to fit: test_placement.py)
+        "resources": {"device": "cpu", "dtype": "float32", "threads_per_worker": 1, "placement": "device",
+                      **resources},
     }
 
 

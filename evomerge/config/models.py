@@ -84,8 +84,20 @@ class ResourcesConfig(BaseModel):
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
     address: str | None = Field(default=None, description="join this Ray cluster (ray backend)")
+    custom_resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker needs besides its CPUs and GPUs (ray backend), e.g. "
+                    "{merge_worker: 1} to place workers only on the nodes started with that resource",
+    )
     device: str = "auto"
     dtype: Literal[DType, "auto"] = "auto"
+    placement: Literal["auto", "device", "host", "mmap"] = Field(
+        default="auto",
+        description="where each worker keeps its sources: device (fastest), host (host memory, pinned for a GPU, "
+                    "streamed to the device tensor by tensor with the copies overlapped with merging), mmap (read "
+                    "from the safetensors files at each merge; the last resort); auto: the first whose memory plan "
+                    "fits (`evomerge plan` shows each placement's resident bytes). Same recipe, same bits in each",
+    )
     eval_timeout_s: float | None = Field(default=None, gt=0)
     threads_per_worker: int | None = Field(default=None, ge=1)
     sorted_magnitude_cache: bool | Literal["auto"] = Field(
@@ -102,6 +114,24 @@ class ResourcesConfig(BaseModel):
         if v not in POOLS:
             raise ValueError(f"unknown pool backend {v!r}; valid names: {', '.join(POOLS.names())}")
         return v
+
+    @field_validator("custom_resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = [k for k in v if k in ("CPU", "GPU", "memory", "object_store_memory")]
+        if builtin:
+            raise ValueError(f"{builtin} are not custom resources; use cpus_per_worker / gpus_per_worker")
+        bad = {k: x for k, x in v.items() if not (x == x and 0 < x < float("inf"))}
+        if bad:
+            raise ValueError(f"amounts must be finite and > 0, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ResourcesConfig:
+        if self.custom_resources_per_worker and self.backend not in POOLS.names(having=("distributed",)):
+            raise ValueError(f"custom_resources_per_worker places Ray workers; backend {self.backend!r} runs one "
+                             "worker in this process (use backend: ray)")
+        return self
 
 
 class FidelityConfig(BaseModel):

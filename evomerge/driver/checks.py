@@ -4,6 +4,8 @@
   N + 1 devices, ``mps`` needs Metal), unless the workers run on a Ray cluster joined by ``address``;
 * ``output_dir`` must be a folder that exists or can be created, and that can be written to (probed with a
   temporary folder that is removed at once, so nothing is left behind);
+* on a Ray cluster joined by ``resources.address``, every node that can hold a worker must be able to open
+  every source folder (:func:`~evomerge.driver.pool.check_cluster_sources`, which names the node and the path);
 * ``fidelity.subset`` must be smaller than some task's calibration split, or the cheap evaluation is the
   full one; a task whose split is not larger than the subset is scored whole, with a warning.
 
@@ -23,7 +25,7 @@ from evomerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_device", "check_output_dir", "check_subset"]
+__all__ = ["check_cluster", "check_device", "check_output_dir", "check_subset"]
 
 _DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -58,6 +60,16 @@ def check_device(cfg: RunConfig) -> None:
         raise ConfigError(f"resources.device: {res.device!r} is not supported ({_DEVICES})")
     if not available():
         raise ConfigError(f"resources.device: {res.device!r} is not available on this machine; use cpu (or auto)")
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    """On a Ray cluster (``resources.address``): every worker node sees every source folder."""
+    res = cfg.resources
+    if res.backend != "ray" or not res.address:
+        return
+    from evomerge.driver.pool import check_cluster_sources
+
+    check_cluster_sources(res, dict(cfg.sources))
 
 
 def check_output_dir(cfg: RunConfig) -> None:

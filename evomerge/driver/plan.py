@@ -17,6 +17,12 @@ A worker keeps everything on its one device (:mod:`evomerge.driver.worker`):
   with magnitude orders, the sort of the largest task vector at load (an int64 index and a value per entry);
 * on CUDA, the process's CUDA context (:data:`CUDA_CONTEXT_BYTES`, an estimate).
 
+``resources.placement`` (:mod:`evomerge.merge.placement`) moves the sources: ``host`` keeps the reference, the task
+vectors and the magnitude orders in (pinned) host memory, and the device holds two tensors' worth of them at a
+time (:data:`STREAM_BUFFERS`, the double buffer); ``mmap`` keeps none of them, the device holds one tensor's
+reference and task vectors at a time, and the page cache is not counted. ``auto`` takes the first of device,
+host, mmap whose plan fits (device when the memory is unknown). On a CPU, host and device are one memory.
+
 Not counted: the scorer's activations, which grow with ``fitness.batch_size`` and the suite's sequence lengths.
 
 Everything is read from the sources' safetensors headers (shapes and dtypes; no weights) or, with
@@ -38,10 +44,13 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
+from evomerge.merge.placement import PLACEMENTS
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
+#: The parts that are the resident sources (where the placement keeps them).
+SOURCE_PARTS = ("reference weights", "task vectors", "magnitude orders")
 #: Merge workspace in units of the largest tensor (see the module docstring).
 WORKSPACE_FACTOR = 4
 #: Bytes per entry of the transient sort that builds a magnitude order (int64 index + value) at load.
@@ -52,6 +61,8 @@ CUDA_CONTEXT_BYTES = GiB // 2
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
 #: vLLM's key/value cache on a CPU (the vllm scorer's ``kv_cache_gib`` default), in GiB.
 VLLM_CPU_KV_GIB = 1.0
+#: Tensors of the sources the ``host`` placement holds on the device at once (the one merging, the one copying).
+STREAM_BUFFERS = 2
 
 
 # -- the tensors of a model ------------------------------------------------------------------------------
@@ -100,6 +111,8 @@ class Shapes:
 
 #: Built-in model shapes for planning without the weights (``--shapes-from``): the released models' configs.
 SHAPES: dict[str, dict[str, Any]] = {
+    "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False),
     "llama-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -193,6 +206,7 @@ class Setup:
     workers_per_host: int | None  # None: the workers' hosts are not this one (a Ray cluster)
     gpus_per_worker: float = 0
     kv_cpu_bytes: int = int(VLLM_CPU_KV_GIB * GiB)
+    placement: str = "device"  # where the sources are kept (merge/placement.py)
 
 
 @dataclass(frozen=True)
@@ -216,6 +230,20 @@ class Plan:
     @property
     def per_worker(self) -> int:
         return sum(p.bytes or 0 for p in self.parts)
+
+    @property
+    def resident(self) -> int:
+        """Bytes of the sources (reference, task vectors, magnitude orders) a worker keeps, wherever it keeps them."""
+        kept = self.parts if self.setup.placement == "device" or self.setup.device == "cpu" else self.host_parts
+        return sum(p.bytes or 0 for p in kept if p.name in SOURCE_PARTS)
+
+    def where(self) -> str:
+        """The placement and where its resident bytes are: ``placement host: 45.0 GiB in pinned host memory``."""
+        s = self.setup
+        at = {"device": f"on {s.device}", "host": "in host memory" if s.device == "cpu" else "in pinned host memory",
+              "mmap": "(none: read from the safetensors files at each merge)"}[s.placement]
+        return f"placement {s.placement}: sources {fmt(self.resident)} {at}" if s.placement != "mmap" \
+            else f"placement mmap: sources {at}"
 
     @property
     def device_need(self) -> int | None:
@@ -268,14 +296,14 @@ class Plan:
 
     def summary(self) -> str:
         parts = ", ".join(f"{p.name} {fmt(p.bytes)}" for p in self.parts if p.bytes != 0)
-        return f"memory plan per worker on {self.setup.device}: {parts}; {self.verdict()}"
+        return f"memory plan per worker on {self.setup.device} ({self.where()}): {parts}; {self.verdict()}"
 
     def table(self) -> Any:
         from rich.table import Table
 
         s = self.setup
         title = (f"memory plan: {self.shapes.label}, {s.n_deltas} task vector(s), {dtype_name(s.dtype)}, "
-                 f"scorer {s.scorer}, {s.workers} worker(s), {s.workers_per_device} per device")
+                 f"scorer {s.scorer}, {s.workers} worker(s), {s.workers_per_device} per device; {self.where()}")
         table = Table(title=title, title_justify="left")
         table.add_column("part")
         table.add_column("bytes per worker", justify="right")
@@ -321,13 +349,27 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
     el = _bytes(setup.dtype)
     n = setup.n_deltas
     live = shapes.live_entries * el
-    parts = [
+    orders = setup.orders and setup.placement != "mmap"
+    sources = [
         Part("reference weights", shapes.entries * el, f"{len(shapes.tensors)} tensors"),
         Part("task vectors", n * shapes.entries * el, f"{n} x reference"),
-        Part("magnitude orders", 4 * n * shapes.entries if setup.orders else 0,
-             "int32 per task-vector entry" if setup.orders else "off"),
-        Part("live model", live, "tied head counted once" if shapes.tied else ""),
+        Part("magnitude orders", 4 * n * shapes.entries if orders else 0,
+             "int32 per task-vector entry" if orders else "off"),
     ]
+    host_sources: list[Part] = []
+    if setup.placement == "device" or (setup.placement == "host" and setup.device == "cpu"):
+        parts = list(sources)
+    else:  # on the device: the tensors in flight only
+        group = (n + 1) * shapes.largest * el + (4 * n * shapes.largest if orders else 0)
+        if setup.placement == "host":
+            host_sources = [replace(p, note=f"{p.note}, pinned" if p.note != "off" else "off") for p in sources]
+            moved = Part("stream buffers", STREAM_BUFFERS * group,
+                         f"{STREAM_BUFFERS} x the largest tensor's reference + task vectors (double buffer)")
+        else:
+            moved = Part("read buffers", group, "the largest tensor's reference + task vectors, read from the files")
+        parts = [replace(p, bytes=0, note="in host memory" if setup.placement == "host" else "not resident")
+                 for p in sources] + [moved]
+    parts.append(Part("live model", live, "tied head counted once" if shapes.tied else ""))
     if setup.scorer == "vllm":
         if setup.device == "cuda":
             weights = shapes.live_entries * 2  # vLLM's 'auto' dtype on a GPU is 16-bit
@@ -338,12 +380,12 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
         else:
             parts.append(Part("vLLM engine weights", shapes.live_entries * 4, "float32 on a CPU"))
             parts.append(Part("vLLM KV cache", setup.kv_cpu_bytes, "kv_cache_gib"))
-    work = WORKSPACE_FACTOR * shapes.largest * el + (ORDER_SORT_BYTES * shapes.largest if setup.orders else 0)
+    work = WORKSPACE_FACTOR * shapes.largest * el + (ORDER_SORT_BYTES * shapes.largest if orders else 0)
     parts.append(Part("merge workspace", work, f"{WORKSPACE_FACTOR} x largest tensor"
-                                                + (" + its sort at load" if setup.orders else "")))
+                                                + (" + its sort at load" if orders else "")))
     if setup.device == "cuda":
         parts.append(Part("CUDA context", CUDA_CONTEXT_BYTES, "estimate"))
-    host = [Part("live model staging", live, "from_pretrained loads on the host, then moves")]
+    host = [*host_sources, Part("live model staging", live, "from_pretrained loads on the host, then moves")]
     plan = Plan(shapes, setup, memory, parts, host)
     if setup.scorer == "vllm" and setup.device == "cuda":
         weights, kv = (p.bytes for p in parts if p.name.startswith("vLLM"))
@@ -366,8 +408,16 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
 def _changes(setup: Setup, shapes: Shapes) -> list[tuple[str, Setup]]:
     """Single changes to try, smallest first: (the config change, its setup)."""
     out: list[tuple[str, Setup]] = []
+    # another placement changes no result, only the merge's speed: host (a copy per merge) before any change that
+    # alters results or the search; mmap (the files read at each merge) only when nothing else fits (suggest)
+    later = PLACEMENTS[PLACEMENTS.index(setup.placement) + 1:] if setup.placement in PLACEMENTS else ()
+    moves = {p: (f"resources.placement: {p} (" + ("sources in pinned host memory, streamed" if p == "host"
+                                                   else "sources read from the files") + ")",
+                 replace(setup, placement=p)) for p in later if not (p == "host" and setup.device == "cpu")}
     if setup.orders:
         out.append(("resources.sorted_magnitude_cache: false", replace(setup, orders=False)))
+    if "host" in moves:
+        out.append(moves["host"])
     if setup.dtype == torch.float32:
         out.append(("resources.dtype: bfloat16", replace(setup, dtype=torch.bfloat16)))
     if setup.device == "cuda" and setup.workers_per_device > 1:
@@ -387,7 +437,20 @@ def _changes(setup: Setup, shapes: Shapes) -> list[tuple[str, Setup]]:
 
 
 def suggest(plan: Plan) -> str | None:
-    """The smallest change that makes ``plan`` fit: one change, else the changes above combined in order."""
+    """The smallest change that makes ``plan`` fit: one change, else the changes above combined in order, else
+    the same with the sources read from the files (``resources.placement: mmap``, the last resort)."""
+    found = _suggest(plan)
+    if found is not None or plan.setup.placement == "mmap":
+        return found
+    mmap = compute(plan.shapes, replace(plan.setup, placement="mmap"), plan.memory)
+    text = "resources.placement: mmap (sources read from the files)"
+    if mmap.fits:
+        return f"{text}: {mmap.verdict()}"
+    more = _suggest(mmap)
+    return None if more is None else f"{text} and {more}"
+
+
+def _suggest(plan: Plan) -> str | None:
     if plan.fits is not False:
         return None
     changes = _changes(plan.setup, plan.shapes)
@@ -398,7 +461,7 @@ def suggest(plan: Plan) -> str | None:
     # combine: every change that is not a source count, then drop sources one by one
     combined, texts = plan.setup, []
     for text, setup in changes:
-        if "source(s) fewer" in text or ("per GPU" in text and texts and "per GPU" in texts[-1]) \
+        if "source(s) fewer" in text or "placement" in text or ("per GPU" in text and texts and "per GPU" in texts[-1]) \
                 or ("fewer workers" in text and texts and "fewer workers" in texts[-1]):
             continue
         combined = _merge(combined, setup, plan.setup)
@@ -460,13 +523,15 @@ def magnitude_cache(cfg: RunConfig, method: str | None, device: torch.device, en
 def plan_run(
     cfg: RunConfig, *, shapes: Shapes | None = None, assume_gpu_memory: int | None = None,
     reference: str | None = None, orders: bool | None = None, memory: Memory | None = None,
+    placement: str | None = None,
 ) -> Plan:
     """The memory plan of run ``cfg`` (see the module docstring).
 
     ``shapes``: the reference's tensors (default: read from its folder's headers); ``assume_gpu_memory``: plan
     for CUDA workers on a GPU of that many bytes; ``reference`` / ``orders``: as the preflight resolved them
     (default: ``base_model`` or the first source, and :func:`magnitude_cache` for the space's method);
-    ``memory``: the memory available (default: :func:`probe_memory`).
+    ``memory``: the memory available (default: :func:`probe_memory`); ``placement``: as the preflight resolved
+    it (default: ``resources.placement``, ``auto`` chosen by :func:`choose_placement`).
     """
     from evomerge.driver.worker import resolve_device, resolve_dtype
 
@@ -497,9 +562,26 @@ def plan_run(
         gpus_per_worker=res.gpus_per_worker,
         kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
     )
-    plan = compute(shapes, setup, memory or probe_memory(device, assume_gpu_memory))
+    memory = memory or probe_memory(device, assume_gpu_memory)
+    placement = placement or res.placement
+    setup = replace(setup, placement=choose_placement(shapes, setup, memory) if placement == "auto" else placement)
+    plan = compute(shapes, setup, memory)
     plan.suggestion = suggest(plan)
     return plan
+
+
+def choose_placement(shapes: Shapes, setup: Setup, memory: Memory) -> str:
+    """``resources.placement: auto``: the first of device, host, mmap whose plan fits; device when none is known to
+    fit (unknown memory never moves the sources off the device, and a plan that fits nowhere is refused as such)."""
+    for placement in PLACEMENTS:
+        if placement == "host" and setup.device == "cpu":
+            continue
+        fits = compute(shapes, replace(setup, placement=placement), memory).fits
+        if fits is None:
+            return "device"
+        if fits:
+            return placement
+    return "device"
 
 
 def _folder_shapes(cfg: RunConfig, reference: str) -> Shapes:

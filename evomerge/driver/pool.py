@@ -4,6 +4,12 @@ The backends are registered by name in :data:`evomerge.pools.POOLS` (``local_poo
 
 Results are handed back in completion order, never through an ordered ``map``: a slow candidate does not
 hold up the others. Only this module and ``worker.py`` know about Ray, and Ray is imported lazily.
+
+On a Ray cluster (``resources.address``) the worker actors are spread over the nodes that have the resources
+one needs (``cpus_per_worker``, ``gpus_per_worker``, ``custom_resources_per_worker``), so that losing a node
+loses as few workers as possible. A job whose worker died (its process, or its whole node) is run again on a
+fresh worker, wherever the cluster places it; each result is reported once. Before any work,
+:func:`check_cluster_sources` asks every node that can hold a worker whether it can open every source folder.
 """
 
 from __future__ import annotations
@@ -116,14 +122,85 @@ def ray_pool(make_evaluator: Callable[[], Evaluator], resources: Any) -> RayPool
     init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
              num_gpus=None, temp_dir=None)
     return RayPool(make_evaluator, res.workers, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-                   timeout_s=res.eval_timeout_s)
+                   resources=dict(res.custom_resources_per_worker), timeout_s=res.eval_timeout_s)
+
+
+#: Seconds each node has to answer the source check of :func:`check_cluster_sources`.
+NODE_CHECK_TIMEOUT_S = 120.0
+
+
+def worker_nodes(nodes: list[dict[str, Any]], *, cpus: float, gpus: float, custom: dict[str, float]) -> list[dict]:
+    """The alive nodes of ``ray.nodes()`` whose total resources can hold one worker."""
+    need = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+    return [n for n in nodes if n.get("Alive") and all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items())]
+
+
+def node_label(node: dict[str, Any]) -> str:
+    """``ADDRESS (id 1a2b3c4d5e6f)``: how errors name a Ray node."""
+    return f"{node.get('NodeManagerAddress', '?')} (id {str(node.get('NodeID', '?'))[:12]})"
+
+
+def check_cluster_sources(resources: Any, sources: dict[str, str]) -> None:
+    """Join the cluster at ``resources.address`` and check on every node that can hold a worker that it can open
+    every source folder (its headers are read, no weights); a
+    :class:`~evomerge.errors.ConfigError` names the first node and the source paths it cannot open.
+
+    Nodes that join later (an autoscaling cluster) are not checked: a worker there that cannot read a source fails
+    to start, and its jobs are retried and then reported failed with the loader's error.
+    """
+    from evomerge.errors import ConfigError
+
+    ray = init_ray(address=resources.address, num_cpus=None, num_gpus=None, temp_dir=None)
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = worker_nodes(ray.nodes(), cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker,
+                         custom=dict(resources.custom_resources_per_worker))
+    if not nodes:
+        log.warning("resources.address: no node of the cluster has the resources of one worker yet; the source "
+                    "folders are checked by the workers when they start")
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_unreadable_sources)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sources)
+            for n in nodes]
+    for node, ref in zip(nodes, refs, strict=True):
+        try:
+            problems = ray.get(ref, timeout=NODE_CHECK_TIMEOUT_S)
+        except GetTimeoutError:
+            raise ConfigError(f"resources.address: node {node_label(node)} did not answer the source check within "
+                              f"{NODE_CHECK_TIMEOUT_S:.0f} s") from None
+        except RayError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"resources.address: the source check failed on node {node_label(node)}: "
+                              f"{first}") from None
+        if problems:
+            listed = "; ".join(f"{name!r}: {why if path in why else f'{path}: {why}'}" for name, path, why in problems)
+            raise ConfigError(f"sources: node {node_label(node)} cannot read {len(problems)} source folder(s) "
+                              f"({listed}); every node that runs workers must see the same paths")
+    log.info("every source folder is readable on the %d worker node(s) of the cluster", len(nodes))
+
+
+def _unreadable_sources(sources: dict[str, str]) -> list[tuple[str, str, str]]:
+    """On one node: ``(name, path, why)`` for each source folder this node cannot open (headers read, no weights)."""
+    from evomerge.errors import EvomergeError
+    from evomerge.io import ModelFolder
+
+    out = []
+    for name, path in sources.items():
+        try:
+            ModelFolder.open(path).close()
+        except (EvomergeError, OSError) as exc:
+            out.append((name, path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    return out
 
 
 class RayPool:
     """``size`` Ray actors, each holding its sources resident; jobs go to free actors.
 
-    A job whose actor dies is resubmitted to a fresh actor (at most ``MAX_RETRIES`` times) and the actor is
-    replaced; a job running past ``timeout_s`` is reported failed and its actor replaced.
+    A job whose actor dies (its process, or the node it ran on) is resubmitted to a fresh actor (at most
+    ``MAX_RETRIES`` times) and the actor is replaced; a job running past ``timeout_s`` is reported failed and
+    its actor replaced. Actors are spread over the nodes (Ray's ``SPREAD`` strategy) and need ``resources``
+    (custom Ray resources) besides their CPUs and GPUs.
     """
 
     def __init__(
@@ -133,6 +210,7 @@ class RayPool:
         *,
         num_cpus: float = 1,
         num_gpus: float = 0,
+        resources: dict[str, float] | None = None,
         timeout_s: float | None = None,
     ) -> None:
         import ray
@@ -140,7 +218,8 @@ class RayPool:
         self.ray = ray
         self.size = size
         self.timeout_s = timeout_s
-        self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_ActorWorker)
+        self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                     max_restarts=0, scheduling_strategy="SPREAD")(_ActorWorker)
         self._make = make_evaluator
         self.idle: list[Any] = [self._spawn(i) for i in range(size)]
         self.running: dict[Any, tuple[Any, Job, float]] = {}
@@ -174,7 +253,13 @@ class RayPool:
         self._next_actor += 1
 
     def wait(self, timeout: float | None = None) -> list[tuple[Job, EvalResult]]:
-        from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+        from ray.exceptions import (
+            GetTimeoutError,
+            NodeDiedError,
+            ObjectLostError,
+            RayActorError,
+            WorkerCrashedError,
+        )
 
         if not self.running:
             return []
@@ -187,7 +272,7 @@ class RayPool:
                 result = self.ray.get(ref)
                 self.idle.append(actor)
                 out.append((job, result))
-            except (RayActorError, WorkerCrashedError, GetTimeoutError) as exc:
+            except (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, GetTimeoutError) as exc:
                 self._replace(actor)
                 if job.attempt < MAX_RETRIES:
                     log.warning("worker died on candidate %d (%s); resubmitting", job.candidate_id, type(exc).__name__)
@@ -219,7 +304,10 @@ class _ActorWorker:
     """Ray actor body: builds its evaluator once (sources resident), then evaluates jobs."""
 
     def __init__(self, make_evaluator: Callable[[], Evaluator], name: str) -> None:
-        self.name = name
+        import ray
+
+        # the node in the name: an archived result says where it was computed (``worker-3@1a2b3c4d``)
+        self.name = f"{name}@{ray.get_runtime_context().get_node_id()[:8]}"
         self.evaluator = make_evaluator()
 
     def evaluate(self, job: Job) -> EvalResult:

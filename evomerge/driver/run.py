@@ -87,6 +87,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     _ensure_zoo(cfg)
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
     check_mergeable(folders, vocab=True)
+    checks.check_cluster(cfg)
     tokenizer_source = effective_source(cfg.tokenizer_source, [vocab_rows(f) for f in folders.values()])
     suite = load_suite(cfg.fitness.suite).select(cfg.fitness.tasks)
     tasks = list(suite.names)
@@ -114,14 +115,19 @@ def preflight(cfg: RunConfig) -> Prepared:
     reference = x0_recipe.reference_model
     order = tuple(n for n in cfg.sources if n != reference)
     vocab = check_vocab(cfg, folders, reference, tokenizer_source, x0_recipe)
+    orders = use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order))
+    placement = cfg.resources.placement
+    if placement == "auto":  # the first placement whose memory plan fits
+        placement = plan_run(cfg, reference=reference, orders=orders).setup.placement
+        log.info("resources.placement auto: %s", placement)
     spec = WorkerSpec(
         sources=dict(cfg.sources), reference=reference, order=order, suite=str(cfg.fitness.suite),
         tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size,
                         **({"threads": cfg.resources.threads_per_worker} if cfg.resources.threads_per_worker else {})},
         device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
         seed=cfg.seed,
-        sorted_magnitudes=use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order)),
-        tokenizer_source=tokenizer_source, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        sorted_magnitudes=orders and placement != "mmap",  # mmap keeps nothing resident
+        tokenizer_source=tokenizer_source, pad_to_multiple_of=cfg.pad_to_multiple_of, placement=placement,
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed, vocab=models.vocab_fields,
                                  every_source=vocab.aligns and depends_on_models(tokenizer_source, reference))
@@ -160,7 +166,8 @@ def use_magnitude_order(cfg: RunConfig, method: str, reference: Any, n_deltas: i
 
 def check_memory(prep: Prepared) -> None:
     """Log the run's memory plan; refuse (ConfigError, nothing written) a run the known memory cannot hold."""
-    plan = plan_run(prep.cfg, reference=prep.reference, orders=prep.spec.sorted_magnitudes)
+    plan = plan_run(prep.cfg, reference=prep.reference, orders=prep.spec.sorted_magnitudes,
+                    placement=prep.spec.placement)
     log.info("%s", plan.summary())
     why = refusal(plan)
     if why is not None:

@@ -42,6 +42,8 @@ class WorkerSpec:
     #: Output vocabulary of every recipe (see :mod:`evomerge.merge.vocab`).
     tokenizer_source: str | None = None
     pad_to_multiple_of: int | None = None
+    #: Where the sources are kept (:mod:`evomerge.merge.placement`), resolved from ``resources.placement``.
+    placement: str = "device"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +79,7 @@ class Worker:
         self.sources = ResidentSources.load(
             spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype,
             sorted_magnitudes=spec.sorted_magnitudes, tokenizer_source=spec.tokenizer_source,
-            pad_to_multiple_of=spec.pad_to_multiple_of,
+            pad_to_multiple_of=spec.pad_to_multiple_of, placement=spec.placement,
         )
         vocab = self.sources.vocab
         ref_dir = spec.sources[spec.reference]

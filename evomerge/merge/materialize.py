@@ -288,8 +288,7 @@ class InPlaceMerger:
 
         self.sources = sources
         self.module = module
-        shapes = {n: tuple(t.shape) for n, t in sources.base.items()}
-        targets = live_targets(module, sources.names, shapes)
+        targets = live_targets(module, sources.names, sources.shapes)
         for name, kept in _tied_pairs(aliased(targets), sources.roles).items():
             _check_tied_sources(sources, name, kept)
             del targets[name]
@@ -309,9 +308,9 @@ class InPlaceMerger:
         t0 = time.perf_counter()
         plan = MergePlan.build(recipe, self.sources.num_layers)
         select = self.sources.row_index(plan)
-        for name, dest in self.targets.items():
-            base, deltas = self.sources.group(name, select)
-            orders = self.sources.sorted_rows(name, select)
+        # tensor by tensor from where the sources are kept (resources.placement; see merge/placement.py)
+        for name, base, deltas, orders in self.sources.stream(list(self.targets), select):
+            dest = self.targets[name]
             merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas, out=dest, orders=orders)
             if merged is not dest:
                 dest.copy_(merged)
@@ -335,7 +334,7 @@ def _tied_pairs(pairs: Mapping[str, str], roles: Mapping[str, TensorRole]) -> di
 
 
 def _check_tied_sources(sources: ResidentSources, name: str, kept: str) -> None:
-    same = sources.base[name].shape == sources.base[kept].shape and torch.equal(
+    same = sources.shapes[name] == sources.shapes[kept] and torch.equal(
         sources.deltas[name], sources.deltas[kept]
     )
     if not same:

@@ -18,7 +18,9 @@ from evomerge.merge.vocab import VocabPlan, depends_on_models, effective_source
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
+    from evomerge.io import ModelFolder
     from evomerge.merge.materialize import MergePlan
+    from evomerge.merge.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class ResidentSources:
         self.ordered = ordered
         #: The output vocabulary the vocabulary tensors are laid out in (see :mod:`evomerge.merge.vocab`).
         self.vocab = vocab
+        #: Where the tensors live (see :meth:`load`) and every tensor's shape (without reading an mmap'd one).
+        self.placement: Placement = "device"
+        self.shapes = getattr(base, "shapes", None) or {n: tuple(t.shape) for n, t in base.items()}
 
     @classmethod
     def load(
@@ -75,8 +80,14 @@ class ResidentSources:
         sorted_magnitudes: bool = False,
         tokenizer_source: str | None = None,
         pad_to_multiple_of: int | None = None,
+        placement: Placement = "device",
     ) -> ResidentSources:
         """Read every source once (lazily, tensor by tensor) and keep reference + task vectors resident.
+
+        ``placement`` (:mod:`evomerge.merge.placement`): ``device`` keeps them on ``device``; ``host`` in host
+        memory (pinned when ``device`` is a GPU), streamed to ``device`` tensor by tensor at each merge; ``mmap``
+        keeps nothing and reads the safetensors files at each merge (no magnitude orders then). Every placement
+        gives the same tensors, bit for bit.
 
         ``sorted_magnitudes`` also keeps each task vector's sorted magnitudes (see the class docstring):
         faster magnitude-sparsified merges (TIES) for one int32 per task-vector entry in memory.
@@ -97,48 +108,58 @@ class ResidentSources:
         base: dict[str, torch.Tensor] = {}
         deltas: dict[str, torch.Tensor] = {}
         roles: dict[str, TensorRole] = {}
-        ordered: dict[str, torch.Tensor] | None = {} if sorted_magnitudes else None
+        ordered: dict[str, torch.Tensor] | None = {} if sorted_magnitudes and placement != "mmap" else None
+        # where the tensors are kept: on the device, in host memory (pinned for a CUDA device), or nowhere (mmap:
+        # read again from the files at each merge; read once here all the same, to refuse non-finite weights)
+        store = device if placement == "device" else torch.device("cpu")
+        pin = placement == "host" and device.type == "cuda"
+        shapes: dict[str, tuple[int, ...]] = {}
         for name in ref.tensor_names:
-            dt = dtype or ref.dtype(name)
-            b = ref.get(name, device=device, dtype=dt)
-            if not b.is_floating_point():
+            group = read_group(folders, name, reference, order, vocab, by_token, device=store, dtype=dtype, pin=pin)
+            if group is None:
                 continue
-            check_finite(name, reference, b)
-            if name in by_token:
-                raw = {reference: b}
-                for m in order:
-                    raw[m] = folders[m].get(name, device=device, dtype=dt)
-                    check_finite(name, m, raw[m])
-                laid = vocab.align(raw)
-                b = laid[reference]
-                d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
-                for i, m in enumerate(order):
-                    torch.sub(laid[m], b, out=d[i])
-                del raw, laid
-            else:
-                d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
-                for i, m in enumerate(order):
-                    t = folders[m].get(name, device=device, dtype=dt)
-                    check_finite(name, m, t)
-                    torch.sub(t, b, out=d[i])
-            base[name], deltas[name], roles[name] = b, d, tensor_role(name, ref.model_type)
+            b, d = group
+            shapes[name], roles[name] = tuple(b.shape), tensor_role(name, ref.model_type)
+            if placement == "mmap":
+                continue
+            base[name], deltas[name] = b, d
             if ordered is not None:
                 ordered[name] = torch.stack([magnitude_order(row) for row in d]) if len(order) else d.new_empty(
                     (0, b.numel()), dtype=torch.int32)
+                if pin:
+                    ordered[name] = ordered[name].pin_memory()
+        if placement == "mmap":
+            from evomerge.merge.placement import FolderGroups
+
+            reader = FolderGroups(folders, reference, order, vocab, by_token, dtype, shapes)
+            base, deltas = reader.base, reader.deltas
         self = cls(reference, order, base, deltas, roles, ref.num_layers, device, ordered, vocab)
         self.rows = {m: vocab_rows(f) for m, f in folders.items()}
-        for f in folders.values():
-            f.close()
+        self.placement, self.shapes = placement, shapes
+        if placement != "mmap":  # mmap reads the open folders at each merge
+            for f in folders.values():
+                f.close()
         log.info(
-            "resident sources: %d tensors, %d task vectors, %.1f MB on %s in %.2fs",
-            len(base), len(order), self.nbytes / 1e6, device, time.perf_counter() - t0,
+            "resident sources: %d tensors, %d task vectors, %.1f MB %s in %.2fs",
+            len(shapes), len(order), self.nbytes / 1e6, describe_placement(placement, device), time.perf_counter() - t0,
         )
         return self
 
     @property
     def nbytes(self) -> int:
+        """Bytes kept resident (0 with the ``mmap`` placement)."""
+        if self.placement == "mmap":
+            return 0
         tensors = (*self.base.values(), *self.deltas.values(), *(self.ordered or {}).values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def stream(self, names: Sequence[str], rows: torch.Tensor | None):  # -> Iterator[tuple[name, base, deltas, orders]]
+        """``(name, base, deltas, orders)`` on the device for each of ``names`` in turn, as :meth:`group` and
+        :meth:`sorted_rows` give them; the ``host`` placement copies tensor i + 1 while the caller merges tensor i
+        (:func:`~evomerge.merge.placement.stream_groups`)."""
+        from evomerge.merge.placement import stream_groups
+
+        return stream_groups(self, names, rows)
 
     def row_index(self, plan: MergePlan) -> torch.Tensor | None:
         """Rows of the stacked deltas a plan needs (None = all rows in resident order)."""
@@ -180,7 +201,7 @@ class ResidentSources:
 
     def group(self, name: str, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.deltas[name]
-        return self.base[name], (d if rows is None else d.index_select(0, rows))
+        return self.base[name], (d if rows is None else d.index_select(0, rows.to(d.device)))
 
     def sorted_rows(self, name: str, rows: torch.Tensor | None) -> list[torch.Tensor] | None:
         """The magnitude orders of the rows :meth:`group` returns (None without ``sorted_magnitudes``)."""
@@ -188,6 +209,47 @@ class ResidentSources:
             return None
         o = self.ordered[name]
         return list(o) if rows is None else [o[i] for i in rows.tolist()]
+
+
+def read_group(
+    folders: Mapping[str, ModelFolder], name: str, reference: str, order: Sequence[str], vocab: VocabPlan,
+    by_token: set[str], *, device: torch.device, dtype: torch.dtype | None, pin: bool = False, check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Tensor ``name`` of the reference and its stacked task vectors ``theta - reference`` (rows in ``order``) in
+    ``dtype`` on ``device`` (in pinned memory with ``pin``), vocabulary tensors laid out in ``vocab``; None for a
+    tensor that is not floating point. ``check``: refuse NaN/inf weights (:func:`check_finite`)."""
+    ref = folders[reference]
+    dt = dtype or ref.dtype(name)
+    b = ref.get(name, device=device, dtype=dt)
+    if not b.is_floating_point():
+        return None
+    if check:
+        check_finite(name, reference, b)
+    if name in by_token:
+        raw = {reference: b}
+        for m in order:
+            raw[m] = folders[m].get(name, device=device, dtype=dt)
+            if check:
+                check_finite(name, m, raw[m])
+        laid = vocab.align(raw)
+        b = laid[reference]
+        d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device, pin_memory=pin)
+        for i, m in enumerate(order):
+            torch.sub(laid[m], b, out=d[i])
+        del raw, laid
+    else:
+        d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device, pin_memory=pin)
+        for i, m in enumerate(order):
+            t = folders[m].get(name, device=device, dtype=dt)
+            if check:
+                check_finite(name, m, t)
+            torch.sub(t, b, out=d[i])
+    return (b.pin_memory() if pin else b), d
+
+
+def describe_placement(placement: str, device: torch.device) -> str:
+    return {"device": f"on {device}", "host": f"in host memory, streamed to {device}",
+            "mmap": f"memory-mapped from the files, read to {device} at each merge"}[placement]
 
 
 def check_finite(name: str, model: str, tensor: torch.Tensor) -> None:
