@@ -126,6 +126,11 @@ def test_crash_anywhere_with_an_anchor_subset_then_resume_equals_uninterrupted(s
     rows = [r for r in archive_rows(run_dir) if r[0] >= 0 and r[2] == "calibration"]
     cheap, promoted = [r for r in rows if r[3] == "anchor:3"], [r for r in rows if r[3] == "full"]
     assert len(cheap) == 8 and 0 < len(promoted) < len(cheap)
+    chosen = {t: p["chosen"] for t, p in json.loads((run_dir / "calibration_subset.json").read_text())["tasks"].items()}
+    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+        for r in a.records(fidelity="anchor:3"):  # the worker scored exactly the chosen examples
+            assert {t: list(ts.example_ids) for t, ts in r.result.tasks.items()} == chosen
+            assert set(r.meta["estimate"]) == set(chosen)  # with its estimate of the full-set score
 
 
 def _crash_anywhere_and_resume(setup, tmp_path, monkeypatch, case, multi) -> Path:
