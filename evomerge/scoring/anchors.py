@@ -44,6 +44,16 @@ __all__ = ["METHODS", "CalibrationSubset", "Estimate", "StrataPlan", "choose_sub
 
 METHODS = ("random", "anchor")
 
+#: Degrees of freedom of the pooled within-cluster variance that each cluster's own variance is shrunk towards.
+PRIOR_DOF = 2.0
+
+#: Examples per cluster on average: the subset of ``k`` has at most ``ceil(k / STRATUM_SIZE)`` clusters.
+STRATUM_SIZE = 2
+
+#: The spread a cluster is given beyond its reference models' (a share of the task's whole spread): how much a
+#: merge may differ from its sources where they agree; it steers the allocation and is each cluster's prior.
+FLOOR = 1.0
+
 #: Above this many examples a task's score vectors are clustered by seeded k-means instead of Ward linkage
 #: (whose distance matrix grows with the square of the examples).
 WARD_MAX_EXAMPLES = 4000
@@ -66,6 +76,9 @@ class StrataPlan:
 
     strata: tuple[tuple[str, ...], ...]
     chosen: tuple[str, ...] | None
+    #: Per stratum, the variance a candidate's scores are expected to have there before any is seen (the
+    #: reference models' spread with its floor); empty: none (the random design).
+    prior: tuple[float, ...] = ()
 
     @property
     def size(self) -> int:
@@ -94,18 +107,23 @@ class StrataPlan:
             big_n, n = len(self.strata[h]), len(v)
             w = big_n / total
             mean += w * float(np.mean(v))
-            s2 = float(np.var(v, ddof=1)) if n > 1 else pooled
+            # the few examples of a cluster often agree by chance: shrink towards the cluster's prior variance
+            # (or, in the random design, the pooled one)
+            prior = self.prior[h] if self.prior else pooled
+            s2 = ((n - 1) * (float(np.var(v, ddof=1)) if n > 1 else 0.0) + PRIOR_DOF * prior) / (n - 1 + PRIOR_DOF)
             var += w * w * max(0.0, 1 - n / big_n) * s2 / n
         return Estimate(mean, math.sqrt(var))
 
     def to_json(self) -> dict[str, Any]:
-        return {"strata": [list(s) for s in self.strata], "chosen": None if self.chosen is None else list(self.chosen)}
+        return {"strata": [list(s) for s in self.strata], "chosen": None if self.chosen is None else list(self.chosen),
+                "prior": list(self.prior)}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> StrataPlan:
         chosen = doc["chosen"]
         return cls(tuple(tuple(str(i) for i in s) for s in doc["strata"]),
-                   None if chosen is None else tuple(str(i) for i in chosen))
+                   None if chosen is None else tuple(str(i) for i in chosen),
+                   tuple(float(v) for v in doc.get("prior", ())))
 
 
 @dataclass(frozen=True)
@@ -188,8 +206,8 @@ def _allocate(sizes: Sequence[int], spread: Sequence[float], k: int) -> list[int
 def _anchor_plan(task: str, ids: Sequence[str], x: npt.NDArray[np.float64], k: int, seed: int) -> StrataPlan:
     if k >= len(ids):
         return StrataPlan((tuple(ids),), tuple(ids))
-    labels = _clusters(x, max(1, math.ceil(k / 2)), seed)
-    floor = 0.25 * float(np.std(x))  # a merge can fail where every reference model agrees
+    labels = _clusters(x, max(1, math.ceil(k / STRATUM_SIZE)), seed)
+    floor = FLOOR * float(np.std(x))  # a merge can fail (or succeed) where every reference model agrees
     strata, spread = [], []
     for h in range(int(labels.max()) + 1):
         rows = np.flatnonzero(labels == h)
@@ -198,7 +216,7 @@ def _anchor_plan(task: str, ids: Sequence[str], x: npt.NDArray[np.float64], k: i
     picks = _allocate([len(s) for s in strata], spread, k)
     chosen = {i for members, n in zip(strata, picks, strict=True)
               for i in sorted(members, key=lambda e: _rank(seed, task, e))[:n]}
-    return StrataPlan(tuple(strata), tuple(i for i in ids if i in chosen))
+    return StrataPlan(tuple(strata), tuple(i for i in ids if i in chosen), tuple(s * s for s in spread))
 
 
 def choose_subset(method: str, k: int, seed: int,
