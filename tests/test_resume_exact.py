@@ -55,6 +55,8 @@ def _choice_suite(root: Path) -> Path:
 
 
 MULTI = {"fidelity": {"subset": 3, "promote_quantile": 0.4, "rescore_test": True}}
+#: The anchor subset: chosen from the baselines' full-set scores, kept in the run folder, promoted by its estimate.
+ANCHOR = {"fidelity": {"subset": 3, "subset_method": "anchor", "promote_quantile": 0.4, "rescore_test": True}}
 CASES = {
     "cma_es": ("cma_es", {"popsize": 4}, "builtin:ties-per-layer"),
     "nevergrad": ("nevergrad", {"optimizer": "TwoPointsDE"}, "builtin:ties-per-layer"),
@@ -102,11 +104,12 @@ class Crasher:
             raise Crash(kind)
 
 
-def _config(tmp_path: Path, setup, case: str, multi: bool, name: str, evals: int) -> Path:
+def _config(tmp_path: Path, setup, case: str, multi: bool | dict, name: str, evals: int) -> Path:
     fam, suite, choice = setup
     opt, options, template = CASES[case]
     suite = choice if opt == "m2n2" else suite
-    extra = {**(MULTI if multi else {}), **(WARM if case == "warm" else {})}
+    fidelity = multi if isinstance(multi, dict) else MULTI if multi else {}
+    extra = {**fidelity, **(WARM if case == "warm" else {})}
     return write_run_config(tmp_path / f"{name}.yaml", fam, suite, name=name, evals=evals, optimizer=opt,
                             options=options, template=template, extra=extra)
 
@@ -114,13 +117,30 @@ def _config(tmp_path: Path, setup, case: str, multi: bool, name: str, evals: int
 @pytest.mark.parametrize("multi", [False, True], ids=["full", "multi-fidelity"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_crash_anywhere_then_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, case, multi):
+    _crash_anywhere_and_resume(setup, tmp_path, monkeypatch, case, multi)
+
+
+def test_crash_anywhere_with_an_anchor_subset_then_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    run_dir = _crash_anywhere_and_resume(setup, tmp_path, monkeypatch, "cma_es", ANCHOR)
+    assert (run_dir / "calibration_subset.json").read_text() == (tmp_path / "runs/ref/calibration_subset.json").read_text()
+    rows = [r for r in archive_rows(run_dir) if r[0] >= 0 and r[2] == "calibration"]
+    cheap, promoted = [r for r in rows if r[3] == "anchor:3"], [r for r in rows if r[3] == "full"]
+    assert len(cheap) == 8 and 0 < len(promoted) < len(cheap)
+    chosen = {t: p["chosen"] for t, p in json.loads((run_dir / "calibration_subset.json").read_text())["tasks"].items()}
+    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+        for r in a.records(fidelity="anchor:3"):  # the worker scored exactly the chosen examples
+            assert {t: list(ts.example_ids) for t, ts in r.result.tasks.items()} == chosen
+            assert set(r.meta["estimate"]) == set(chosen)  # with its estimate of the full-set score
+
+
+def _crash_anywhere_and_resume(setup, tmp_path, monkeypatch, case, multi) -> Path:
     from evomerge.export import export_run
 
     evals = 8
     ref_dir = start_run(_config(tmp_path, setup, case, multi, "ref", evals))
     expected = archive_rows(ref_dir)
     crasher = Crasher(monkeypatch)
-    rng = np.random.default_rng([zlib.crc32(case.encode()), multi])
+    rng = np.random.default_rng([zlib.crc32(case.encode()), bool(multi)])
     # seeded moments: (what, after how many writes of it since the (re)start); printed for a reproduction
     moments = [("archive" if rng.random() < 0.6 else "checkpoint", int(rng.integers(1, 12))) for _ in range(4)]
     print(f"{case} multi={multi}: crashes after {moments}")
@@ -148,6 +168,7 @@ def test_crash_anywhere_then_resume_equals_uninterrupted(setup, tmp_path, monkey
     a = export_run(ref_dir, pick="best", out=tmp_path / "ea")[0]
     b = export_run(run_dir, pick="best", out=tmp_path / "eb")[0]
     assert (a / "recipe.yaml").read_text() == (b / "recipe.yaml").read_text()
+    return run_dir
 
 
 def test_every_prefix_of_a_promoting_run_resumes_exactly(setup, tmp_path, monkeypatch):

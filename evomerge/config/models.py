@@ -139,7 +139,17 @@ class FidelityConfig(BaseModel):
 
     model_config = _FROZEN
     subset: int | None = Field(default=None, ge=1, description="examples per task for the cheap evaluation")
+    subset_method: Literal["random", "anchor"] = Field(
+        default="random",
+        description="how the subset is chosen: random (hashed example ids; the estimate is the subset mean) or "
+                    "anchor (a stratified sample over clusters of the base's and sources' per-example scores, "
+                    "chosen once per run after they are scored; the estimate is the cluster-weighted mean)")
     promote_quantile: float = Field(default=0.25, gt=0, le=1, description="top share promoted to full")
+    promote_confidence: float = Field(
+        default=0.9, ge=0.5, lt=1,
+        description="one-sided confidence of the upper bound on a candidate's estimated full-set score: a candidate "
+                    "is promoted only while that bound reaches the promotion cut and is not dominated by a scored "
+                    "front (higher promotes more; 0.5: the estimate itself)")
     rescore_test: bool = Field(default=True, description="re-score the Pareto set on the test split at the end")
 
 

@@ -30,11 +30,13 @@ from evomerge.driver.pool import Job, Pool
 from evomerge.driver.promotion import Promotion
 from evomerge.driver.records import Handled, Settings, StartPolicy
 from evomerge.driver.rescoring import rescoring_candidates
+from evomerge.driver.subset import calibration_subset
 from evomerge.evaluation import Candidate, EvalResult
 from evomerge.events import EventLog
 from evomerge.optim.base import Observation
 from evomerge.recipe import Recipe
 from evomerge.references import References
+from evomerge.scoring.anchors import CalibrationSubset
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ class Driver:
         self.opt: Any = None
         self.warm: dict[str, Any] | None = None
         self.refs = References()
-        self.promotion = Promotion(settings.promote_quantile)
+        self.promotion = Promotion(settings.promote_quantile, settings.promote_confidence)
+        #: The calibration subset and its estimator (multi-fidelity runs), chosen after the baselines.
+        self.subset: CalibrationSubset | None = None
         self.phase = "baselines"
         self.next_key = 0
         self.told = self.failures = 0
@@ -90,14 +94,23 @@ class Driver:
             self.journal.save(self.state_dict())
 
     def _phases(self) -> None:
+        # an anchor subset is chosen from the baselines' full-set scores, so they are scored in full only
+        fidelities = {None} if self.cfg.subset_method == "anchor" else {self.cfg.subset, None}
         for i, b in enumerate(self.cfg.baselines):
-            for subset in sorted({self.cfg.subset, None}, key=lambda s: (s is None, s or 0)):
+            for subset in sorted(fidelities, key=lambda s: (s is None, s or 0)):
                 self._submit(Candidate(-1 - i, np.zeros(0), {"baseline": b.name, "kind": b.kind}), b.recipe,
                              subset=subset)
         self._drain()
         self.journal.stop_now_if_requested()
         full = [h for h in self.history if h.candidate.id < 0 and h.job.subset is None]
         self.refs = References.from_scored(full, self.tasks, self.cfg.declared)
+        if self.cfg.subset is not None:
+            refs = [h.result for h in full if h.meta.get("kind") in ("base", "source")]
+            self.subset = calibration_subset(self.run_dir, self.cfg.subset_method, self.cfg.subset, self.cfg.seed,
+                                             refs, self.tasks)
+            for h in full:
+                if h.ok:
+                    self.promotion.observe_full(self.refs.objectives(h.result, self.tasks))
         self.opt, self.warm = self.start(full, self.refs)
         self._emit("references", low=self.refs.low, high=self.refs.high)
         if self.warm is not None:
@@ -121,10 +134,14 @@ class Driver:
             self.events.emit(event, **fields)
 
     def _submit(self, cand: Candidate, recipe: Recipe, *, split: str = "calibration", subset: int | None = None) -> None:
-        job = Job(self.next_key, cand.id, recipe, split, subset)
+        job = self._job(cand, recipe, split, subset)
         self.next_key += 1
         self.inflight[job.key] = (job, cand)
         self.journal.submit(job)
+
+    def _job(self, cand: Candidate, recipe: Recipe, split: str, subset: int | None) -> Job:
+        examples = None if subset is None or self.subset is None else self.subset.examples()
+        return Job(self.next_key, cand.id, recipe, split, subset, examples=examples)
 
     def _drain(self) -> None:
         while self.inflight:
@@ -143,21 +160,20 @@ class Driver:
         return int(max(0, min(left, 1 << 30)))
 
     def _search(self) -> None:
-        fidelity = "full" if self.cfg.subset is None else f"subset:{self.cfg.subset}"
         while True:
             free = self.pool.size - len(self.inflight)
             left = self._budget_left()
             if left > 0 and free > 0 and not self.opt.should_stop():
                 for cand in self.opt.ask(min(free, left)):
                     recipe = self.space.decode(cand.genome)
-                    cached = self.seen.get((recipe.hash, fidelity, "calibration"))
+                    job = self._job(cand, recipe, "calibration", self.cfg.subset)
+                    cached = self.seen.get((recipe.hash, job.fidelity, "calibration"))
                     if cached is None:
                         self._submit(cand, recipe, subset=self.cfg.subset)
                         continue
-                    job = Job(self.next_key, cand.id, recipe, "calibration", self.cfg.subset)
                     self.next_key += 1
                     res = EvalResult(cand.id, cached.status, dict(cached.tasks), cached.error, {"cached": 1.0},
-                                     cached.worker, fidelity)
+                                     cached.worker, job.fidelity)
                     self._handle(job, cand, self.journal.inline(job, res), meta={"cached": True})
             if not self.inflight:
                 return  # budget spent, optimizer stopped, or nothing more to ask until a result arrives
@@ -167,6 +183,9 @@ class Driver:
     def _handle(self, job: Job, cand: Candidate, res: EvalResult, *, meta: dict[str, Any] | None = None) -> None:
         res = res.archived()
         meta = {"fidelity": job.fidelity, **(meta or {})}
+        if res.ok and job.subset is not None and job.split == "calibration" and self.subset is not None:
+            est = self.subset.estimate(res)  # archived with the result: the estimator's error can be read back
+            meta["estimate"] = {t: [e.mean, e.se] for t, e in sorted(est.items())}
         self.journal.record(cand, job, res, meta)
         self.history.append(Handled(job, cand, res, {**cand.meta, **meta}))  # the archive record's meta
         if res.ok:
@@ -175,14 +194,20 @@ class Driver:
                    split=job.split, scores=res.task_means() if res.ok else None, error=res.error, timings=res.timings)
         if cand.id >= 0 and job.split == "calibration" and (job.subset is not None or self.cfg.subset is None):
             self._tell(job, cand, res)  # baselines, test re-scoring and promotions of told candidates are not told
+        elif cand.id >= 0 and job.split == "calibration" and res.ok:  # a promotion's full-set score
+            self.promotion.observe_full(self.refs.objectives(res, self.tasks))
         self.journal.settle(self.inflight)
         self.journal.checkpoint(self.state_dict())
         if self.on_progress and self.journal.live and cand.id >= 0:
             self.on_progress(self.progress())
 
     def _tell(self, job: Job, cand: Candidate, res: EvalResult) -> None:
+        se = None
         if res.ok:
-            obs = Observation(candidate_id=cand.id, objectives=self.refs.objectives(res, self.tasks),
+            objectives = self.refs.objectives(res, self.tasks)
+            if job.subset is not None and self.subset is not None:  # the estimated full-set objectives
+                objectives, se = self._estimated(res)
+            obs = Observation(candidate_id=cand.id, objectives=objectives,
                               per_example=np.concatenate([res.tasks[t].scores for t in self.tasks]))
         else:
             obs = Observation.failure(cand.id)
@@ -199,8 +224,16 @@ class Driver:
             log.info("eval %d (candidate %d, %s): %s | mean %.3f | best %.3f | failures %d", self.told, cand.id,
                      job.fidelity, " ".join(f"{t} {v:.3f}" for t, v in zip(self.tasks, obs.objectives, strict=True)),
                      score, self.best, self.failures)
-        if self.cfg.subset is not None and self.promotion.decide(cand.id, score):
+        if self.cfg.subset is not None and self.promotion.decide(cand.id, obs.objectives, se):
             self._submit(cand, job.recipe, subset=None)
+
+    def _estimated(self, res: EvalResult) -> tuple[np.ndarray, np.ndarray]:
+        """A subset result's estimated full-set objectives and their standard errors (normalization is affine)."""
+        assert self.subset is not None
+        est = self.subset.estimate(res)
+        mean = np.array([self.refs.value(t, est[t].mean) for t in self.tasks], dtype=np.float64)
+        up = np.array([self.refs.value(t, est[t].mean + est[t].se) for t in self.tasks], dtype=np.float64)
+        return mean, np.abs(up - mean)
 
     def progress(self) -> dict[str, Any]:
         return {"told": self.told, "failures": self.failures, "budget": self.cfg.budget_evals, "phase": self.phase,

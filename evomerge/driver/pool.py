@@ -43,10 +43,22 @@ class Job:
     split: str = "calibration"
     subset: int | None = None
     attempt: int = 0
+    #: The example ids per task of an ``anchor`` calibration subset (``subset`` is then its size per task);
+    #: ``None``: the scorer's hashed subset of ``subset`` examples.
+    examples: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     @property
     def fidelity(self) -> str:
-        return "full" if self.subset is None else f"subset:{self.subset}"
+        if self.subset is None:
+            return "full"
+        return f"subset:{self.subset}" if self.examples is None else f"anchor:{self.subset}"
+
+    @property
+    def scored_subset(self) -> int | dict[str, tuple[str, ...]] | None:
+        """What the scorer's ``subset`` is for this job: a count, the ids per task, or ``None`` (every example)."""
+        if self.subset is None or self.examples is None:
+            return self.subset
+        return dict(self.examples)
 
 
 class Evaluator(Protocol):

@@ -44,5 +44,9 @@ class Settings:
     subset: int | None
     promote_quantile: float
     rescore_test: bool
+    subset_method: str = "random"
+    promote_confidence: float = 0.5
+    #: The run's seed (the anchor subset's choice inside each cluster).
+    seed: int = 0
     #: (low, high) per task from the suite's ``reference:`` fields; other tasks use the base and best source.
     declared: dict[str, tuple[float, float]] = field(default_factory=dict)

@@ -149,7 +149,7 @@ class Worker:
                 routed = job.recipe.routing is not None
                 target = dict(model.state_dict()) if routed else self.merger.checkpoint_tensors()
             out = self.scorer.score(
-                target, self.tokenizer, self.suite, split=job.split, subset=job.subset, seed=self.spec.seed
+                target, self.tokenizer, self.suite, split=job.split, subset=job.scored_subset, seed=self.spec.seed
             )
             timings["total"] = time.perf_counter() - t0
             return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=job.fidelity, timings=timings)

@@ -21,6 +21,7 @@ from evomerge.scoring.suite import (
     build_suite,
     load_suite,
     parse_suite_config,
+    pick_examples,
     subset_examples,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "load_suite",
     "make_scorer",
     "parse_suite_config",
+    "pick_examples",
     "subset_examples",
 ]

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalResult, TaskScores
 from evomerge.registry import Registry
-from evomerge.scoring.suite import Example, Suite, Task, subset_examples
+from evomerge.scoring.suite import Example, Subset, Suite, Task, pick_examples
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Scorer(Protocol):
         suite: Suite,
         *,
         split: str = "calibration",
-        subset: int | None = None,
+        subset: Subset = None,
         seed: int = 0,
     ) -> ScoreOutput: ...
 
@@ -118,13 +118,14 @@ def make_scorer(name: str, **options: Any) -> Scorer:
 
 
 def plan(
-    suite: Suite, split: str, subset: int | None, seed: int, *, kinds: Sequence[str], scorer: str
+    suite: Suite, split: str, subset: Subset, seed: int, *, kinds: Sequence[str], scorer: str
 ) -> list[tuple[Task, tuple[Example, ...]]]:
-    """Check a whole scoring request up front and pick each task's examples (subset included).
+    """Check a whole scoring request up front and pick each task's examples (subset included: a count, or the
+    ids per task that a calibration subset chose, see :func:`~evomerge.scoring.suite.pick_examples`).
 
     Raises :class:`ConfigError` for an unknown or missing split, an unsupported kind or a bad subset.
     """
-    if subset is not None and subset < 1:
+    if isinstance(subset, int) and subset < 1:
         raise ConfigError(f"subset must be at least 1, got {subset}")
     bad = [f"{t.name} ({t.kind})" for t in suite.tasks if t.kind not in kinds]
     if bad:
@@ -142,7 +143,7 @@ def plan(
                 )
             out.append((t, ()))
             continue
-        out.append((t, subset_examples(t.examples(split), subset, seed=seed, salt=t.name)))
+        out.append((t, pick_examples(t.examples(split), subset, seed=seed, task=t.name)))
     return out
 
 

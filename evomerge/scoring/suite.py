@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -55,6 +55,7 @@ __all__ = [
     "parse_suite_config",
     "read_examples",
     "reference_answer",
+    "pick_examples",
     "subset_examples",
 ]
 
@@ -288,6 +289,31 @@ def subset_examples(
         return hashlib.sha256(f"{seed}\0{salt}\0{ex.id}".encode()).hexdigest()
 
     keep = {ex.id for ex in sorted(examples, key=rank)[:k]}
+    return tuple(ex for ex in examples if ex.id in keep)
+
+
+#: A scoring request's subset: a count per task (the hashed choice of :func:`subset_examples`), or the ids to
+#: score per task (a task not named is scored whole), or ``None`` for every example.
+Subset = int | Mapping[str, Sequence[str]] | None
+
+
+def pick_examples(
+    examples: tuple[Example, ...], subset: Subset, *, seed: int = 0, task: str = ""
+) -> tuple[Example, ...]:
+    """The examples of ``task`` a scoring request with ``subset`` scores, kept in their original order.
+
+    Ids that the split does not hold are a :class:`ConfigError` naming the task and the first such id.
+    """
+    if subset is None or isinstance(subset, int):
+        return subset_examples(examples, subset, seed=seed, salt=task)
+    wanted = subset.get(task)
+    if wanted is None:
+        return examples
+    keep = set(wanted)
+    missing = keep - {ex.id for ex in examples}
+    if missing:
+        raise ConfigError(f"task {task!r}: the subset names example id {sorted(missing)[0]!r}, which the split "
+                          f"does not hold ({len(missing)} unknown ids)")
     return tuple(ex for ex in examples if ex.id in keep)
 
 

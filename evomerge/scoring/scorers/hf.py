@@ -56,7 +56,7 @@ from evomerge.scoring.requests import (
     primary_metric,
 )
 from evomerge.scoring.scorers.stopping import StopOnText, StopSplit, split_stops
-from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
+from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Subset, Suite, Task
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class HfScorer:
         suite: Suite,
         *,
         split: str = "calibration",
-        subset: int | None = None,
+        subset: Subset = None,
         seed: int = 0,
     ) -> ScoreOutput:
         work = plan(suite, split, subset, seed, kinds=KINDS, scorer=self.name)

@@ -36,7 +36,7 @@ from evomerge.errors import BackendUnavailableError, ConfigError, ScoreError
 from evomerge.evaluation import TaskScores
 from evomerge.scoring.base import ScoreOutput, Threads, plan, resolve_threads, torch_threads
 from evomerge.scoring.requests import encode
-from evomerge.scoring.suite import Example, LmevalTask, Suite, Task, subset_examples
+from evomerge.scoring.suite import Example, LmevalTask, Subset, Suite, Task, pick_examples
 
 KINDS = ("lmeval",)
 
@@ -220,7 +220,7 @@ class LmevalScorer:
         suite: Suite,
         *,
         split: str = "calibration",
-        subset: int | None = None,
+        subset: Subset = None,
         seed: int = 0,
     ) -> ScoreOutput:
         work = plan(suite, split, subset, seed, kinds=KINDS, scorer=self.name)
@@ -251,7 +251,7 @@ class LmevalScorer:
         for (t, _), lm_name in zip(work, names, strict=True):
             if not t.splits and subset is not None:
                 docs = [Example(_doc_id(doc, i)) for i, doc in enumerate(loaded[lm_name].eval_docs)]
-                keep = {ex.id for ex in subset_examples(tuple(docs), subset, seed=seed, salt=t.name)}
+                keep = {ex.id for ex in pick_examples(tuple(docs), subset, seed=seed, task=t.name)}
                 samples[lm_name] = [i for i, ex in enumerate(docs) if ex.id in keep]
         with torch_threads(resolve_threads(self.threads, model)), torch.inference_mode(), _quiet(self.quiet):
             was_training = model.training

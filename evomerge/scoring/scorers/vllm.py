@@ -60,7 +60,7 @@ from evomerge.scoring.requests import (
     perplexity_requests,
     primary_metric,
 )
-from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Suite, Task
+from evomerge.scoring.suite import ChoiceTask, GenerateTask, PerplexityTask, Subset, Suite, Task
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class VllmScorer:
         suite: Suite,
         *,
         split: str = "calibration",
-        subset: int | None = None,
+        subset: Subset = None,
         seed: int = 0,
     ) -> ScoreOutput:
         """Swap ``model`` (a weights mapping, a module's ``state_dict()``, or ``None`` to keep the engine's
