@@ -10,7 +10,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.io import ModelFolder, TensorRole, tensor_role
-from evomerge.merge.materialize import materialize_state_dict
+from evomerge.merge.materialize import materialize_state_dict, materialize_to_disk
 from evomerge.merge.tensor_params import evaluate
 from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
 from evomerge.recipe import Recipe
@@ -175,3 +175,71 @@ def test_space_start_from_sets_the_optimizer_start(fam, tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="start_from and warm_start"):
         load_run_config(tmp_path / "cfg.yaml")
+
+
+# ------------------------------------------------------------------------------ LiNeS
+def test_lines_scales_the_summed_task_vectors_linearly_with_depth(fam):
+    from evomerge.spaces import load_template
+    from evomerge.spaces.lines import lines_scales
+
+    assert lines_scales(0.5, 0.5, 3) == [0.5, 0.75, 1.0]
+    assert lines_scales(0.2, 0.6, 1) == [0.8]
+    models = _models(fam)
+    space = build_space(load_template("builtin:lines-task-arithmetic"), models)
+    assert space.dim == 2 and [g.name for g in space.genes()] == ["alpha", "beta"]
+    x0 = space.decode(space.x0)  # the paper default as set here: alpha = 1/n = 0.5, beta = 0.5
+    assert x0.parameters["lambda"] == [0.5, 0.75, 1.0]
+    r = space.decode([0.2, 0.4]).model_copy(update={"sources": {k: str(v) for k, v in fam.items()}})
+    lam = [0.3 + 0.6 * i / 2 for i in range(3)]  # alpha = 0.2 * 1.5, beta = 0.4 * 1.5
+    assert r.parameters["lambda"] == pytest.approx(lam)
+    out = materialize_state_dict(r)
+    with ModelFolder.open(fam["base"]) as b, ModelFolder.open(fam["m1"]) as m1, ModelFolder.open(fam["m2"]) as m2:
+        for name in b.tensor_names:
+            layer = tensor_role(name).layer
+            s = lam[0] if layer is None else lam[layer]
+            want = b.get(name) + s * ((m1.get(name) - b.get(name)) + (m2.get(name) - b.get(name)))
+            torch.testing.assert_close(out[name], want, rtol=0, atol=1e-5)
+    doc = yaml.safe_load(to_mergekit_yaml(r))
+    assert doc["merge_method"] == "task_arithmetic" and doc["parameters"]["lambda"] == pytest.approx(lam)
+
+
+def test_lines_refuses_a_method_without_a_task_vector_scale(fam):
+    with pytest.raises(ConfigError, match="'linear' has no global 'lambda'"):
+        build_space(parse_template({"kind": "lines", "method": "linear", "fixed": {"weight": 1.0}}), _models(fam))
+    with pytest.raises(ConfigError, match="fixed.lambda"):
+        build_space(parse_template({"kind": "lines", "method": "task_arithmetic",
+                                    "fixed": {"weight": 1.0, "lambda": 1.0}}), _models(fam))
+    with pytest.raises(ConfigError, match="alpha.init"):
+        build_space(parse_template({"kind": "lines", "method": "task_arithmetic", "fixed": {"weight": 1.0},
+                                    "alpha": {"range": [0.6, 1.0], "init": "1/n"}}), _models(fam))
+
+
+# ------------------------------------------------------------------------------ layer swapping
+def test_layer_swap_takes_the_bottom_and_top_layers_from_the_donor(fam, tmp_path):
+    from evomerge.spaces import load_template
+
+    models = _models(fam)
+    space = build_space(load_template("builtin:layer-swap"), models)  # keep m1, donor m2, 3 layers: max_k 1
+    assert (space.keep, space.donor, space.max_k, space.dim) == ("m1", "m2", 1, 2)
+    assert space.counts(space.x0) == (1, 0)  # round(0.1875 * 3) = 1 at the bottom, round(0.1875) = 0 at the top
+    r = space.decode([0.9, 0.7])
+    assert [(s.model, s.layer) for s in r.routing.steps] == [("m2", 0), ("m1", 1), ("m2", 2)]
+    assert r.routing.frame == "m2" and r.method == "passthrough"
+    assert space.decode([0.1, 0.1]).routing.frame == "m1"  # nothing swapped: the kept expert itself
+    assert yaml.safe_load(to_mergekit_yaml(r))["slices"] == [
+        {"sources": [{"model": "m2", "layer_range": [0, 1]}]}, {"sources": [{"model": "m1", "layer_range": [1, 2]}]},
+        {"sources": [{"model": "m2", "layer_range": [2, 3]}]}]
+    materialize_to_disk(r, tmp_path / "swapped", paths={k: str(v) for k, v in fam.items()})  # a plain model folder
+    with (ModelFolder.open(tmp_path / "swapped") as out, ModelFolder.open(fam["m1"]) as m1,
+          ModelFolder.open(fam["m2"]) as m2):
+        assert out.num_layers == 3 and sorted(out.tensor_names) == sorted(m1.tensor_names)
+        for name in m1.tensor_names:
+            layer = tensor_role(name).layer
+            src = m1 if layer == 1 else m2  # embeddings, final norm and head from the frame, m2
+            torch.testing.assert_close(out.get(name), src.get(name), rtol=0, atol=0)
+    # ends that would overlap: the top end is shortened; one tied gene for both ends
+    wide = build_space(parse_template({"kind": "layer_swap", "max_k": 2, "tie": True}), models)
+    assert wide.dim == 1 and wide.counts([1.0]) == (2, 2)
+    assert [s.model for s in wide.decode([1.0]).routing.steps] == ["m2", "m2", "m2"]
+    with pytest.raises(ConfigError, match="donor: 'm1' is also the kept expert"):
+        build_space(parse_template({"kind": "layer_swap", "donor": "m1"}), models)

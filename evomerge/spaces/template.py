@@ -23,6 +23,10 @@ names). Three kinds, chosen by ``kind``:
 ``hybrid``: a ``params`` section and a ``routing`` section; the route runs over the merged model
 ``"@merge"`` and the sources.
 
+``lines`` (LiNeS: ``α``, ``β`` of a per-layer ``lambda`` over a task-vector method, see
+:mod:`evomerge.spaces.lines`) and ``layer_swap`` (the bottom/top ``k`` layers of one expert swapped in from
+another, see :mod:`evomerge.spaces.layer_swap`); ``segments`` (M2N2's per-segment combinations).
+
 Unknown keys are refused; every error names the file and the YAML path of the faulty value.
 """
 
@@ -200,6 +204,8 @@ TEMPLATE_KINDS.add("params", ParamsTemplate)
 TEMPLATE_KINDS.add("routing", RoutingTemplate)
 TEMPLATE_KINDS.add("hybrid", HybridTemplate)
 TEMPLATE_KINDS.register_lazy("segments", "evomerge.spaces.segments:SegmentsTemplate")
+TEMPLATE_KINDS.register_lazy("lines", "evomerge.spaces.lines:LinesTemplate")
+TEMPLATE_KINDS.register_lazy("layer_swap", "evomerge.spaces.layer_swap:LayerSwapTemplate")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
