@@ -19,6 +19,7 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.io.arch import TensorRole
 from evomerge.merge.tensor_params import evaluate
+from evomerge.names import PROJECTIONS
 from evomerge.recipe import MERGED, ModelEntry, ParamValue, Recipe, RouteStep, Routing
 
 #: Substring filters that select a module kind in each naming family (first match wins in mergekit).
@@ -29,6 +30,13 @@ KIND_FILTERS: dict[str, dict[str, tuple[str, ...]]] = {
         "attn": ("self_attn",),
         "mlp": ("mlp", "block_sparse_moe"),
         "norm": ("norm",),
+        "q": ("q_proj",),
+        "k": ("k_proj",),
+        "v": ("v_proj",),
+        "o": ("o_proj",),
+        "gate": ("gate_proj", ".w1."),
+        "up": ("up_proj", ".w3."),
+        "down": ("down_proj", ".w2."),
     },
     "gpt2": {
         "embed": ("wte", "wpe"),
@@ -36,6 +44,9 @@ KIND_FILTERS: dict[str, dict[str, tuple[str, ...]]] = {
         "attn": (".attn.",),
         "mlp": (".mlp.",),
         "norm": ("ln_",),
+        "o": ("attn.c_proj",),
+        "up": ("mlp.c_fc",),
+        "down": ("mlp.c_proj",),
     },
 }
 _FAMILY = {"gpt2": "gpt2"}
@@ -76,11 +87,19 @@ def _export_value(
     if not isinstance(value, dict):
         return value
     out: list[dict[str, Any]] = []
-    # norms first: ``self_attn.q_norm`` is a norm, though its name holds the attention filter
-    order = ("embed", "lm_head", "norm", "attn", "mlp")
+    # norms first: ``self_attn.q_norm`` is a norm, though its name holds the attention filter; projections
+    # before their kinds (``self_attn.q_proj`` holds both filters)
+    order = ("embed", "lm_head", "norm", *PROJECTIONS, "attn", "mlp")
+    for key in value:
+        if key in PROJECTIONS and key not in filters:
+            raise ConfigError(f"parameter {name!r}: a {key!r} projection override has no mergekit filter here")
     for i, kind in enumerate(order):
+        if kind not in filters:
+            continue
         if kind in value:
             out += [{"filter": f, "value": value[kind]} for f in filters[kind]]
+        elif kind in PROJECTIONS:
+            continue  # a projection without its own value takes its kind's, which the kind's filter gives
         elif "default" in value and _shadowed(kind, order[i + 1:], value, filters, tensors):
             out += [{"filter": f, "value": value["default"]} for f in filters[kind]]
     if "other" in value:
@@ -89,14 +108,16 @@ def _export_value(
         out.append({"value": value["default"]})
     for tname, role in tensors:  # prove that mergekit's first-match reproduces our kind semantics
         t = 0.0 if role.layer is None else (role.layer / (num_layers - 1) if num_layers > 1 else 1.0)
-        ours = evaluate(value, role, num_layers) if (role.kind in value or "default" in value) else None
+        covered = role.kind in value or "default" in value or (role.proj is not None and role.proj in value)
+        ours = evaluate(value, role, num_layers) if covered else None
         theirs = _mk_eval(out, tname, t)
         if (ours is None) != (theirs is None) or (
             ours is not None and abs(float(ours) - float(theirs)) > 1e-12
         ):
             raise ConfigError(
                 f"parameter {name!r}: cannot be written as mergekit filters for tensor {tname} "
-                f"(kind {role.kind!r}: evomerge gives {ours}, the filters would give {theirs})"
+                f"(kind {role.kind!r}{f', projection {role.proj!r}' if role.proj else ''}: evomerge gives {ours}, "
+                f"the filters would give {theirs})"
             )
     return out
 
@@ -106,7 +127,7 @@ def _shadowed(
     tensors: Sequence[tuple[str, TensorRole]],
 ) -> bool:
     """Whether a tensor of ``kind`` (which takes the default) would match a later kind's filter first."""
-    later_filters = [f for k in later if k in value for f in filters[k]]
+    later_filters = [f for k in later if k in value for f in filters.get(k, ())]
     return any(role.kind == kind and any(f in name for f in later_filters) for name, role in tensors)
 
 

@@ -10,7 +10,9 @@ Parameter values (``ParamValue``) are, per model or global:
 * a per-layer list ("gradient", as in mergekit): ``[0.2, 0.8]`` interpolated linearly across the
   layers (a list as long as the model has layers gives one value per layer);
 * overrides by module kind: ``{"attn": 0.3, "mlp": [0.1, 0.9], "default": 0.5}``; kinds are
-  ``embed, attn, mlp, norm, lm_head, other``; ``default`` applies to the rest.
+  ``embed, attn, mlp, norm, lm_head, other``; ``default`` applies to the rest. Overrides may also name
+  projections (``q, k, v, o, gate, up, down``), which win over their kind: ``{"q": 0.2, "attn": 0.3}`` gives
+  the query projection 0.2 and the rest of attention 0.3.
 
 Layer routing (``routing``) describes a data-flow merge: which layer of which model runs at each
 position, with a scale applied to the residual stream entering that layer. A step may name the
@@ -26,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.names import MODULE_KINDS, DType
+from evomerge.names import PARAM_KEYS, DType
 
 MERGED = "@merge"
 
@@ -42,10 +44,10 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def _check_param(name: str, value: Any) -> Any:
     if isinstance(value, dict):
-        bad = sorted(set(value) - set(MODULE_KINDS) - {"default"})
+        bad = sorted(set(value) - set(PARAM_KEYS) - {"default"})
         if bad:
             raise ValueError(
-                f"parameter {name!r}: unknown module kind(s) {bad}; use {', '.join(MODULE_KINDS)} or default"
+                f"parameter {name!r}: unknown module kind(s) {bad}; use {', '.join(PARAM_KEYS)} or default"
             )
         for k, v in value.items():
             if isinstance(v, list) and not v:

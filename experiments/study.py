@@ -62,6 +62,7 @@ class Search:
     warm: bool = False  # x0 = task arithmetic at the best λ of the calibration grid (init.weight)
     note: str = ""
     budget: int = 1  # multiple of the problem's evaluation budget (longer runs for the goals' comparisons)
+    start_from: str | None = None  # space.start_from: a recipe YAML whose encoding is the optimizer's start
 
     @property
     def pick(self) -> str:
@@ -194,7 +195,8 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
     cfg = {
         "name": name, "seed": seed, "output_dir": str(out_dir / "runs"),
         "sources": {"base": str(zoo.base), **{e: str(zoo.expert(e)) for e in prob.experts}},
-        "base_model": "base", "space": {"template": template, "overrides": overrides},
+        "base_model": "base", "space": {"template": template, "overrides": overrides,
+                                        **({"start_from": search.start_from} if search.start_from else {})},
         "fitness": {"suite": prob.suite, "scorer": "hf", "batch_size": 200},
         "optimizer": {"name": search.optimizer, "options": search.options},
         "budget": {"evaluations": evals * search.budget},
@@ -212,7 +214,8 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
             if sub is not None:
                 was, want = was[sub], want[sub]
             if key == "space":
-                was = {"template": was["template"], "overrides": was.get("overrides") or {}}
+                was = {"template": was["template"], "overrides": was.get("overrides") or {},
+                       **({"start_from": was["start_from"]} if was.get("start_from") else {})}
             if was != want:
                 raise SystemExit(f"{run_dir} holds another search ({key}: {was} != {want}); move it away")
     else:

@@ -31,7 +31,7 @@ def test_shipped_configs_validate(path: Path):
 
 @pytest.mark.parametrize("name", builtin_templates())
 def test_builtin_templates_load(name: str):
-    assert load_template(f"builtin:{name}").kind in {"params", "routing", "hybrid", "segments"}
+    assert load_template(f"builtin:{name}").kind in {"params", "routing", "hybrid", "segments", "lines", "layer_swap"}
 
 
 def test_schema_command_prints_the_run_config_schema():

@@ -237,9 +237,9 @@ def test_mergekit_refuses_what_it_cannot_express():
         to_mergekit_yaml(r)
     with pytest.raises(ConfigError, match="tokenizer.tokens"):
         from_mergekit_yaml("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: {}}}\n")
-    with pytest.raises(ConfigError, match="filter 'q_proj'"):
+    with pytest.raises(ConfigError, match="filter 'layers.3'"):  # a layer filter: no module kind or projection
         from_mergekit_yaml("merge_method: linear\nmodels:\n- model: a\n  parameters:\n"
-                           "    weight: [{filter: q_proj, value: 1}, {value: 0.5}]\n")
+                           "    weight: [{filter: layers.3, value: 1}, {value: 0.5}]\n")
 
 
 def test_cli_merge_accepts_recipe_and_mergekit_yaml(family, tmp_path):

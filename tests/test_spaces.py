@@ -56,6 +56,9 @@ EXAMPLES = {
         "routing": {"repeats": 1, "scale": {"mode": "position", "transform": "linear", "range": [0.25, 1.5]}},
     },
     "segments": {"kind": "segments", "coefficient_range": [-0.5, 1.5]},
+    "lines": {"kind": "lines", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5},
+              "beta": {"range": [0.0, 1.0], "init": 0.25}},
+    "layer_swap": {"kind": "layer_swap", "keep": "b", "donor": "a", "max_k": 2, "init": {"bottom": 1, "top": 1}},
 }
 
 
@@ -242,7 +245,7 @@ def test_user_errors_name_the_field():
                        source="my.yaml")
     with pytest.raises(ConfigError, match=r"needs group_size"):
         parse_template({"kind": "params", "method": "ties", "granularity": "groups"})
-    with pytest.raises(ConfigError, match=r"kind: unknown kind 'bogus'; use one of hybrid, params, routing, segments"):
+    with pytest.raises(ConfigError, match=r"kind: unknown kind 'bogus'; use one of hybrid, layer_swap, lines, params, routing, segments"):
         parse_template({"kind": "bogus"})
     with pytest.raises(ConfigError, match=r"no built-in search_spaces named 'nope'.*ties-per-layer"):
         load_template("builtin:nope")
@@ -295,7 +298,12 @@ def test_builtin_x0_is_the_templates_hand_set_merge(name):
             for params in holders:
                 for role in _all_roles(MODELS.num_layers):
                     assert evaluate(params[pname], role, MODELS.num_layers) == pytest.approx(want, abs=1e-12)
-    if recipe.routing is not None:
+    if tpl.kind == "lines":  # alpha = 1/n, beta = 0.5 over the layers
+        n, L = len(recipe.models), MODELS.num_layers
+        assert recipe.parameters["lambda"] == pytest.approx([1 / n + 0.5 * i / (L - 1) for i in range(L)])
+    if tpl.kind == "layer_swap":  # 3/16 of the 5 layers at the bottom (1), 1/16 at the top (0)
+        assert [s.model for s in recipe.routing.steps] == ["b", "a", "a", "a", "a"]
+    elif recipe.routing is not None:
         steps = recipe.routing.steps
         assert [s.layer for s in steps] == list(range(MODELS.num_layers))
         assert {s.model for s in steps} == {recipe.routing.frame} and all(s.scale == 1.0 for s in steps)

@@ -53,6 +53,16 @@ class SpaceConfig(BaseModel):
     warm_start: WarmStartConfig | None = Field(
         default=None, description="score task arithmetic on a grid of weights first and start the search at the "
                                   "best (templates that search 'weight': params and hybrid)")
+    start_from: str | None = Field(
+        default=None, description="a recipe YAML (e.g. the exported best of a coarser search): the optimizer "
+                                  "starts at its encoding in this params space (grouped-then-refined: search per "
+                                  "module kind, then per projection from that winner)")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> SpaceConfig:
+        if self.start_from is not None and self.warm_start is not None:
+            raise ValueError("start_from and warm_start both choose the start point; give one of them")
+        return self
 
 
 class FitnessConfig(BaseModel):

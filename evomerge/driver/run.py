@@ -104,7 +104,8 @@ def preflight(cfg: RunConfig) -> Prepared:
     validate_recipe_params(x0_recipe)
     # an optimizer that recombines segments (M2N2 over recipes) gets the space's segment structure, if any
     segments = space.prepare_segments(folders) if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) else None
-    problem = Problem(space.dim, space.lower, space.upper, space.x0, tuple(tasks), segments)
+    x0 = space.x0 if cfg.space.start_from is None else start_point(cfg.space.start_from, space)
+    problem = Problem(space.dim, space.lower, space.upper, x0, tuple(tasks), segments)
     factory = OPTIMIZERS.get(cfg.optimizer.name)
     run_options = cfg.optimizer.options.for_run(workers=cfg.resources.workers, evaluations=cfg.budget.evaluations)
     options = run_options.model_dump()
@@ -137,6 +138,22 @@ def preflight(cfg: RunConfig) -> Prepared:
         f.close()
     declared = {name: (ref.low, ref.high) for name, ref in suite.references().items()}
     return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, declared)
+
+
+def start_point(path: str, space: Any) -> Any:
+    """``space.start_from``: the genome of the recipe in ``path`` in ``space`` (a params space)."""
+    from evomerge.recipe import Recipe
+
+    where = f"space.start_from ({path})"
+    if getattr(space, "kind", None) != "params":
+        raise ConfigError(f"{where}: needs a params template; the space is a {getattr(space, 'kind', '?')} space")
+    try:
+        recipe = Recipe.from_yaml(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the recipe: {exc.strerror or exc}") from None
+    except (ValueError, yaml.YAMLError) as exc:  # validation or YAML errors
+        raise ConfigError(f"{where}: not a valid recipe: {str(exc).splitlines()[0]}") from None
+    return space.param_genes.encode(recipe, where)
 
 
 def check_vocab(cfg: RunConfig, folders: dict[str, Any], reference: str, source: str | None, x0: Recipe) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from evomerge.names import ModuleKind
+from evomerge.names import ModuleKind, Projection
 
 #: ``<stem>.<index>.<rest>``: the first ``layers``/``layer``/``h``/``blocks`` component followed by a number.
 _LAYER = re.compile(r"^(?P<stem>(?:.*?\.)?(?:layers|layer|h|blocks))\.(?P<index>\d+)(?:\.(?P<rest>.*))?$")
@@ -42,12 +42,22 @@ _FAMILY_RULES: dict[str, tuple[tuple[re.Pattern[str], ModuleKind], ...]] = {
 }
 
 
+#: Projection names inside a layer (Llama/Mistral/Qwen/Gemma/Phi-3 ``*_proj``, Mixtral experts ``w1|w3|w2``,
+#: GPT-2 ``attn.c_proj``, ``mlp.c_fc|c_proj``); fused tensors (``qkv_proj``, ``gate_up_proj``, ``c_attn``) have none.
+_PROJ_WORDS: dict[str, Projection] = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down",
+}
+
+
 @dataclass(frozen=True)
 class TensorRole:
-    """The role of one tensor: its layer index (None outside the layer stack) and its kind."""
+    """The role of one tensor: its layer index (None outside the layer stack), its kind and, for the
+    projections of attention and MLP, which projection it is (``q`` … ``down``; None otherwise)."""
 
     layer: int | None
     kind: ModuleKind
+    proj: Projection | None = None
 
 
 def split_layer(name: str) -> tuple[str, int, str] | None:
@@ -125,8 +135,23 @@ def tensor_role(name: str, model_type: str | None = None) -> TensorRole:
             return TensorRole(layer_index(name), kind)
     parts = split_layer(name)
     if parts is not None:
-        return TensorRole(parts[1], _kind_in_layer(parts[2].split(".")))
+        words = parts[2].split(".")
+        kind = _kind_in_layer(words)
+        return TensorRole(parts[1], kind, _projection(words, kind))
     return TensorRole(None, _kind_outside(name.split(".")))
+
+
+def _projection(words: list[str], kind: ModuleKind) -> Projection | None:
+    if kind not in ("attn", "mlp"):
+        return None
+    for w in words:
+        if w in _PROJ_WORDS:
+            return _PROJ_WORDS[w]
+    if "c_proj" in words:  # GPT-2: attn.c_proj is the output projection, mlp.c_proj the down projection
+        return "o" if kind == "attn" else "down"
+    if "c_fc" in words:
+        return "up"
+    return None
 
 
 _ORDER = {"embed": 0, "lm_head": 3}

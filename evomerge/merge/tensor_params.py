@@ -3,7 +3,8 @@
 Precedence, as in mergekit: a model's own ``parameters`` > the recipe's global ``parameters`` >
 the method's declared default. Values are evaluated for the tensor's role:
 
-* kind overrides (``{"attn": …, "default": …}``) pick the tensor's module kind, else ``default``;
+* kind overrides (``{"attn": …, "default": …}``) pick the tensor's projection (``q`` … ``down``) when the map
+  names it, else its module kind, else ``default``;
 * per-layer lists interpolate linearly at ``t = layer / (num_layers - 1)`` (mergekit's gradients);
   tensors outside the layer stack (embeddings, final norm, lm_head) use ``t = 0``, as mergekit does.
 """
@@ -29,7 +30,9 @@ def layer_position(layer: int | None, num_layers: int) -> float:
 def evaluate(value: ParamValue, role: TensorRole, num_layers: int) -> float | bool:
     """Evaluate one parameter value for a tensor of ``role`` in a model of ``num_layers`` layers."""
     if isinstance(value, dict):
-        if role.kind in value:
+        if role.proj is not None and role.proj in value:
+            value = value[role.proj]
+        elif role.kind in value:
             value = value[role.kind]
         elif "default" in value:
             value = value["default"]

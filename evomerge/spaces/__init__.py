@@ -1,4 +1,5 @@
-"""Search spaces: pure, documented maps genome -> Recipe (parameter space, layer routing, hybrid, segments).
+"""Search spaces: pure, documented maps genome -> Recipe (parameter space, layer routing, hybrid, segments,
+LiNeS, layer swapping).
 
 ``load_template("builtin:ties-per-layer")`` reads a template; ``build_space(template, models)``
 builds the space for the source models described by :class:`SpaceModels`; ``space.describe()``
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from evomerge.spaces.base import SPACES, GeneInfo, GeneSpace, SearchSpace, SpaceModels, Transform, build_space
 from evomerge.spaces.hybrid import HybridSpace
+from evomerge.spaces.layer_swap import LayerSwapSpace
+from evomerge.spaces.lines import LinesSpace
 from evomerge.spaces.params import ParamSpace
 from evomerge.spaces.routing import RoutingSpace
 from evomerge.spaces.segments import SegmentSpace
@@ -29,6 +32,8 @@ __all__ = [
     "GeneSpace",
     "HybridSpace",
     "HybridTemplate",
+    "LayerSwapSpace",
+    "LinesSpace",
     "ParamSpace",
     "ParamsTemplate",
     "RoutingSpace",

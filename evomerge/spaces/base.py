@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from evomerge.errors import ConfigError
-from evomerge.names import MODULE_KINDS
+from evomerge.names import MODULE_KINDS, PROJECTIONS
 from evomerge.recipe import MERGED, Recipe
 from evomerge.registry import Registry
 
@@ -55,7 +55,8 @@ class SpaceModels:
 
     ``names`` are every model available to the space (the base included when there is one);
     ``module_kinds`` are the tensor kinds present (``embed``, ``attn``, ``mlp``, ``norm``, ``lm_head``,
-    ``other``): a model with tied embeddings has no ``lm_head``. ``tokenizer_source`` and
+    ``other``): a model with tied embeddings has no ``lm_head``. ``projections`` are the attention and MLP
+    projections present (``q`` … ``down``; none for fused ones). ``tokenizer_source`` and
     ``pad_to_multiple_of`` are copied into every decoded recipe (:attr:`vocab_fields`).
     """
 
@@ -66,6 +67,7 @@ class SpaceModels:
     module_kinds: frozenset[str] = field(default_factory=lambda: frozenset(MODULE_KINDS))
     tokenizer_source: str | None = None
     pad_to_multiple_of: int | None = None
+    projections: frozenset[str] = field(default_factory=lambda: frozenset(PROJECTIONS))
 
     @property
     def vocab_fields(self) -> dict[str, Any]:
@@ -77,6 +79,7 @@ class SpaceModels:
         names = tuple(self.names)
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "module_kinds", frozenset(self.module_kinds))
+        object.__setattr__(self, "projections", frozenset(self.projections))
         if not names:
             raise ConfigError("models: a search space needs at least one source model")
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -91,6 +94,9 @@ class SpaceModels:
         bad = sorted(self.module_kinds - set(MODULE_KINDS))
         if bad:
             raise ConfigError(f"module kinds {bad} are unknown; kinds are {', '.join(MODULE_KINDS)}")
+        bad = sorted(self.projections - set(PROJECTIONS))
+        if bad:
+            raise ConfigError(f"projections {bad} are unknown; projections are {', '.join(PROJECTIONS)}")
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -110,8 +116,10 @@ class SpaceModels:
         """Build from one model's tensor names (the module kinds come from ``evomerge.io.arch.tensor_role``)."""
         from evomerge.io.arch import tensor_role
 
-        kinds = frozenset(tensor_role(n, model_type).kind for n in tensor_names)
-        return cls(tuple(names), num_layers, base, model_type, kinds)
+        roles = [tensor_role(n, model_type) for n in tensor_names]
+        kinds = frozenset(r.kind for r in roles)
+        projections = frozenset(r.proj for r in roles if r.proj is not None)
+        return cls(tuple(names), num_layers, base, model_type, kinds, projections=projections)
 
     @classmethod
     def from_folders(

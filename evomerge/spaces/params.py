@@ -4,8 +4,10 @@ Genes: for every searched parameter of the method (read from its ``ParamSpec``s 
 never restated here), one gene per
 
 * merged model (per-source parameters such as ``weight``, ``density``) or once (global ones such as ``t``);
-* module-kind slot: one ``default`` slot, or one per kind in ``split_kinds`` plus ``default`` for the
-  remaining kinds present (``embed`` and ``lm_head`` slots have a single gene: they have no layers);
+* module-kind slot: one ``default`` slot, or one per kind or projection in ``split_kinds`` plus ``default`` for
+  the remaining kinds present (``embed`` and ``lm_head`` slots have a single gene: they have no layers); a
+  projection slot (``q`` … ``down``, "Leveraging Submodule Linearity", arXiv 2504.10902) covers that projection
+  of every layer, a kind slot the kind's other tensors;
 * layer group: 1 (``global``), ``num_layers`` (``per_layer``) or ``ceil(num_layers / group_size)``
   (``groups``; the last group may be shorter).
 
@@ -174,14 +176,14 @@ class ParamGenes:
         return value
 
     def _slots(self) -> list[_Slot]:
-        present = self.models.module_kinds
+        present = self.models.module_kinds | self.models.projections
         split = [k for k in self.section.split_kinds if k in present]
         skipped = [k for k in self.section.split_kinds if k not in present]
         if skipped:
             logger.info("split_kinds %s: not present in the models; no genes for them", skipped)
         groups = _groups(self.section, self.num_layers)
         slots = [_Slot(k, () if k in _LAYERLESS else groups) for k in split]
-        rest = set(present) - set(split)
+        rest = set(self.models.module_kinds) - set(split)
         if not split:
             return [_Slot("default", groups)]
         if rest:
@@ -267,6 +269,51 @@ class ParamGenes:
                 glob[p.spec.name], pos = self._values(unit, pos, p.transform)
         entries = [ModelEntry(model=m, parameters=own[m]) for m in self.merged]
         return entries, glob
+
+    def encode(self, recipe: Recipe, where: str = "recipe") -> Array:
+        """The genome whose genes hold ``recipe``'s values (the inverse of decoding, up to clipping).
+
+        Each gene takes the recipe's value at the first layer of its group, for its slot: a projection slot
+        reads that projection (``q`` …), a kind slot that kind, ``default`` the first present kind no slot
+        takes (norms first). A value outside the gene's range is clipped to it. Exact when the recipe is one
+        this block decodes to, such as a recipe of the same method with coarser groups or kinds: so a space
+        split per projection starts at the best recipe of a space split per kind (the grouped-then-refined
+        schedule, ``space.start_from``). The method and the merged models must be the block's.
+        """
+        from evomerge.io.arch import TensorRole
+        from evomerge.merge.tensor_params import evaluate
+        from evomerge.names import PROJECTION_KIND
+
+        if recipe.method != self.method.name:
+            raise ConfigError(f"{where}: method {recipe.method!r} differs from the space's {self.method.name!r}")
+        merged = [m.model for m in recipe.models]
+        if sorted(merged) != sorted(self.merged):
+            raise ConfigError(f"{where}: merges {merged}; the space merges {self.merged}")
+        entries = {m.model: m for m in recipe.models}
+        taken = {sl.key for sl in self.slots}
+        rest = [k for k in ("norm", "other", "attn", "mlp", "embed", "lm_head")
+                if k in self.models.module_kinds and k not in taken]
+
+        def role(key: str, layer: int | None) -> TensorRole:
+            if key in PROJECTION_KIND:
+                return TensorRole(layer, PROJECTION_KIND[key], key)  # type: ignore[arg-type]
+            kind = key if key != "default" else (rest[0] if rest else "other")
+            return TensorRole(None if kind in _LAYERLESS else layer, kind)  # type: ignore[arg-type]
+
+        out: list[float] = []
+        for p in self.searched:
+            owners = self.merged if p.spec.scope == "source" else [None]
+            for owner in owners:
+                own = entries[owner].parameters if owner else {}
+                value = own.get(p.spec.name, recipe.parameters.get(p.spec.name, p.spec.default))
+                if value is None or isinstance(value, bool):
+                    raise ConfigError(f"{where}: no value for {p.spec.name!r}" + (f" of {owner!r}" if owner else ""))
+                for slot in self.slots:
+                    for a, _b in slot.groups or ((None, None),):
+                        v = float(evaluate(value, role(slot.key, a), self.num_layers))
+                        v = min(max(v, p.transform.low), p.transform.high)
+                        out.append(p.transform.gene(v))
+        return np.asarray(out, dtype=np.float64)
 
     def recipe_fields(self, unit: Array) -> dict[str, Any]:
         entries, glob = self.decode_parts(unit)

@@ -10,6 +10,7 @@ names). Three kinds, chosen by ``kind``:
     granularity: per_layer       # global | per_layer | groups (with group_size)
     group_size: 4
     split_kinds: [attn, mlp]     # separate genes for these module kinds; the rest share "default"
+                                 # (also projections: [q, k, v, o, gate, up, down], each its own genes)
     search: [weight, density]    # method parameters searched (default: every float per-source one)
     ranges: {density: [0.05, 1]} # decoded ranges (default: the method's natural bounds)
     allow_negative: []           # parameters whose range may go below 0
@@ -21,6 +22,10 @@ names). Three kinds, chosen by ``kind``:
 
 ``hybrid``: a ``params`` section and a ``routing`` section; the route runs over the merged model
 ``"@merge"`` and the sources.
+
+``lines`` (LiNeS: ``α``, ``β`` of a per-layer ``lambda`` over a task-vector method, see
+:mod:`evomerge.spaces.lines`) and ``layer_swap`` (the bottom/top ``k`` layers of one expert swapped in from
+another, see :mod:`evomerge.spaces.layer_swap`); ``segments`` (M2N2's per-segment combinations).
 
 Unknown keys are refused; every error names the file and the YAML path of the faulty value.
 """
@@ -35,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.builtin import read_text, resolve
 from evomerge.errors import ConfigError
-from evomerge.names import DType, ModuleKind
+from evomerge.names import DType, ModuleKind, Projection
 from evomerge.recipe import ParamValue
 from evomerge.registry import Registry
 
@@ -62,7 +67,9 @@ class ParamsSection(BaseModel):
     include_base: bool = False
     granularity: Literal["global", "per_layer", "groups"] = "global"
     group_size: int | None = Field(default=None, ge=1)
-    split_kinds: list[ModuleKind] = Field(default_factory=list)
+    #: Module kinds (``attn``, ``mlp`` …) and/or projections (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
+    #: ``down``) with genes of their own; a projection's genes win over its kind's.
+    split_kinds: list[ModuleKind | Projection] = Field(default_factory=list)
     search: list[str] | None = None
     ranges: dict[str, Range] = Field(default_factory=dict)
     allow_negative: list[str] = Field(default_factory=list)
@@ -197,6 +204,8 @@ TEMPLATE_KINDS.add("params", ParamsTemplate)
 TEMPLATE_KINDS.add("routing", RoutingTemplate)
 TEMPLATE_KINDS.add("hybrid", HybridTemplate)
 TEMPLATE_KINDS.register_lazy("segments", "evomerge.spaces.segments:SegmentsTemplate")
+TEMPLATE_KINDS.register_lazy("lines", "evomerge.spaces.lines:LinesTemplate")
+TEMPLATE_KINDS.register_lazy("layer_swap", "evomerge.spaces.layer_swap:LayerSwapTemplate")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
