@@ -62,7 +62,8 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     upd: dict[str, Any] = {
         "sources": {k: _resolve(base, v) for k, v in cfg.sources.items()},
         "output_dir": _resolve(base, cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir,
-        "space": cfg.space.model_copy(update={"template": _resolve(base, cfg.space.template)}),
+        "space": cfg.space.model_copy(update={"template": _resolve(base, cfg.space.template), **(
+            {"start_from": _resolve(base, cfg.space.start_from)} if cfg.space.start_from else {})}),
         "fitness": cfg.fitness.model_copy(update={"suite": _resolve(base, cfg.fitness.suite)}),
     }
     if cfg.zoo is not None:

@@ -53,6 +53,15 @@ class SpaceConfig(BaseModel):
     warm_start: WarmStartConfig | None = Field(
         default=None, description="score task arithmetic on a grid of weights first and start the search at the "
                                   "best (templates that search 'weight': params and hybrid)")
+    start_from: str | None = Field(
+        default=None, description="start the search at a fitted genome: the start.json (or its folder) that "
+                                  "`evomerge adamerge` wrote for this space")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> SpaceConfig:
+        if self.start_from is not None and self.warm_start is not None:
+            raise ValueError("start_from and warm_start both choose the start point; give one")
+        return self
 
 
 class FitnessConfig(BaseModel):

@@ -103,7 +103,12 @@ def preflight(cfg: RunConfig) -> Prepared:
     validate_recipe_params(x0_recipe)
     # an optimizer that recombines segments (M2N2 over recipes) gets the space's segment structure, if any
     segments = space.prepare_segments(folders) if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) else None
-    problem = Problem(space.dim, space.lower, space.upper, space.x0, tuple(tasks), segments)
+    x0 = space.x0
+    if cfg.space.start_from is not None:  # a fitted genome (evomerge adamerge) as the start point
+        from evomerge.driver.adamerging import load_start
+
+        x0 = load_start(cfg.space.start_from, space)
+    problem = Problem(space.dim, space.lower, space.upper, x0, tuple(tasks), segments)
     factory = OPTIMIZERS.get(cfg.optimizer.name)
     run_options = cfg.optimizer.options.for_run(workers=cfg.resources.workers, evaluations=cfg.budget.evaluations)
     options = run_options.model_dump()
