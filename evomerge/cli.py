@@ -227,6 +227,8 @@ def adamerge(
     lr: Annotated[float, typer.Option(help="Adam learning rate, in genome units.")] = 0.05,
     refresh: Annotated[int, typer.Option(help="Regenerate the greedy continuations every N steps.")] = 1,
     subset: Annotated[int | None, typer.Option(help="Examples per task at each step (default: all).")] = None,
+    balance: Annotated[float | None, typer.Option(
+        help="Weigh tasks by a softmax (this temperature) of their entropy relative to the start.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default: fitness.batch_size).")]
     = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: OUTPUT_DIR/adamerging-NAME).")] = None,
@@ -240,7 +242,8 @@ def adamerge(
     from evomerge.errors import ConfigError
 
     try:
-        settings = AdaMergingConfig(steps=steps, lr=lr, refresh=refresh, subset=subset, batch_size=batch_size)
+        settings = AdaMergingConfig(steps=steps, lr=lr, refresh=refresh, subset=subset, balance=balance,
+                                    batch_size=batch_size)
     except ValueError as exc:
         raise ConfigError(f"adamerge options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
 

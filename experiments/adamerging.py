@@ -107,7 +107,8 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
     rows: list[dict[str, Any]] = [
         {"label": f"task arithmetic, best λ={best_lam} (calibration grid, study baseline)",
          "scores": grid[best_lam], "cost_evals": len(GRID)}]
-    settings = AdaMergingConfig(steps=args.steps, lr=args.lr, refresh=args.refresh, subset=args.subset)
+    settings = AdaMergingConfig(steps=args.steps, lr=args.lr, refresh=args.refresh, subset=args.subset,
+                                balance=args.balance)
     for start, init in (("1/n", None), (f"λ={best_lam}", best_lam)):
         scfg = config(zoo, experts, suite, f"fit-{slug}", out, init=init)
         sprep = preflight(scfg)
@@ -124,7 +125,8 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
         extra = 0 if init is None else len(GRID)
         rows.append({"label": f"start of the fit: task arithmetic, weight {init or f'1/{len(experts)}'}",
                      "scores": x0_scores, "cost_evals": extra})
-        rows.append({"label": f"**AdaMerging** from {start} ({args.steps} steps, lr {args.lr})", "scores": fitted,
+        rows.append({"label": f"**AdaMerging** from {start} ({args.steps} steps, lr {args.lr}"
+                     + (f", balance {args.balance:g})" if args.balance is not None else ")"), "scores": fitted,
                      "cost_evals": extra + fit.cost.evaluations, "entropy": [fit.history[0]["entropy"],
                                                                              fit.history[-1]["entropy"]],
                      "fit": {"wall_s": fit.cost.fit_s, "eval_s": eval_s, "generation_passes": fit.cost.generation_passes,
@@ -192,7 +194,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> 
     return "\n".join(lines)
 
 
-DEFAULTS = {"steps": 30, "lr": 0.01, "refresh": 3, "subset": None, "search_evals": 150}
+DEFAULTS = {"steps": 30, "lr": 0.01, "refresh": 3, "subset": None, "balance": None, "search_evals": 150}
 
 
 def main() -> None:
@@ -203,6 +205,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     ap.add_argument("--refresh", type=int, default=DEFAULTS["refresh"])
     ap.add_argument("--subset", type=int, default=DEFAULTS["subset"])
+    ap.add_argument("--balance", type=float, default=DEFAULTS["balance"])
     ap.add_argument("--search-evals", type=int, default=DEFAULTS["search_evals"])
     ap.add_argument("--only", default=None, help="'2' or '3': one problem")
     args = ap.parse_args()

@@ -167,3 +167,34 @@ def test_a_space_that_is_not_task_arithmetic_weights_is_refused(setup):
     prep = preflight(_cfg(setup["zoo"], setup["suite"], setup["tmp"], template="builtin:ties-per-layer"))
     with pytest.raises(ConfigError, match="space.template: adamerging fits task_arithmetic"):
         AdaMerging(prep.space, setup["worker"], AdaMergingConfig(), seed=0, batch_size=32)
+
+
+def test_the_command_writes_the_fit_and_refuses_bad_input(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    cfg = setup["cfg"].model_dump(mode="json") | {"output_dir": str(tmp_path / "runs")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["adamerge", str(path), "--steps", "1", "--no-score"])
+    assert res.exit_code == 0, res.output
+    folder = tmp_path / "runs" / "adamerging-ada"
+    assert {p.name for p in folder.iterdir()} == {"recipe.yaml", START_FILE, "log.jsonl", "summary.json"}
+    assert len((folder / "log.jsonl").read_text().splitlines()) == 2
+    load_start(folder, setup["prep"].space)
+    again = CliRunner().invoke(app, ["adamerge", str(path), "--steps", "1", "--no-score"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = CliRunner().invoke(app, ["adamerge", str(path), "--lr", "0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "lr" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_balance_weighs_most_the_task_whose_entropy_fell_least(setup):
+    res = _fitter(setup, steps=3, lr=0.05, balance=20.0).fit()
+    first = res.history[0]["tasks"]
+    assert res.history[0]["weights"] == [0.5, 0.5]  # nothing is known before the first step
+    for prev, rec in zip(res.history[:-2], res.history[1:-1], strict=True):
+        ratio = {t: prev["tasks"][t] / first[t] for t in first}
+        w = dict(zip(first, rec["weights"], strict=True))
+        assert sum(w.values()) == pytest.approx(1.0)
+        assert max(w, key=w.get) == max(ratio, key=ratio.get)

@@ -21,7 +21,9 @@ The objective (no answers are read):
   positions that predict the continuation's tokens: the entropy of the model's answer;
 * ``perplexity`` tasks: the entropy at every position that predicts a text token.
 
-Each task's mean entropy (over its positions) weighs equally; the loss is their mean. ``choice`` and ``lmeval``
+Each task's mean entropy (over its positions) weighs equally and the loss is their mean; with ``balance`` a
+task's weight is a softmax of its entropy relative to its start (read at the previous step), a soft form of
+the worst task. ``choice`` and ``lmeval``
 tasks are refused. ``subset`` draws that many examples per task afresh at every step (seeded), else every
 calibration example is used at every step.
 
@@ -63,6 +65,9 @@ class AdaMergingConfig(BaseModel):
     lr: float = Field(default=0.05, gt=0, description="Adam learning rate, in genome units ([0, 1] per gene)")
     refresh: int = Field(default=1, ge=1, description="regenerate the greedy continuations every this many steps")
     subset: int | None = Field(default=None, ge=1, description="examples per task at each step (default: all)")
+    balance: float | None = Field(
+        default=None, ge=0, description="weigh the tasks by a softmax (this temperature) of each task's entropy "
+        "relative to its start, so the task whose entropy fell least weighs most (default: equal weights)")
     batch_size: int | None = Field(default=None, ge=1,
                                    description="sequences per forward pass (default: the run's fitness.batch_size)")
 
@@ -309,25 +314,44 @@ class AdaMerging:
             return ([task.prompts[i] + task.continuations[i] for i in idx], [len(task.prompts[i]) for i in idx])
         return [task.prompts[i] for i in idx], [1] * len(idx)
 
-    def loss_and_grad(self, u: torch.Tensor, drawn: list[list[int]]) -> float:
-        """Mean over tasks of each task's mean entropy; accumulates its gradient into ``u.grad``."""
-        model = self.worker.model
-        total = 0.0
-        for task, idx in zip(self.tasks, drawn, strict=True):
+    def task_entropies(self, u: torch.Tensor, drawn: list[list[int]], weights: np.ndarray | None = None
+                       ) -> list[float]:
+        """Each task's mean entropy at genome ``u``; with ``weights`` (one per task), the gradient of
+        ``sum_t weights[t] * H_t`` is accumulated into ``u.grad`` (without, nothing is differentiated)."""
+        out = []
+        for t, (task, idx) in enumerate(zip(self.tasks, drawn, strict=True)):
             seqs, starts = self._sequences(task, idx)
-            positions = sum(len(s) - a for s, a in zip(seqs, starts, strict=True))
+            positions = sum(len(q) - a for q, a in zip(seqs, starts, strict=True))
             order = sorted(range(len(seqs)), key=lambda j: -len(seqs[j]))
-            for s in range(0, len(order), self.batch_size):
-                part = order[s:s + self.batch_size]
-                params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows)
-                h = _entropy_batch(model, params, [seqs[j] for j in part], [starts[j] for j in part], self.pad)
-                part_loss = h / (positions * len(self.tasks))
-                if not torch.isfinite(part_loss):
+            total = 0.0
+            for b in range(0, len(order), self.batch_size):
+                part = order[b:b + self.batch_size]
+                with torch.set_grad_enabled(weights is not None):
+                    params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows)
+                    h = _entropy_batch(self.worker.model, params, [seqs[j] for j in part],
+                                       [starts[j] for j in part], self.pad) / positions
+                if not torch.isfinite(h):
                     raise ConfigError(f"task {task.name!r}: the merged model's entropy is not finite (NaN/inf "
                                       "weights or logits)")
-                part_loss.backward()
-                total += float(part_loss.detach())
-        return total
+                if weights is not None:
+                    (h * float(weights[t])).backward()
+                total += float(h.detach())
+            out.append(total)
+        return out
+
+    def loss_and_grad(self, u: torch.Tensor, drawn: list[list[int]]) -> float:
+        """Mean over tasks of each task's mean entropy; accumulates its gradient into ``u.grad``."""
+        return float(np.mean(self.task_entropies(u, drawn, np.full(len(self.tasks), 1.0 / len(self.tasks)))))
+
+    def _weights(self, last: list[float] | None, first: list[float] | None) -> np.ndarray:
+        """The tasks' weights in the loss: equal, or with ``balance`` a softmax of each task's entropy relative
+        to its entropy at the start (from the last step), so the task whose entropy fell least weighs most."""
+        n = len(self.tasks)
+        if self.settings.balance is None or last is None or first is None:
+            return np.full(n, 1.0 / n)
+        ratio = np.asarray(last) / np.maximum(np.asarray(first), 1e-12)
+        z = np.exp(self.settings.balance * (ratio - ratio.max()))
+        return z / z.sum()
 
     def fit(self, x0: np.ndarray | None = None, progress: Callable[[dict[str, Any]], None] | None = None
             ) -> FitResult:
@@ -338,6 +362,8 @@ class AdaMerging:
         rng = np.random.default_rng(self.seed)
         history: list[dict[str, Any]] = []
         gens = grads = 0
+        first: list[float] | None = None
+        last: list[float] | None = None
         t0 = time.perf_counter()
         model = self.worker.model
         was_training = model.training
@@ -349,13 +375,16 @@ class AdaMerging:
                     self._regenerate(u.detach().numpy(), drawn)
                     gens += 1
                 opt.zero_grad()
-                if step == s.steps:
-                    with torch.no_grad():
-                        loss = self._loss_only(u, drawn)
-                else:
-                    loss = self.loss_and_grad(u, drawn)
-                    grads += 1
-                rec = {"step": step, "entropy": loss, "genome": u.detach().tolist()}
+                weights = None if step == s.steps else self._weights(last, first)
+                per_task = self.task_entropies(u, drawn, weights)
+                grads += weights is not None
+                first = per_task if first is None else first
+                last = per_task
+                rec = {"step": step, "entropy": float(np.mean(per_task)),
+                       "tasks": dict(zip((t.name for t in self.tasks), per_task, strict=True)),
+                       "genome": u.detach().tolist()}
+                if weights is not None and s.balance is not None:
+                    rec["weights"] = weights.tolist()
                 history.append(rec)
                 if progress:
                     progress(rec)
@@ -370,18 +399,6 @@ class AdaMerging:
         cost = FitCost(steps=s.steps, generation_passes=gens, gradient_passes=grads, fit_s=time.perf_counter() - t0)
         return FitResult(genome, self.space.decode(genome), x0, history, cost,
                          [g.name for g in self.space.genes()])
-
-    def _loss_only(self, u: torch.Tensor, drawn: list[list[int]]) -> float:
-        total = 0.0
-        for task, idx in zip(self.tasks, drawn, strict=True):
-            seqs, starts = self._sequences(task, idx)
-            positions = sum(len(q) - a for q, a in zip(seqs, starts, strict=True))
-            for s in range(0, len(seqs), self.batch_size):
-                params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows)
-                h = _entropy_batch(self.worker.model, params, seqs[s:s + self.batch_size],
-                                   starts[s:s + self.batch_size], self.pad)
-                total += float(h) / (positions * len(self.tasks))
-        return total
 
 
 # --------------------------------------------------------------------------- the command
