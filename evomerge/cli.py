@@ -224,8 +224,8 @@ def run(
 def adamerge(
     config: Annotated[Path, typer.Argument(help="Run config YAML (its sources, space, suite and seed).")],
     steps: Annotated[int, typer.Option(help="Adam steps.")] = 30,
-    lr: Annotated[float, typer.Option(help="Adam learning rate, in genome units.")] = 0.05,
-    refresh: Annotated[int, typer.Option(help="Regenerate the greedy continuations every N steps.")] = 1,
+    lr: Annotated[float, typer.Option(help="Adam learning rate, in genome units.")] = 0.01,
+    refresh: Annotated[int, typer.Option(help="Regenerate the greedy continuations every N steps.")] = 3,
     subset: Annotated[int | None, typer.Option(help="Examples per task at each step (default: all).")] = None,
     balance: Annotated[float | None, typer.Option(
         help="Weigh tasks by a softmax (this temperature) of their entropy relative to the start.")] = None,

@@ -70,7 +70,7 @@ def _fitter(setup, seed: int = 0, **kw) -> AdaMerging:
 
 @pytest.fixture(scope="module")
 def fitted(setup):
-    return _fitter(setup, steps=4, lr=0.05).fit()
+    return _fitter(setup, steps=4, lr=0.05, refresh=1).fit()
 
 
 def test_entropy_decreases_over_the_steps(fitted):

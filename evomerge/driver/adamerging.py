@@ -62,8 +62,8 @@ class AdaMergingConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     steps: int = Field(default=30, ge=0, description="Adam steps on the genome")
-    lr: float = Field(default=0.05, gt=0, description="Adam learning rate, in genome units ([0, 1] per gene)")
-    refresh: int = Field(default=1, ge=1, description="regenerate the greedy continuations every this many steps")
+    lr: float = Field(default=0.01, gt=0, description="Adam learning rate, in genome units ([0, 1] per gene)")
+    refresh: int = Field(default=3, ge=1, description="regenerate the greedy continuations every this many steps")
     subset: int | None = Field(default=None, ge=1, description="examples per task at each step (default: all)")
     balance: float | None = Field(
         default=None, ge=0, description="weigh the tasks by a softmax (this temperature) of each task's entropy "
