@@ -47,7 +47,7 @@ PROBLEMS = {"2 experts (add, rev)": (["add", "rev"], "builtin:zoo-2"),
             "3 experts (add, rev, sort)": (["add", "rev", "sort"], "builtin:zoo")}
 
 
-def config(zoo: Any, experts: list[str], suite: str, name: str, out: Path, *, init: float | None = None,
+def config(zoo: Any, experts: list[str], suite: str, name: str, out: Path, *, seed: int = 0, init: float | None = None,
            start_from: str | None = None, search: dict[str, Any] | None = None, evals: int = 1) -> RunConfig:
     space: dict[str, Any] = {"template": TEMPLATE}
     if init is not None:
@@ -55,7 +55,7 @@ def config(zoo: Any, experts: list[str], suite: str, name: str, out: Path, *, in
     if start_from is not None:
         space["start_from"] = start_from
     return RunConfig.model_validate({
-        "name": name, "seed": 0, "output_dir": str(out / "runs"),
+        "name": name, "seed": seed, "output_dir": str(out / "runs"),
         "sources": {"base": str(zoo.base), **{e: str(zoo.expert(e)) for e in experts}}, "base_model": "base",
         "space": space, "fitness": {"suite": suite, "scorer": "hf", "batch_size": 200},
         "optimizer": search or {"name": "cma_es"}, "budget": {"evaluations": evals},
@@ -142,36 +142,50 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
     for r in rows:
         r["test_rel"] = rel(r["scores"]["test"], expert_test)
         r["cal_rel"] = rel(r["scores"]["calibration"], expert_cal)
+        r["test_worst"] = [min(rel(x["test"], expert_test).values()) for x in r.get("seeds", [r["scores"]])]
+        r["test_mean"] = [float(np.mean(list(rel(x["test"], expert_test).values())))
+                          for x in r.get("seeds", [r["scores"]])]
+        r["cal_worst"] = [min(rel(x["calibration"], expert_cal).values()) for x in r.get("seeds", [r["scores"]])]
     return {"problem": label, "experts": experts, "expert_test": expert_test, "expert_cal": expert_cal,
             "best_lambda": best_lam, "rows": rows}
 
 
 def search_rows(zoo: Any, experts: list[str], suite: str, out: Path, init: float, start: Path | None, pick: str,
                 args: argparse.Namespace, cost: float, label: str) -> list[dict[str, Any]]:
-    """One warm CMA-ES search of the space (from a fitted genome, or from the template's start at ``init``)."""
+    """Warm CMA-ES searches of the space (from a fitted genome, or from the template's start at ``init``), one per
+    seed: one row holding their mean test scores per task and each seed's row."""
     slug = "-".join(experts)
-    name = f"search-{slug}-{'ada' if start else 'ta'}-{pick}"
-    run_dir = out / "runs" / name
-    search = {"name": "cma_es", "options": {"popsize": 8, "sigma0": 0.1, "x0_first": True,
-                                            **({"scalarize": "worst"} if pick == "worst" else {})}}
-    qcfg = config(zoo, experts, suite, name, out, init=init, start_from=str(start) if start else None,
-                  search=search, evals=args.search_evals)
-    if not (run_dir / "checkpoint.json").exists():
-        start_run(qcfg)
-    res = RunResults(run_dir)
-    if pick == "worst":
-        def key(r, res=res):
-            v = list(res.relative_to_expert(r.result.task_means()).values())
-            return (min(v), float(np.mean(v)))
-        best = max(res.searched, key=key)
-    else:
-        best = res.best()
-    test = res.test_scores(best.recipe_hash)
-    row = {"label": f"{label}, {args.search_evals} evals, pick {pick}",
-           "scores": {"calibration": best.result.task_means(), "test": test},
-           "cost_evals": cost + len(res.searched), "run_dir": str(run_dir)}
-    log.info("%s: test %s", row["label"], test)
-    return [row]
+    seeds = []
+    for seed in range(args.seeds):
+        name = f"search-{slug}-{'ada' if start else 'ta'}-{pick}" + (f"-s{seed}" if seed else "")
+        run_dir = out / "runs" / name
+        search = {"name": "cma_es", "options": {"popsize": 8, "sigma0": 0.1, "x0_first": True,
+                                                **({"scalarize": "worst"} if pick == "worst" else {})}}
+        qcfg = config(zoo, experts, suite, name, out, seed=seed, init=init,
+                      start_from=str(start) if start else None, search=search, evals=args.search_evals)
+        if not (run_dir / "checkpoint.json").exists():
+            start_run(qcfg)
+        res = RunResults(run_dir)
+        if pick == "worst":
+            def key(r, res=res):
+                v = list(res.relative_to_expert(r.result.task_means()).values())
+                return (min(v), float(np.mean(v)))
+            best = max(res.searched, key=key)
+        else:
+            best = res.best()
+        seeds.append({"calibration": best.result.task_means(), "test": res.test_scores(best.recipe_hash),
+                      "evaluations": len(res.searched), "run_dir": str(run_dir)})
+        log.info("%s, seed %d: test %s", label, seed, seeds[-1]["test"])
+    mean = {split: {t: float(np.mean([s[split][t] for s in seeds])) for t in experts}
+            for split in ("calibration", "test")}
+    n = f"{args.seeds} seeds, " if args.seeds > 1 else ""
+    return [{"label": f"{label}, {n}{args.search_evals} evals, pick {pick}", "scores": mean, "seeds": seeds,
+             "cost_evals": cost + float(np.mean([s["evaluations"] for s in seeds]))}]
+
+
+def pm(values: list[float]) -> str:
+    """A value, or the mean ± std over seeds."""
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> str:
@@ -186,15 +200,14 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> 
                   " | mean rel. | worst rel. | cal. worst rel. | cost (evaluations) |",
                   "|---|" + "---|" * (len(tasks) + 4)]
         for r in res["rows"]:
-            t = r["test_rel"]
             lines.append(f"| {r['label']} | " + " | ".join(f"{r['scores']['test'][k]:.3f}" for k in tasks) +
-                         f" | {np.mean(list(t.values())):.3f} | {min(t.values()):.3f} | "
-                         f"{min(r['cal_rel'].values()):.3f} | {r['cost_evals']:.1f} |")
+                         f" | {pm(r['test_mean'])} | {pm(r['test_worst'])} | {pm(r['cal_worst'])} | "
+                         f"{r['cost_evals']:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
 
-DEFAULTS = {"steps": 30, "lr": 0.01, "refresh": 3, "subset": None, "balance": None, "search_evals": 150}
+DEFAULTS = {"steps": 30, "lr": 0.01, "refresh": 3, "subset": None, "balance": None, "seeds": 1, "search_evals": 150}
 
 
 def main() -> None:
@@ -206,6 +219,7 @@ def main() -> None:
     ap.add_argument("--refresh", type=int, default=DEFAULTS["refresh"])
     ap.add_argument("--subset", type=int, default=DEFAULTS["subset"])
     ap.add_argument("--balance", type=float, default=DEFAULTS["balance"])
+    ap.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds of each search")
     ap.add_argument("--search-evals", type=int, default=DEFAULTS["search_evals"])
     ap.add_argument("--only", default=None, help="'2' or '3': one problem")
     args = ap.parse_args()

@@ -23,8 +23,7 @@ The objective (no answers are read):
 
 Each task's mean entropy (over its positions) weighs equally and the loss is their mean; with ``balance`` a
 task's weight is a softmax of its entropy relative to its start (read at the previous step), a soft form of
-the worst task. ``choice`` and ``lmeval``
-tasks are refused. ``subset`` draws that many examples per task afresh at every step (seeded), else every
+the worst task. ``choice`` and ``lmeval`` tasks are refused. ``subset`` draws that many examples per task afresh at every step (seeded), else every
 calibration example is used at every step.
 
 Cost, in the units of a search: one *evaluation* is one calibration scoring pass of one candidate. A fit of
@@ -32,6 +31,14 @@ Cost, in the units of a search: one *evaluation* is one calibration scoring pass
 greedy generation passes (every step with ``subset``; the last one measures the fitted genome's entropy), each
 about one scoring pass of the generate tasks; :func:`run_adamerging` also scores the start recipe once on
 calibration and states the fit's wall time in multiples of that scoring pass (:class:`FitCost`).
+
+A command (``evomerge adamerge``), not an optimizer of ``OPTIMIZERS``: an ask/tell optimizer sees only the
+scores a worker sends back, while a gradient needs the worker's resident tensors and live model inside the
+optimizer, across the boundary that keeps workers stateless and the optimizer in the driver. So a fit runs on its
+own worker, writes its own folder (never a run folder), and hands a search its genome (``space.start_from``).
+
+Entropy rewards confidence, not correctness: from a start whose answers are confidently wrong it makes them more
+so (on the tiny zoo, from plain ``1/n`` weights, every task falls to near 0); start it from a tuned merge.
 """
 
 from __future__ import annotations
