@@ -54,9 +54,10 @@ class SpaceConfig(BaseModel):
         default=None, description="score task arithmetic on a grid of weights first and start the search at the "
                                   "best (templates that search 'weight': params and hybrid)")
     start_from: str | None = Field(
-        default=None, description="a recipe YAML (e.g. the exported best of a coarser search): the optimizer "
-                                  "starts at its encoding in this params space (grouped-then-refined: search per "
-                                  "module kind, then per projection from that winner)")
+        default=None, description="where the search starts: a recipe YAML (e.g. the exported best of a coarser "
+                                  "search), encoded in this params space (grouped-then-refined: search per module "
+                                  "kind, then per projection from that winner); or the start.json (or its folder) "
+                                  "that `evomerge adamerge` fitted for this space")
 
     @model_validator(mode="after")
     def _one_start(self) -> SpaceConfig:

@@ -141,9 +141,15 @@ def preflight(cfg: RunConfig) -> Prepared:
 
 
 def start_point(path: str, space: Any) -> Any:
-    """``space.start_from``: the genome of the recipe in ``path`` in ``space`` (a params space)."""
+    """``space.start_from``: the genome of the recipe in ``path`` in ``space`` (a params space), or the genome an
+    ``evomerge adamerge`` fit wrote (a ``start.json``, or the folder holding one)."""
     from evomerge.recipe import Recipe
 
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".json":
+        from evomerge.driver.adamerging import load_start
+
+        return load_start(p, space)
     where = f"space.start_from ({path})"
     if getattr(space, "kind", None) != "params":
         raise ConfigError(f"{where}: needs a params template; the space is a {getattr(space, 'kind', '?')} space")

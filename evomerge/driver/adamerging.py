@@ -1,0 +1,506 @@
+"""AdaMerging: the coefficients of task arithmetic fitted by entropy minimization on unlabeled calibration inputs.
+
+After Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning" (ICLR 2024, arXiv 2310.02575):
+the merged model ``base + lambda * sum_i w_i d_i`` is built *functionally* from the resident base and task
+vectors (``torch.func.functional_call``), so the gradient of its mean prediction entropy on unlabeled inputs
+reaches the merge coefficients and nothing else, and Adam descends on them.
+
+What is fitted: the genome of the run config's own search space, which must be a ``params`` space over
+``task_arithmetic`` that searches only ``weight`` (``builtin:task-arithmetic-per-layer``: one weight per layer,
+module kind and expert — AdaMerging's "layer-wise" coefficients, split by module kind). The genome lives in
+``[0, 1]^d`` and each tensor's weights are an affine function of it (read off the space's own ``decode``, never
+restated here, and checked at a random genome); Adam steps are projected back onto ``[0, 1]^d``. The result is a
+genome and a :class:`~evomerge.recipe.Recipe` of that space, so ``evomerge merge``, export and a search started
+from it (``space.start_from``) use it as any candidate.
+
+The objective (no answers are read):
+
+* ``generate`` tasks: the merged model's own greedy continuation of each calibration prompt (regenerated every
+  ``refresh`` steps with the current merge, merged in place exactly as a candidate would be, cut after the first
+  stop string or EOS) is teacher-forced, and the entropy of the next-token distribution is averaged over the
+  positions that predict the continuation's tokens: the entropy of the model's answer;
+* ``perplexity`` tasks: the entropy at every position that predicts a text token.
+
+Each task's mean entropy (over its positions) weighs equally and the loss is their mean; with ``balance`` a
+task's weight is a softmax of its entropy relative to its start (read at the previous step), a soft form of
+the worst task. ``choice`` and ``lmeval`` tasks are refused. ``subset`` draws that many examples per task afresh at every step (seeded), else every
+calibration example is used at every step.
+
+Cost, in the units of a search: one *evaluation* is one calibration scoring pass of one candidate. A fit of
+``steps`` steps runs ``steps`` forward+backward passes over the drawn inputs and ``ceil(steps / refresh) + 1``
+greedy generation passes (every step with ``subset``; the last one measures the fitted genome's entropy), each
+about one scoring pass of the generate tasks; :func:`run_adamerging` also scores the start recipe once on
+calibration and states the fit's wall time in multiples of that scoring pass (:class:`FitCost`).
+
+A command (``evomerge adamerge``), not an optimizer of ``OPTIMIZERS``: an ask/tell optimizer sees only the
+scores a worker sends back, while a gradient needs the worker's resident tensors and live model inside the
+optimizer, across the boundary that keeps workers stateless and the optimizer in the driver. So a fit runs on its
+own worker, writes its own folder (never a run folder), and hands a search its genome (``space.start_from``).
+
+Entropy rewards confidence, not correctness: from a start whose answers are confidently wrong it makes them more
+so (on the tiny zoo, from plain ``1/n`` weights, every task falls to near 0); start it from a tuned merge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+#: The file a fit writes its genome to, read back by ``space.start_from``.
+START_FILE = "start.json"
+
+
+class AdaMergingConfig(BaseModel):
+    """The options of one fit (the ``evomerge adamerge`` flags)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    steps: int = Field(default=30, ge=0, description="Adam steps on the genome")
+    lr: float = Field(default=0.01, gt=0, description="Adam learning rate, in genome units ([0, 1] per gene)")
+    refresh: int = Field(default=3, ge=1, description="regenerate the greedy continuations every this many steps")
+    subset: int | None = Field(default=None, ge=1, description="examples per task at each step (default: all)")
+    balance: float | None = Field(
+        default=None, ge=0, description="weigh the tasks by a softmax (this temperature) of each task's entropy "
+        "relative to its start, so the task whose entropy fell least weighs most (default: equal weights)")
+    batch_size: int | None = Field(default=None, ge=1,
+                                   description="sequences per forward pass (default: the run's fitness.batch_size)")
+
+
+# --------------------------------------------------------------------------- the genome -> weights map
+class WeightMap:
+    """Each tensor's task-arithmetic weights as an affine function of the genome: ``W(u) = A + J u``.
+
+    ``A`` and ``J`` are read from the space's own decode (at ``u = 0`` and at each unit vector) for every tensor
+    role (module kind, layer), then checked at a random genome; a space whose weights are not affine in the
+    genome (a log transform) is refused. ``lam`` and ``normalize`` are the recipe's fixed global parameters.
+    """
+
+    def __init__(self, space: Any, roles: dict[str, Any], num_layers: int) -> None:
+        from evomerge.merge.materialize import MergePlan
+        from evomerge.merge.tensor_params import tensor_params
+
+        genes = space.param_genes
+        if genes is None or getattr(space, "kind", "") != "params":
+            raise ConfigError("space.template: adamerging fits a params space (e.g. builtin:task-arithmetic-per-layer)")
+        if genes.method.name != "task_arithmetic":
+            raise ConfigError(f"space.template: adamerging fits task_arithmetic weights; the space merges with "
+                              f"{genes.method.name!r}")
+        searched = [p.spec.name for p in genes.searched]
+        if searched != ["weight"]:
+            raise ConfigError(f"space.template: search: adamerging fits only 'weight'; the space searches {searched}")
+        self.space = space
+        self.dim = int(space.dim)
+        self.keys = sorted({(r.kind, r.layer) for r in roles.values()}, key=lambda k: (k[0], -1 if k[1] is None
+                                                                                          else k[1]))
+        self.row = {name: self.keys.index((r.kind, r.layer)) for name, r in roles.items()}
+        role_of = {(r.kind, r.layer): r for r in roles.values()}
+        self._roles = [role_of[k] for k in self.keys]
+        self._num_layers = num_layers
+        self._plan = MergePlan.build(space.decode(space.x0), num_layers)
+        self.order = self._plan.order
+        self._tensor_params = tensor_params
+
+        def weights(u: np.ndarray) -> np.ndarray:
+            recipe = space.decode(u)
+            return np.asarray([self._tensor_params(recipe, self._plan.method, r, num_layers, self.order).sp["weight"]
+                               for r in self._roles], dtype=np.float64)
+
+        zero = np.zeros(self.dim)
+        a = weights(zero)
+        jac = np.zeros((*a.shape, self.dim))
+        for g in range(self.dim):
+            e = zero.copy()
+            e[g] = 1.0
+            jac[..., g] = weights(e) - a
+        probe = np.random.default_rng(0).random(self.dim)
+        if not np.allclose(a + jac @ probe, weights(probe), rtol=1e-9, atol=1e-12):
+            raise ConfigError("space.template: its weights are not affine in the genome (a log transform?); "
+                              "adamerging needs linear weight genes")
+        gp = [self._tensor_params(self._plan.recipe, self._plan.method, r, num_layers, self.order).gp
+              for r in self._roles]
+        self.lam = torch.tensor([float(g.get("lambda", 1.0)) for g in gp], dtype=torch.float64)
+        self.normalize = [bool(g.get("normalize", False)) for g in gp]
+        self.a = torch.from_numpy(a)
+        self.jac = torch.from_numpy(jac)
+
+    def weights(self, u: torch.Tensor) -> torch.Tensor:
+        """``(roles, models)`` weights at genome ``u`` (differentiable in ``u``)."""
+        return self.a.to(u) + self.jac.to(u) @ u
+
+
+def merged_tensors(wmap: WeightMap, sources: Any, targets: dict[str, str], u: torch.Tensor,
+                   rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Live parameter name -> ``base + lambda * sum_i w_i d_i`` at genome ``u``; the graph reaches only ``u``."""
+    w_all = wmap.weights(u)
+    out: dict[str, torch.Tensor] = {}
+    for name, live in targets.items():
+        base, deltas = sources.group(name, rows)
+        r = wmap.row[name]
+        w = w_all[r].to(torch.float32)
+        mixed = torch.tensordot(w.to(deltas.device), deltas.to(torch.float32), dims=1)
+        if wmap.normalize[r]:
+            total = w.sum()
+            mixed = mixed / torch.where(total.abs() >= 1e-8, total, torch.ones_like(total))
+        out[live] = (base.to(torch.float32) + float(wmap.lam[r]) * mixed).to(base.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- the objective
+@dataclass
+class _Task:
+    name: str
+    kind: str  # generate | perplexity
+    prompts: list[list[int]]
+    max_new_tokens: int = 0
+    stops: tuple[str, ...] = ()
+    continuations: list[list[int]] = field(default_factory=list)
+
+
+def calibration_inputs(suite: Any, tokenizer: Any) -> list[_Task]:
+    """Token ids of every calibration input (prompts only: no answer is read)."""
+    from evomerge.scoring.requests import check_chat_templates, encode, generation_prompts
+    from evomerge.scoring.suite import GenerateTask, PerplexityTask
+
+    check_chat_templates(suite.tasks, tokenizer)
+    out = []
+    for task in suite.tasks:
+        spec = task.spec
+        examples = task.examples("calibration")
+        if isinstance(spec, GenerateTask):
+            out.append(_Task(task.name, "generate", generation_prompts(tokenizer, task, spec, examples),
+                             spec.max_new_tokens, tuple(spec.stop)))
+        elif isinstance(spec, PerplexityTask):
+            texts = [encode(tokenizer, ex.prompt)[: (spec.max_tokens or 10**9) + 1] for ex in examples]
+            out.append(_Task(task.name, "perplexity", [t for t in texts if len(t) >= 2]))
+        else:
+            raise ConfigError(f"fitness.suite: task {task.name!r} is a {task.kind} task; adamerging fits on generate "
+                              "and perplexity tasks (select others out with fitness.tasks)")
+    return out
+
+
+def _cut(tokenizer: Any, ids: list[int], stops: Sequence[str], eos: set[int]) -> list[int]:
+    """``ids`` up to and including the first EOS or the token that completes the first stop string."""
+    for k in range(1, len(ids) + 1):
+        if ids[k - 1] in eos:
+            return ids[:k]
+        if stops and any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops):
+            return ids[:k]
+    return ids
+
+
+@torch.no_grad()
+def continue_greedily(model: Any, tokenizer: Any, task: _Task, idx: Sequence[int], batch_size: int) -> None:
+    """Fill ``task.continuations[i]`` for ``i in idx`` with the live model's greedy continuation."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eos_id = model.generation_config.eos_token_id
+    eos_id = eos_id if eos_id is not None else tokenizer.eos_token_id
+    eos = set(eos_id if isinstance(eos_id, list) else [] if eos_id is None else [eos_id])
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=task.max_new_tokens, pad_token_id=pad,
+                              eos_token_id=eos_id, use_cache=True)
+    idx = list(idx)
+    for s in range(0, len(idx), batch_size):
+        part = idx[s:s + batch_size]
+        rows = [task.prompts[i] for i in part]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r):] = torch.tensor(r)
+            mask[j, width - len(r):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for j, i in enumerate(part):
+            task.continuations[i] = _cut(tokenizer, gen[j, width:].tolist(), task.stops, eos) or [pad]
+
+
+def _entropy_batch(model: Any, params: dict[str, torch.Tensor], seqs: list[list[int]], starts: list[int],
+                   pad: int) -> torch.Tensor:
+    """Summed next-token entropy over the positions ``starts[j]-1 .. len-2`` of each sequence (right padded)."""
+    from torch.func import functional_call
+
+    device = next(iter(params.values())).device
+    width = max(map(len, seqs)) - 1
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    pick = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for j, (s, a) in enumerate(zip(seqs, starts, strict=True)):
+        ids[j, :len(s) - 1] = torch.tensor(s[:-1])
+        mask[j, :len(s) - 1] = 1
+        pick[j, a - 1:len(s) - 1] = True
+    logits = functional_call(model, params, args=(), kwargs={"input_ids": ids.to(device),
+                                                             "attention_mask": mask.to(device)}).logits
+    logp = torch.log_softmax(logits[pick.to(device)].float(), dim=-1)
+    return -(logp.exp() * logp).sum()
+
+
+# --------------------------------------------------------------------------- the fit
+@dataclass
+class FitCost:
+    """What a fit cost: passes over the calibration inputs it drew, and wall time."""
+
+    steps: int
+    generation_passes: int  # greedy continuations of the drawn prompts (about one calibration scoring each)
+    gradient_passes: int  # forward+backward passes over the drawn inputs
+    fit_s: float
+    eval_s: float | None = None  # one calibration scoring pass of the start recipe, measured in the same process
+    evaluations: float | None = None  # fit_s / eval_s: the fit's wall time in evaluations
+
+
+@dataclass
+class FitResult:
+    genome: np.ndarray
+    recipe: Recipe
+    x0: np.ndarray
+    history: list[dict[str, Any]]
+    cost: FitCost
+    gene_names: list[str]
+
+
+class AdaMerging:
+    """One fit over a run's resident sources, live model, tokenizer and suite (a driver worker's)."""
+
+    def __init__(self, space: Any, worker: Any, settings: AdaMergingConfig, *, seed: int, batch_size: int) -> None:
+        self.space = space
+        self.worker = worker
+        self.settings = settings
+        self.seed = seed
+        self.batch_size = settings.batch_size or batch_size
+        sources = worker.sources
+        self.wmap = WeightMap(space, {n: sources.roles[n] for n in worker.merger.targets}, sources.num_layers)
+        self.rows = sources.row_index(self.wmap._plan)
+        self.targets = self._live_names(worker.model, worker.merger.targets)
+        worker.model.requires_grad_(False)  # the live weights are replaced by the merged tensors in each forward
+        self.tasks = calibration_inputs(worker.suite, worker.tokenizer)
+        tok = worker.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    @staticmethod
+    def _live_names(model: torch.nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Checkpoint name -> the live parameter it is; a target that is a view into a fused one is refused."""
+        by_ptr = {(p.data_ptr(), tuple(p.shape)): n for n, p in model.named_parameters()}
+        out = {}
+        for name, t in targets.items():
+            live = by_ptr.get((t.data_ptr(), tuple(t.shape)))
+            if live is None:
+                raise ConfigError(f"sources: tensor {name} is part of a fused live parameter (MoE experts); "
+                                  "adamerging needs one live parameter per checkpoint tensor")
+            out[name] = live
+        return out
+
+    def _draw(self, rng: np.random.Generator) -> list[list[int]]:
+        n = self.settings.subset
+        return [sorted(rng.choice(len(t.prompts), n, replace=False).tolist()) if n and n < len(t.prompts)
+                else list(range(len(t.prompts))) for t in self.tasks]
+
+    def _regenerate(self, u: np.ndarray, drawn: list[list[int]]) -> None:
+        self.worker.merger.apply(self.space.decode(u))
+        self.worker._merged = None  # the live model no longer holds a recipe the worker scored
+        for task, idx in zip(self.tasks, drawn, strict=True):
+            if task.kind == "generate":
+                if not task.continuations:
+                    task.continuations = [[] for _ in task.prompts]
+                continue_greedily(self.worker.model, self.worker.tokenizer, task, idx, self.batch_size)
+
+    def _sequences(self, task: _Task, idx: list[int]) -> tuple[list[list[int]], list[int]]:
+        if task.kind == "generate":
+            return ([task.prompts[i] + task.continuations[i] for i in idx], [len(task.prompts[i]) for i in idx])
+        return [task.prompts[i] for i in idx], [1] * len(idx)
+
+    def task_entropies(self, u: torch.Tensor, drawn: list[list[int]], weights: np.ndarray | None = None
+                       ) -> list[float]:
+        """Each task's mean entropy at genome ``u``; with ``weights`` (one per task), the gradient of
+        ``sum_t weights[t] * H_t`` is accumulated into ``u.grad`` (without, nothing is differentiated)."""
+        out = []
+        for t, (task, idx) in enumerate(zip(self.tasks, drawn, strict=True)):
+            seqs, starts = self._sequences(task, idx)
+            positions = sum(len(q) - a for q, a in zip(seqs, starts, strict=True))
+            order = sorted(range(len(seqs)), key=lambda j: -len(seqs[j]))
+            total = 0.0
+            for b in range(0, len(order), self.batch_size):
+                part = order[b:b + self.batch_size]
+                with torch.set_grad_enabled(weights is not None):
+                    params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows)
+                    h = _entropy_batch(self.worker.model, params, [seqs[j] for j in part],
+                                       [starts[j] for j in part], self.pad) / positions
+                if not torch.isfinite(h):
+                    raise ConfigError(f"task {task.name!r}: the merged model's entropy is not finite (NaN/inf "
+                                      "weights or logits)")
+                if weights is not None:
+                    (h * float(weights[t])).backward()
+                total += float(h.detach())
+            out.append(total)
+        return out
+
+    def loss_and_grad(self, u: torch.Tensor, drawn: list[list[int]]) -> float:
+        """Mean over tasks of each task's mean entropy; accumulates its gradient into ``u.grad``."""
+        return float(np.mean(self.task_entropies(u, drawn, np.full(len(self.tasks), 1.0 / len(self.tasks)))))
+
+    def _weights(self, last: list[float] | None, first: list[float] | None) -> np.ndarray:
+        """The tasks' weights in the loss: equal, or with ``balance`` a softmax of each task's entropy relative
+        to its entropy at the start (from the last step), so the task whose entropy fell least weighs most."""
+        n = len(self.tasks)
+        if self.settings.balance is None or last is None or first is None:
+            return np.full(n, 1.0 / n)
+        ratio = np.asarray(last) / np.maximum(np.asarray(first), 1e-12)
+        z = np.exp(self.settings.balance * (ratio - ratio.max()))
+        return z / z.sum()
+
+    def fit(self, x0: np.ndarray | None = None, progress: Callable[[dict[str, Any]], None] | None = None
+            ) -> FitResult:
+        s = self.settings
+        x0 = self.space.unit(self.space.x0 if x0 is None else x0)
+        u = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([u], lr=s.lr)
+        rng = np.random.default_rng(self.seed)
+        history: list[dict[str, Any]] = []
+        gens = grads = 0
+        first: list[float] | None = None
+        last: list[float] | None = None
+        t0 = time.perf_counter()
+        model = self.worker.model
+        was_training = model.training
+        model.eval()
+        try:
+            for step in range(s.steps + 1):  # the last pass only measures the final genome's entropy
+                drawn = self._draw(rng)
+                if step % s.refresh == 0 or s.subset or step == s.steps:
+                    self._regenerate(u.detach().numpy(), drawn)
+                    gens += 1
+                opt.zero_grad()
+                weights = None if step == s.steps else self._weights(last, first)
+                per_task = self.task_entropies(u, drawn, weights)
+                grads += weights is not None
+                first = per_task if first is None else first
+                last = per_task
+                rec = {"step": step, "entropy": float(np.mean(per_task)),
+                       "tasks": dict(zip((t.name for t in self.tasks), per_task, strict=True)),
+                       "genome": u.detach().tolist()}
+                if weights is not None and s.balance is not None:
+                    rec["weights"] = weights.tolist()
+                history.append(rec)
+                if progress:
+                    progress(rec)
+                if step == s.steps:
+                    break
+                opt.step()
+                with torch.no_grad():
+                    u.clamp_(0.0, 1.0)
+        finally:
+            model.train(was_training)
+        genome = u.detach().numpy().copy()
+        cost = FitCost(steps=s.steps, generation_passes=gens, gradient_passes=grads, fit_s=time.perf_counter() - t0)
+        return FitResult(genome, self.space.decode(genome), x0, history, cost,
+                         [g.name for g in self.space.genes()])
+
+
+# --------------------------------------------------------------------------- the command
+def run_adamerging(config: str | Path | Any, settings: AdaMergingConfig, out_dir: str | Path | None = None, *,
+                   overrides: dict[str, Any] | None = None, score: bool = True,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Fit a run config's space by AdaMerging and write ``recipe.yaml``, ``start.json``, ``log.jsonl`` and
+    ``summary.json`` to ``out_dir`` (default ``OUTPUT_DIR/adamerging-NAME``), atomically as one folder.
+
+    ``score``: also score the start and the fitted recipe on calibration (the start's scoring time is the
+    evaluation unit of the cost)."""
+    import os
+    import shutil
+
+    from evomerge.config import RunConfig, load_run_config
+    from evomerge.driver.run import check_memory, preflight
+    from evomerge.driver.worker import Worker
+
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
+    prep = preflight(cfg)
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / f"adamerging-{cfg.name}"
+    if out.exists():
+        raise ConfigError(f"{out}: already exists; remove it or give another --out")
+    check_memory(prep)
+    worker = Worker(prep.spec)
+    fitter = AdaMerging(prep.space, worker, settings, seed=cfg.seed, batch_size=cfg.fitness.batch_size)
+    result = fitter.fit(progress=progress)
+    scores: dict[str, Any] = {}
+    if score:
+        from evomerge.driver.pool import Job
+
+        for label, recipe in (("start", prep.space.decode(result.x0)), ("fitted", result.recipe)):
+            t0 = time.perf_counter()
+            res = worker.evaluate(Job(key=0, candidate_id=-1, recipe=recipe))
+            if res.status != "ok":
+                raise ConfigError(f"scoring the {label} recipe failed: {res.error}")
+            scores[label] = res.task_means()
+            if label == "start":
+                result.cost.eval_s = time.perf_counter() - t0
+        result.cost.evaluations = result.cost.fit_s / result.cost.eval_s if result.cost.eval_s else None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_fit(tmp, result, settings, prep.space, scores)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_fit(folder: Path, result: FitResult, settings: AdaMergingConfig, space: Any,
+              scores: dict[str, Any]) -> None:
+    (folder / "recipe.yaml").write_text(result.recipe.to_yaml())
+    (folder / START_FILE).write_text(json.dumps({
+        "kind": "adamerging", "genes": result.gene_names, "genome": result.genome.tolist(),
+        "recipe_hash": result.recipe.hash}, indent=1))
+    with (folder / "log.jsonl").open("w") as f:
+        for rec in result.history:
+            f.write(json.dumps(rec) + "\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "settings": settings.model_dump(), "cost": asdict(result.cost), "recipe_hash": result.recipe.hash,
+        "entropy": {"start": result.history[0]["entropy"], "fitted": result.history[-1]["entropy"]},
+        "calibration": scores, "dim": int(space.dim)}, indent=1))
+
+
+def load_start(path: str | Path, space: Any, *, where: str = "space.start_from") -> np.ndarray:
+    """The genome of a ``start.json`` (or of the folder holding one), checked against ``space``."""
+    p = Path(path)
+    p = p / START_FILE if p.is_dir() else p
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {p} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where}: {p} is not a readable JSON start file: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("genome"), list) or not isinstance(data.get("genes"), list):
+        raise ConfigError(f"{where}: {p} holds no 'genes' and 'genome' lists")
+    names = [g.name for g in space.genes()]
+    if data["genes"] != names:
+        raise ConfigError(f"{where}: {p} was fitted in another search space ({len(data['genes'])} genes, this space "
+                          f"has {len(names)}, or other gene names)")
+    try:
+        genome = np.asarray(data["genome"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {p}: genome holds values that are not numbers") from None
+    if genome.shape != (len(names),) or not np.all(np.isfinite(genome)) or genome.min() < 0 or genome.max() > 1:
+        raise ConfigError(f"{where}: {p}: genome must hold {len(names)} finite values in [0, 1]")
+    want = data.get("recipe_hash")
+    if want is not None and space.decode(genome).hash != want:
+        raise ConfigError(f"{where}: {p}: the genome decodes to another recipe than the one fitted "
+                          "(the space's fixed parameters or ranges changed)")
+    return genome
+
+
+__all__ = ["AdaMerging", "AdaMergingConfig", "FitCost", "FitResult", "WeightMap", "load_start", "merged_tensors",
+           "run_adamerging"]
