@@ -326,9 +326,9 @@ def test_check_mergeable_refuses_other_family_and_depth(tmp_path: Path) -> None:
 
 _DECODER = dict(TINY, vocab_size=64)
 ARCHS = {
-    "llama": (LlamaConfig(**_DECODER), {"model.layers.1.self_attn.o_proj.weight": TensorRole(1, "attn")}),
-    "mistral": (MistralConfig(**_DECODER), {"model.layers.0.mlp.down_proj.weight": TensorRole(0, "mlp")}),
-    "qwen2": (Qwen2Config(**_DECODER), {"model.layers.1.self_attn.k_proj.bias": TensorRole(1, "attn")}),
+    "llama": (LlamaConfig(**_DECODER), {"model.layers.1.self_attn.o_proj.weight": TensorRole(1, "attn", "o")}),
+    "mistral": (MistralConfig(**_DECODER), {"model.layers.0.mlp.down_proj.weight": TensorRole(0, "mlp", "down")}),
+    "qwen2": (Qwen2Config(**_DECODER), {"model.layers.1.self_attn.k_proj.bias": TensorRole(1, "attn", "k")}),
     "qwen3": (Qwen3Config(**_DECODER), {"model.layers.0.self_attn.q_norm.weight": TensorRole(0, "norm")}),
     "gemma": (GemmaConfig(head_dim=8, **_DECODER), {"model.norm.weight": TensorRole(None, "norm")}),
     "gemma2": (
@@ -338,7 +338,7 @@ ARCHS = {
     "phi3": (
         Phi3Config(**_DECODER),
         {
-            "model.layers.1.self_attn.qkv_proj.weight": TensorRole(1, "attn"),
+            "model.layers.1.self_attn.qkv_proj.weight": TensorRole(1, "attn"),  # fused: no projection
             "model.layers.0.mlp.gate_up_proj.weight": TensorRole(0, "mlp"),
             "model.rotary_emb.inv_freq": TensorRole(None, "other"),
         },
@@ -351,9 +351,9 @@ ARCHS = {
             "transformer.wte.weight": TensorRole(None, "embed"),
             "transformer.wpe.weight": TensorRole(None, "embed"),
             "transformer.h.1.attn.c_attn.weight": TensorRole(1, "attn"),
-            "transformer.h.0.attn.c_proj.bias": TensorRole(0, "attn"),
-            "transformer.h.0.mlp.c_fc.weight": TensorRole(0, "mlp"),
-            "transformer.h.1.mlp.c_proj.weight": TensorRole(1, "mlp"),
+            "transformer.h.0.attn.c_proj.bias": TensorRole(0, "attn", "o"),
+            "transformer.h.0.mlp.c_fc.weight": TensorRole(0, "mlp", "up"),
+            "transformer.h.1.mlp.c_proj.weight": TensorRole(1, "mlp", "down"),
             "transformer.h.0.ln_1.weight": TensorRole(0, "norm"),
             "transformer.h.1.ln_2.bias": TensorRole(1, "norm"),
             "transformer.ln_f.weight": TensorRole(None, "norm"),
@@ -386,7 +386,7 @@ def test_tensor_role_generic_and_family_rules() -> None:
     assert tensor_role("h.3.attn.bias", "gpt2") == TensorRole(3, "other")
     assert tensor_role("h.3.attn.bias") == TensorRole(3, "attn")
     assert tensor_role("blocks.4.ffn.fc1.weight") == TensorRole(4, "mlp")
-    assert tensor_role("model.layers.2.block_sparse_moe.experts.7.w1.weight") == TensorRole(2, "mlp")
+    assert tensor_role("model.layers.2.block_sparse_moe.experts.7.w1.weight") == TensorRole(2, "mlp", "gate")
     assert tensor_role("gpt_neox.embed_in.weight") == TensorRole(None, "embed")
     assert tensor_role("embed_out.weight") == TensorRole(None, "lm_head")
     assert tensor_role("something.else") == TensorRole(None, "other")
