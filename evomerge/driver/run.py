@@ -74,6 +74,7 @@ def _ensure_zoo(cfg: RunConfig) -> None:
 def preflight(cfg: RunConfig) -> Prepared:
     """Validate every input (models, suite, space, optimizer, scorer) without doing any work."""
     from evomerge.io import ModelFolder, check_mergeable
+    from evomerge.io.adapter import AdapterFolder
     from evomerge.merge.tensor_params import validate_recipe_params
     from evomerge.optim import OPTIMIZERS
     from evomerge.optim.base import Problem
@@ -112,6 +113,9 @@ def preflight(cfg: RunConfig) -> Prepared:
     if cfg.space.warm_start is not None:
         warm_start = warm.prepare(cfg, template, models, space, x0_recipe, problem, factory, options)
     reference = x0_recipe.reference_model
+    if isinstance(folders[reference], AdapterFolder):
+        raise ConfigError(f"sources.{reference}: the reference model is a LoRA adapter; name its base as a source "
+                          f"and set base_model to it")
     order = tuple(n for n in cfg.sources if n != reference)
     vocab = check_vocab(cfg, folders, reference, tokenizer_source, x0_recipe)
     spec = WorkerSpec(

@@ -176,13 +176,23 @@ class ModelFolder:
     def open(cls, path: str | Path) -> ModelFolder:
         """Read ``config.json`` and every safetensors header of folder ``path``.
 
+        A LoRA adapter folder, or ``BASE+ADAPTER``, opens as an :class:`~evomerge.io.adapter.AdapterFolder`
+        (the base with the adapter applied).
+
         Raises :class:`~evomerge.errors.SourceError` (naming the file) for a missing folder or config, a
         pickle-only folder, a shard named by the index that does not exist, a tensor listed by the index but
         absent from its shard, and a truncated or corrupt safetensors file.
         """
+        from evomerge.io.adapter import AdapterFolder, is_adapter, split_spec
+
+        pair = split_spec(path)
+        if pair is not None:  # BASE+ADAPTER (mergekit's model+lora)
+            return AdapterFolder.open_adapter(pair[1], pair[0])
         root = Path(path).expanduser()
         if not root.exists():
             raise SourceError(f"{root}: model folder does not exist")
+        if root.is_dir() and is_adapter(root):
+            return AdapterFolder.open_adapter(root)
         if not root.is_dir():
             raise SourceError(f"{root}: expected a model folder, found a file")
         config = _read_json(root / CONFIG_FILE, CONFIG_FILE)

@@ -84,6 +84,7 @@ class ResidentSources:
         the sources (:func:`~evomerge.merge.vocab.plan_vocab`); vocabulary tensors are kept laid out in it.
         """
         from evomerge.io import ModelFolder, check_mergeable, tensor_role
+        from evomerge.io.adapter import exact_delta
         from evomerge.merge.vocab import plan_vocab, vocab_tensors
 
         t0 = time.perf_counter()
@@ -118,6 +119,9 @@ class ResidentSources:
             else:
                 d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device)
                 for i, m in enumerate(order):
+                    if exact_delta(folders[m], ref, name, d[i]):  # an adapter on the reference: B·A·scale
+                        check_finite(name, m, d[i])
+                        continue
                     t = folders[m].get(name, device=device, dtype=dt)
                     check_finite(name, m, t)
                     torch.sub(t, b, out=d[i])
