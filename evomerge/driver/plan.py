@@ -480,6 +480,9 @@ def plan_run(
     dtype = resolve_dtype(res.dtype, device) or torch.float32
     reference = reference or cfg.base_model or next(iter(cfg.sources))
     n_deltas = len(cfg.sources) - 1
+    pool = cfg.source_selection if cfg.source_selection is not None and n_deltas > cfg.source_selection.keep else None
+    if pool is not None:
+        n_deltas = pool.keep  # a pool: the workers hold only the kept sources (evomerge.merge.selection)
     if shapes is None:
         shapes = _folder_shapes(cfg, reference)
     if orders is None:
@@ -498,8 +501,33 @@ def plan_run(
         kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
     )
     plan = compute(shapes, setup, memory or probe_memory(device, assume_gpu_memory))
+    adapters = adapter_files(cfg)
+    if adapters:
+        plan.notes.append(
+            f"{len(adapters)} source(s) are LoRA adapters ({fmt(sum(adapters.values()))} of factors on disk): each is "
+            f"held as a dense task vector (B·A·scale expanded once at load), counted above like a full source")
+    if pool is not None:
+        from evomerge.merge.selection import transient_bytes
+
+        plan.notes.append(
+            f"source_selection: {len(cfg.sources) - 1} sources in the pool, {pool.keep} kept; choosing them reads "
+            f"each source once in blocks, {fmt(transient_bytes(len(cfg.sources) - 1, pool.block_entries))} at "
+            f"most in the driver before the workers load")
     plan.suggestion = suggest(plan)
     return plan
+
+
+def adapter_files(cfg: RunConfig) -> dict[str, int]:
+    """Source name -> bytes of its adapter file, for the sources that are LoRA adapters (nothing is opened)."""
+    from evomerge.io.adapter import ADAPTER_WEIGHTS, is_adapter, split_spec
+
+    out = {}
+    for name, spec in cfg.sources.items():
+        pair = split_spec(spec)
+        folder = pair[1] if pair is not None else Path(spec).expanduser()
+        if folder.is_dir() and is_adapter(folder) and (folder / ADAPTER_WEIGHTS).is_file():
+            out[name] = (folder / ADAPTER_WEIGHTS).stat().st_size
+    return out
 
 
 def _folder_shapes(cfg: RunConfig, reference: str) -> Shapes:

@@ -75,6 +75,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     """Validate every input (models, suite, space, optimizer, scorer) without doing any work."""
     from evomerge.io import ModelFolder, check_mergeable
     from evomerge.io.adapter import AdapterFolder
+    from evomerge.merge.selection import apply_selection
     from evomerge.merge.tensor_params import validate_recipe_params
     from evomerge.optim import OPTIMIZERS
     from evomerge.optim.base import Problem
@@ -86,6 +87,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     checks.check_device(cfg)
     checks.check_output_dir(cfg)
     _ensure_zoo(cfg)
+    cfg = apply_selection(cfg)  # a pool: only the sources kept from here on
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
     check_mergeable(folders, vocab=True)
     tokenizer_source = effective_source(cfg.tokenizer_source, [vocab_rows(f) for f in folders.values()])

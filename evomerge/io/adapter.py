@@ -199,6 +199,24 @@ class AdapterFolder(ModelFolder):
             w = w.add_(d) if w.dtype == torch.float32 else (w.to(torch.float32) + d).to(stored)
         return w.to(device=device, dtype=dtype, copy=False)
 
+    def delta_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``start:stop`` of :meth:`delta` in float32, from the factors' rows (None: unchanged)."""
+        out: torch.Tensor | None = None
+        if name in self.full:
+            out = self.full[name][start:stop].to(torch.float32) - self.base.get_rows(name, start, stop,
+                                                                                    dtype=torch.float32)
+        if name in self.factors:
+            b, a, scale, transpose = self.factors[name]
+            b32, a32 = b.to(torch.float32), a.to(torch.float32)
+            d = (a32.T[start:stop] @ b32.T) * scale if transpose else (b32[start:stop] @ a32) * scale
+            out = d if out is None else out + d
+        return out
+
+    def get_rows(self, name: str, start: int, stop: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.base.get_rows(name, start, stop, dtype=torch.float32)
+        d = self.delta_rows(name, start, stop)
+        return (w if d is None else w + d).to(dtype or self.dtype(name))
+
     def close(self) -> None:
         super().close()
         self.base.close()

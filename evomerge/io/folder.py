@@ -343,6 +343,15 @@ class ModelFolder:
             raise SourceError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
         return tensor.to(device=device, dtype=dtype, copy=copy)
 
+    def get_rows(self, name: str, start: int, stop: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (along its first dimension), read without the rest of it."""
+        info = self.info(name)
+        try:
+            rows: torch.Tensor = self._handle(info.file).get_slice(name)[start:stop]
+        except SafetensorError as exc:
+            raise SourceError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
+        return rows.to(dtype=dtype, copy=True)
+
     def iter_tensors(
         self, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
