@@ -11,13 +11,16 @@ A pool of many fine-tunes of one base (10-20 or more) is reduced, before any wor
    whatever the models' size: the pool is never resident (:func:`transient_bytes`). Each source is read once.
 2. **Frank-Wolfe over the pool's convex hull** (the conditional-gradient view of herding, Bach et al. 2012;
    the same step FW-Merging, Chen et al. 2025, "Scaling Model Merging with Frank-Wolfe Optimization", takes
-   over a pool, with a data-free objective here in place of its calibration loss):
-   minimize ``f(λ) = ||Σ_i λ_i τ_i - τ̄||²`` over the simplex, ``τ̄`` the pool's mean task vector. It starts at
-   the source nearest ``τ̄``; each step the linear oracle picks the source of most negative gradient
-   ``(Gλ - G·1/N)_i`` and an exact line search sets the step. Sources are kept in the order the oracle first
-   picks them, until ``keep`` are chosen: a near-duplicate of a kept source adds little and comes late, a
-   task vector far from the pool's consensus (an outlier) is not picked while others reduce ``f`` more. When
-   the iterations (``iterations``) end or the gap vanishes first, the rest are taken by ascending gradient.
+   over a pool, with a data-free objective here in place of its calibration loss). The task vectors are taken
+   as directions, ``u_i = τ_i / ||τ_i||`` (how far to move along each is the search's job: its weight genes), and
+   ``f(λ) = ||Σ_i λ_i u_i - ū||²`` is minimized over the simplex, ``ū`` the pool's mean direction. It starts at
+   the most central source (largest ``<u_i, ū>``); each step the linear oracle picks the source of most
+   negative gradient ``2 (Cλ - C·1/N)_i`` (``C`` the cosine-similarity matrix) and an exact line search sets
+   the step. Sources are kept in the order the oracle first picks them, until ``keep`` are chosen: a
+   near-duplicate of a kept source has a positive gradient and comes late, so the kept set spreads over the
+   pool's distinct directions, the most shared first. When the iterations (``iterations``) end or the gap
+   vanishes first, the rest are taken by ascending gradient. A source equal to the base (a zero task vector)
+   is taken last.
 
 The base (``base_model``) is always kept. The kept sources replace ``sources:`` in the run's resolved config,
 so the memory plan, the workers, the space and the export see only them; the choice (the order, ``λ`` and
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Selection:
     """The outcome: ``kept`` (in pick order), the FW weights ``weights`` over the pool, ``objective`` (f at the
-    end, relative to ``||τ̄||²``), and the Gram matrix ``gram`` (pool order ``pool``)."""
+    end, relative to ``||ū||²``), and the task vectors' Gram matrix ``gram`` (pool order ``pool``)."""
 
     pool: tuple[str, ...]
     kept: tuple[str, ...]
@@ -104,14 +107,15 @@ def gram_matrix(paths: Mapping[str, str | Path], reference: str, *, block_entrie
 
 
 def frank_wolfe(gram: np.ndarray, keep: int, iterations: int) -> tuple[list[int], np.ndarray, float]:
-    """Pick ``keep`` indices by Frank-Wolfe on ``||Σ λ_i τ_i - τ̄||²`` over the simplex (module docstring).
+    """Pick ``keep`` indices by Frank-Wolfe on ``||Σ λ_i v_i - v̄||²`` over the simplex, for vectors of Gram
+    matrix ``gram`` (the module docstring: the cosine matrix of the task vectors).
 
-    Returns the picks in order, the final ``λ`` and the objective relative to ``||τ̄||²``.
+    Returns the picks in order, the final ``λ`` and the objective relative to ``||v̄||²``.
     """
     n = gram.shape[0]
-    target = gram.mean(axis=1)  # <τ_i, τ̄>
-    tt = float(gram.mean())  # ||τ̄||²
-    # f(e_i) = G_ii - 2 <τ_i, τ̄> + ||τ̄||²: start at the source nearest the mean
+    target = gram.mean(axis=1)  # <v_i, v̄>
+    tt = float(gram.mean())  # ||v̄||²
+    # f(e_i) = G_ii - 2 <v_i, v̄> + ||v̄||²: start at the vector nearest the mean
     first = int(np.argmin(np.diag(gram) - 2 * target))
     lam = np.zeros(n)
     lam[first] = 1.0
@@ -147,7 +151,13 @@ def select_sources(paths: Mapping[str, str | Path], reference: str, keep: int, *
         return Selection(pool, pool, {m: 1 / len(pool) for m in pool}, 0.0, gram)
     if not np.isfinite(gram).all():
         raise ConfigError("source_selection: the task vectors' inner products overflow float64")
-    picks, lam, objective = frank_wolfe(gram, keep, iterations)
+    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
+    live = [i for i in range(len(pool)) if norms[i] > 0]
+    cos = gram[np.ix_(live, live)] / np.outer(norms[live], norms[live])
+    picks, lam_live, objective = frank_wolfe(cos, min(keep, len(live)), iterations) if live else ([], np.zeros(0), 0.0)
+    picks = [live[i] for i in picks] + [i for i in range(len(pool)) if i not in live][: keep - len(picks)]
+    lam = np.zeros(len(pool))
+    lam[live] = lam_live
     kept = tuple(pool[i] for i in picks)
     sel = Selection(pool, kept, {m: float(lam[i]) for i, m in enumerate(pool)}, objective, gram)
     log.info("source selection (frank_wolfe): kept %s of %d sources (relative objective %.4f) in %.1fs; weights %s",
