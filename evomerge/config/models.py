@@ -126,7 +126,7 @@ class SourceSelectionConfig(BaseModel):
     block_entries: int = Field(
         default=2**22, ge=1024,
         description="tensor entries read per source at once while the Gram matrix is computed: the selection "
-                    "holds pool x block_entries float64 at most")
+                    "holds pool x block_entries float32 at most")
 
 
 class RunConfig(BaseModel):

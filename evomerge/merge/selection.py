@@ -7,7 +7,7 @@ A pool of many fine-tunes of one base (10-20 or more) is reduced, before any wor
    with the base (a tensor whose shape differs in some source, e.g. a resized vocabulary, is left out), with
    ``τ_i = θ_i - θ_base`` (``B·A·scale`` from the factors for a LoRA adapter on the base). Each tensor is read
    in blocks of rows of at most ``block_entries`` entries per source (or one row, when a row is longer), so the
-   transient memory is ``pool x block_entries`` float64 (plus one block of the base and one of a source, float32),
+   transient memory is ``pool x block_entries`` float32 (plus one block of the base and one of a source),
    whatever the models' size: the pool is never resident (:func:`transient_bytes`). Each source is read once.
 2. **Frank-Wolfe over the pool's convex hull** (the conditional-gradient view of herding, Bach et al. 2012;
    the same step FW-Merging, Chen et al. 2025, "Scaling Model Merging with Frank-Wolfe Optimization", takes
@@ -60,7 +60,7 @@ class Selection:
 
 def transient_bytes(pool: int, block_entries: int) -> int:
     """The most memory the Gram matrix's blocks take at once (see the module docstring)."""
-    return pool * block_entries * 8 + 2 * block_entries * 4
+    return pool * block_entries * 4 + 2 * block_entries * 4
 
 
 def gram_matrix(paths: Mapping[str, str | Path], reference: str, *, block_entries: int = 2**22
@@ -89,7 +89,7 @@ def gram_matrix(paths: Mapping[str, str | Path], reference: str, *, block_entrie
             for start in range(0, shape[0], step):
                 stop = min(shape[0], start + step)
                 b = ref.get_rows(name, start, stop, dtype=torch.float32)
-                block = torch.empty((len(pool), b.numel()), dtype=torch.float64)
+                block = torch.empty((len(pool), b.numel()), dtype=torch.float32)
                 for i, m in enumerate(pool):
                     f = folders[m]
                     same_base = isinstance(f, AdapterFolder) and f.base.path.resolve() == ref.path.resolve()
@@ -99,7 +99,7 @@ def gram_matrix(paths: Mapping[str, str | Path], reference: str, *, block_entrie
                                                                               dtype=torch.float32) - b
                     check_finite(name, m, d)
                     block[i] = d.reshape(-1)
-                gram += (block @ block.T).numpy()
+                gram += (block @ block.T).double().numpy()  # float32 per block, summed in float64
     finally:
         for f in folders.values():
             f.close()
