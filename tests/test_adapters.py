@@ -119,6 +119,47 @@ def test_resident_sources_mix_full_and_adapter_sources(pool):
     assert la.factored_nbytes < dense / 2 and lb.factored_nbytes < dense / 10
 
 
+def test_factored_adapters_merge_exactly_as_dense_ones(pool, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config.load import load_run_config
+    from evomerge.driver.plan import plan_run
+    from evomerge.merge.materialize import InPlaceMerger
+    from evomerge.merge.sources import ResidentSources, TaskVectors
+    from evomerge.recipe import Recipe
+
+    _, fam, suite = pool
+    paths = {k: fam[k] for k in ("base", "m1", "la", "lb")}
+    dense = ResidentSources.load(paths, "base", sorted_magnitudes=True)
+    fact = ResidentSources.load(paths, "base", sorted_magnitudes=True, factored_adapters=True)
+    assert isinstance(fact.deltas, TaskVectors) and sorted(fact.deltas.factors) == [1, 2]
+    base_bytes = sum(t.numel() * t.element_size() for t in dense.base.values())
+    orders = sum(t.numel() * t.element_size() for t in dense.ordered.values())
+    assert dense.nbytes - orders == 4 * base_bytes and fact.nbytes - orders < 2.5 * base_bytes
+    for n in dense.names:
+        assert torch.equal(fact.deltas[n], dense.deltas[n]), n
+        assert torch.equal(fact.group(n, torch.tensor([2, 0]))[1], dense.group(n, torch.tensor([2, 0]))[1]), n
+    models = [{"model": m, "parameters": {"weight": w, "density": 0.5}} for m, w in (("m1", 0.6), ("la", 0.9),
+                                                                                    ("lb", 1.2))]
+    for method in ("ties", "task_arithmetic"):
+        recipe = Recipe.model_validate({"method": method, "base_model": "base", "models": models if method == "ties"
+                                        else [{**m, "parameters": {"weight": m["parameters"]["weight"]}} for m in models]})
+        out = []
+        for res in (dense, fact):
+            live = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.float32)
+            InPlaceMerger(res, live).apply(recipe)
+            out.append(live.state_dict())
+        for n, t in out[0].items():
+            assert torch.equal(t, out[1][n]), (method, n)
+    cfg = write_run_config(tmp_path / "r.yaml", paths, suite, name="f", evals=2,
+                           extra={"resources": {"threads_per_worker": 1, "adapter_residency": "factored"}})
+    plan = plan_run(load_run_config(cfg))
+    tv = next(p for p in plan.parts if p.name == "task vectors")
+    assert plan.setup.factored == 2 and "2 adapter(s) as factors" in tv.note
+    assert tv.bytes < 2 * sum(plan.shapes.tensors[n][0] * max(1, np.prod(plan.shapes.tensors[n][1:])) * 4
+                              for n in plan.shapes.tensors)
+
+
 def _recipe_file(tmp_path: Path, fam: dict[str, Path], sources: dict[str, str]) -> Path:
     doc = {"method": "task_arithmetic", "base_model": "base", "sources": sources,
            "models": [{"model": "m1", "parameters": {"weight": 0.5}},

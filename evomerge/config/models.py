@@ -96,6 +96,13 @@ class ResourcesConfig(BaseModel):
         "under a quarter of the available memory (`evomerge plan` shows the cost)",
     )
 
+    adapter_residency: Literal["dense", "factored"] = Field(
+        default="dense",
+        description="how a worker holds the task vector of a LoRA adapter source: dense (like a full source: "
+        "a model's size each, merges as fast as with full sources) or factored (its B and A factors in float32: "
+        "a few MB each, expanded again per tensor on every merge; `evomerge plan` shows both)",
+    )
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:

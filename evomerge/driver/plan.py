@@ -193,6 +193,8 @@ class Setup:
     workers_per_host: int | None  # None: the workers' hosts are not this one (a Ray cluster)
     gpus_per_worker: float = 0
     kv_cpu_bytes: int = int(VLLM_CPU_KV_GIB * GiB)
+    factored: int = 0  # task vectors of LoRA adapters held as their factors (resources.adapter_residency)
+    factored_bytes: int = 0  # their float32 factors, at most
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,9 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
     live = shapes.live_entries * el
     parts = [
         Part("reference weights", shapes.entries * el, f"{len(shapes.tensors)} tensors"),
-        Part("task vectors", n * shapes.entries * el, f"{n} x reference"),
+        Part("task vectors", (n - setup.factored) * shapes.entries * el + setup.factored_bytes,
+             f"{n} x reference" if not setup.factored
+             else f"{n - setup.factored} x reference + {setup.factored} adapter(s) as factors"),
         Part("magnitude orders", 4 * n * shapes.entries if setup.orders else 0,
              "int32 per task-vector entry" if setup.orders else "off"),
         Part("live model", live, "tied head counted once" if shapes.tied else ""),
@@ -339,8 +343,10 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
             parts.append(Part("vLLM engine weights", shapes.live_entries * 4, "float32 on a CPU"))
             parts.append(Part("vLLM KV cache", setup.kv_cpu_bytes, "kv_cache_gib"))
     work = WORKSPACE_FACTOR * shapes.largest * el + (ORDER_SORT_BYTES * shapes.largest if setup.orders else 0)
+    work += n * shapes.largest * el if setup.factored else 0  # one tensor's task vectors, expanded
     parts.append(Part("merge workspace", work, f"{WORKSPACE_FACTOR} x largest tensor"
-                                                + (" + its sort at load" if setup.orders else "")))
+                                                + (" + its sort at load" if setup.orders else "")
+                                                + (f" + {n} expanded task vectors of it" if setup.factored else "")))
     if setup.device == "cuda":
         parts.append(Part("CUDA context", CUDA_CONTEXT_BYTES, "estimate"))
     host = [Part("live model staging", live, "from_pretrained loads on the host, then moves")]
@@ -499,13 +505,19 @@ def plan_run(
         workers=workers, workers_per_device=per_device, workers_per_host=per_host,
         gpus_per_worker=res.gpus_per_worker,
         kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
+        **_factored(cfg, reference, n_deltas),
     )
     plan = compute(shapes, setup, memory or probe_memory(device, assume_gpu_memory))
     adapters = adapter_files(cfg)
-    if adapters:
+    if adapters and res.adapter_residency == "dense":
         plan.notes.append(
-            f"{len(adapters)} source(s) are LoRA adapters ({fmt(sum(adapters.values()))} of factors on disk): each is "
-            f"held as a dense task vector (B·A·scale expanded once at load), counted above like a full source")
+            f"{len(adapters)} source(s) are LoRA adapters ({fmt(sum(adapters.values()))} as float32 factors): each "
+            f"is held as a dense task vector (B·A·scale expanded once at load), counted above like a full source; "
+            f"resources.adapter_residency: factored holds the factors instead")
+    elif adapters:
+        plan.notes.append(
+            f"{len(adapters)} source(s) are LoRA adapters, held as their float32 factors (at most "
+            f"{fmt(setup.factored_bytes)} for {setup.factored} kept) and expanded per tensor on every merge")
     if pool is not None:
         from evomerge.merge.selection import transient_bytes
 
@@ -518,16 +530,29 @@ def plan_run(
 
 
 def adapter_files(cfg: RunConfig) -> dict[str, int]:
-    """Source name -> bytes of its adapter file, for the sources that are LoRA adapters (nothing is opened)."""
+    """Source name -> its adapter's tensors as float32 bytes (from the safetensors header), for the sources
+    that are LoRA adapters."""
     from evomerge.io.adapter import ADAPTER_WEIGHTS, is_adapter, split_spec
+    from evomerge.io.header import read_header
 
     out = {}
     for name, spec in cfg.sources.items():
         pair = split_spec(spec)
         folder = pair[1] if pair is not None else Path(spec).expanduser()
         if folder.is_dir() and is_adapter(folder) and (folder / ADAPTER_WEIGHTS).is_file():
-            out[name] = (folder / ADAPTER_WEIGHTS).stat().st_size
+            out[name] = 4 * sum(math.prod(t.shape) for t in read_header(folder / ADAPTER_WEIGHTS).values())
     return out
+
+
+def _factored(cfg: RunConfig, reference: str, n_deltas: int) -> dict[str, int]:
+    """``factored`` / ``factored_bytes`` of the plan's setup: with ``adapter_residency: factored``, the adapter
+    sources; of a pool, the fewest adapters the kept sources can hold (the rest dense), at their largest."""
+    if cfg.resources.adapter_residency != "factored":
+        return {}
+    sizes = sorted((b for m, b in adapter_files(cfg).items() if m != reference), reverse=True)
+    full = len(cfg.sources) - 1 - len(sizes)
+    k = max(0, n_deltas - full)
+    return {"factored": k, "factored_bytes": sum(sizes[:k])}
 
 
 def _folder_shapes(cfg: RunConfig, reference: str) -> Shapes:

@@ -128,6 +128,7 @@ def preflight(cfg: RunConfig) -> Prepared:
         seed=cfg.seed,
         sorted_magnitudes=use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order)),
         tokenizer_source=tokenizer_source, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        factored_adapters=cfg.resources.adapter_residency == "factored",
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed, vocab=models.vocab_fields,
                                  every_source=vocab.aligns and depends_on_models(tokenizer_source, reference))
