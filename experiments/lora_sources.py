@@ -3,11 +3,11 @@
 Builds a random Llama base, one full fine-tune (base + noise) and one peft LoRA adapter (rank ``--rank`` on
 every linear layer of the blocks), then measures in one process:
 
-* the resident bytes of ``ResidentSources`` for base + full source and base + adapter (adapters are held as
-  dense task vectors: the same bytes), the adapter's factors on disk, and what keeping them factored would hold;
+* the resident bytes of ``ResidentSources`` for base + full source and base + adapter held dense (the same
+  bytes) and the adapter's file;
 * the load time of each;
-* the time to expand every adapted tensor once (``B @ A * scale``): what a factored residency would pay again
-  on every candidate, set against one in-place task-arithmetic merge of the same sources;
+* the same with ``factored_adapters=True`` (``resources.adapter_residency: factored``), and one in-place
+  task-arithmetic merge with each (a factored adapter is expanded again on every merge);
 * the Gram matrix of a pool (``--pool`` sources: full fine-tunes and adapters) streamed in blocks, its time and
   its transient bytes (``evomerge.merge.selection.transient_bytes``).
 
@@ -98,14 +98,23 @@ def main() -> None:
         ad_load = best(lambda: ResidentSources.load({k: paths[k] for k in ("base", "lora1")}, "base"))
         res_full = ResidentSources.load({k: paths[k] for k in ("base", "full0")}, "base")
         res_ad = ResidentSources.load({k: paths[k] for k in ("base", "lora1")}, "base")
-        expand = best(lambda: [ad.delta(n) for n in ad.factors])
+        fact_load = best(lambda: ResidentSources.load({k: paths[k] for k in ("base", "lora1")}, "base",
+                                                      factored_adapters=True))
+        res_fact = ResidentSources.load({k: paths[k] for k in ("base", "lora1")}, "base", factored_adapters=True)
         from transformers import AutoModelForCausalLM
 
         live = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
-        merger = InPlaceMerger(res_ad, live)
         recipe = Recipe.model_validate({"method": "task_arithmetic", "base_model": "base",
                                         "models": [{"model": "lora1", "parameters": {"weight": 0.8}}]})
-        merge_s = best(lambda: merger.apply(recipe))
+        merges = {}
+        for label, res in (("full", res_full), ("dense", res_ad), ("factored", res_fact)):
+            merger = InPlaceMerger(res, live)
+            rec = recipe if label != "full" else Recipe.model_validate(
+                {**recipe.model_dump(), "models": [{"model": "full0", "parameters": {"weight": 0.8}}]})
+            merger.apply(rec)
+            merges[label] = best(lambda m=merger, r=rec: m.apply(r), repeats=5)
+        tv_ad = res_ad.nbytes - sum(t.numel() * t.element_size() for t in res_ad.base.values())
+        tv_fact = res_fact.nbytes - sum(t.numel() * t.element_size() for t in res_fact.base.values())
         pool = {k: v for k, v in paths.items()}
         block = 2**20
         gram_s = best(lambda: gram_matrix(pool, "base", block_entries=block), repeats=1)
@@ -122,18 +131,21 @@ def main() -> None:
             f"{base_bytes / mb:.0f} MB; adapter: peft LoRA r={args.rank} on q/k/v/o/gate/up/down of every layer "
             f"(built in {build_s:.0f} s)",
             "",
-            "| | base + full source | base + LoRA adapter |",
-            "|---|---|---|",
-            f"| resident bytes (`ResidentSources.nbytes`) | {res_full.nbytes / mb:.1f} MB | {res_ad.nbytes / mb:.1f} MB |",
-            f"| source bytes read from disk | {base_bytes / mb:.1f} MB | {adapter_file / mb:.2f} MB (adapter file) |",
-            f"| load (best of 3) | {full_load:.2f} s | {ad_load:.2f} s |",
+            "| | base + full source | base + LoRA adapter, dense | base + LoRA adapter, factored |",
+            "|---|---|---|---|",
+            f"| resident bytes (`ResidentSources.nbytes`) | {res_full.nbytes / mb:.1f} MB | {res_ad.nbytes / mb:.1f} MB "
+            f"| {res_fact.nbytes / mb:.1f} MB |",
+            f"| of which the task vector | {base_bytes / mb:.1f} MB | {tv_ad / mb:.1f} MB | {tv_fact / mb:.2f} MB |",
+            f"| source bytes read from disk | {base_bytes / mb:.1f} MB | {adapter_file / mb:.2f} MB (adapter file) "
+            f"| {adapter_file / mb:.2f} MB |",
+            f"| load (best of 3) | {full_load:.2f} s | {ad_load:.2f} s | {fact_load:.2f} s |",
+            f"| in-place task-arithmetic merge (best of 5) | {merges['full']:.3f} s | {merges['dense']:.3f} s "
+            f"| {merges['factored']:.3f} s |",
             "",
-            f"Kept factored instead, the adapter would hold {ad.factored_nbytes / mb:.2f} MB instead of a "
-            f"{(res_ad.nbytes - sum(t.numel() * t.element_size() for t in res_ad.base.values())) / mb:.1f} MB task "
-            f"vector, and every candidate would expand its {len(ad.factors)} adapted tensors again: "
-            f"{expand:.3f} s per candidate here, against {merge_s:.3f} s for a whole in-place task-arithmetic "
-            f"merge of the dense sources (ratio {expand / merge_s:.2f}). evomerge keeps adapters dense: "
-            "merges stay as fast as with full sources, and the plan counts an adapter like a full source.",
+            f"Factored over dense, same process: {tv_fact / tv_ad:.3f} x the task-vector bytes, "
+            f"{merges['factored'] / merges['dense']:.2f} x the merge time (the {len(ad.factors)} adapted tensors "
+            "are expanded again on every merge). The default (`resources.adapter_residency: dense`) keeps merges "
+            "as fast as with full sources; `factored` is for many adapters that would not fit dense.",
             "",
             f"Pool selection: Gram matrix of {len(pool) - 1} sources ({sum(k.startswith('lora') for k in pool)} "
             f"adapters) streamed in blocks of {block} entries: {gram_s:.2f} s, at most "
