@@ -78,9 +78,9 @@ def load_recipe_file(path: Path) -> Any:
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     # relative source paths are relative to the recipe file
-    fixed = {
-        k: (str(path.parent / v) if not Path(v).expanduser().is_absolute() else v) for k, v in recipe.sources.items()
-    }
+    from evomerge.io.adapter import resolve_spec
+
+    fixed = {k: resolve_spec(v, path.parent) for k, v in recipe.sources.items()}  # BASE+ADAPTER: both sides
     return recipe.model_copy(update={"sources": fixed})
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
+from evomerge.io.adapter import mergekit_ref
 from evomerge.io.arch import TensorRole
 from evomerge.merge.tensor_params import evaluate
 from evomerge.names import PROJECTIONS
@@ -148,7 +149,7 @@ def to_mergekit_yaml(
     method = METHODS.get(recipe.method)
     if method.mergekit_name is None:
         raise ConfigError(f"method {recipe.method!r} has no mergekit equivalent")
-    path = {n: recipe.sources.get(n, n) for n in recipe.model_names}
+    path = {n: mergekit_ref(recipe.sources.get(n, n)) for n in recipe.model_names}  # adapters: BASE+ADAPTER
     filters = _filters(model_type)
 
     def params(p: dict[str, ParamValue]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from evomerge.builtin import read_text
 from evomerge.config.models import RunConfig
 from evomerge.config.optimizers import OPTIMIZER_CONFIGS
 from evomerge.errors import ConfigError
+from evomerge.io.adapter import resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from None
     upd: dict[str, Any] = {
-        "sources": {k: _resolve(base, v) for k, v in cfg.sources.items()},
+        "sources": {k: resolve_spec(v, base) for k, v in cfg.sources.items()},  # BASE+ADAPTER: both sides
         "output_dir": _resolve(base, cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir,
         "space": cfg.space.model_copy(update={"template": _resolve(base, cfg.space.template), **(
             {"start_from": _resolve(base, cfg.space.start_from)} if cfg.space.start_from else {})}),

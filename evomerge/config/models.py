@@ -119,6 +119,13 @@ class ResourcesConfig(BaseModel):
         "under a quarter of the available memory (`evomerge plan` shows the cost)",
     )
 
+    adapter_residency: Literal["dense", "factored"] = Field(
+        default="dense",
+        description="how a worker holds the task vector of a LoRA adapter source: dense (like a full source: "
+        "a model's size each, merges as fast as with full sources) or factored (its B and A factors in float32: "
+        "a few MB each, expanded again per tensor on every merge; `evomerge plan` shows both)",
+    )
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
@@ -164,6 +171,22 @@ class FidelityConfig(BaseModel):
     rescore_test: bool = Field(default=True, description="re-score the Pareto set on the test split at the end")
 
 
+class SourceSelectionConfig(BaseModel):
+    """Merge only ``keep`` sources of a larger pool, chosen before the run (:mod:`evomerge.merge.selection`)."""
+
+    model_config = _FROZEN
+    keep: int = Field(ge=1, description="sources kept besides the base; the rest of the pool is never loaded")
+    method: Literal["frank_wolfe"] = Field(
+        default="frank_wolfe",
+        description="frank_wolfe: data-free Frank-Wolfe over the pool's task-vector Gram matrix (the sources that "
+                    "together best reconstruct the pool's mean task vector)")
+    iterations: int = Field(default=100, ge=1, description="Frank-Wolfe steps at most")
+    block_entries: int = Field(
+        default=2**22, ge=1024,
+        description="tensor entries read per source at once while the Gram matrix is computed: the selection "
+                    "holds pool x block_entries float32 at most")
+
+
 class RunConfig(BaseModel):
     model_config = _FROZEN
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -188,6 +211,8 @@ class RunConfig(BaseModel):
     resources: ResourcesConfig = ResourcesConfig()
     fidelity: FidelityConfig = FidelityConfig()
     trust_remote_code: bool = False
+    source_selection: SourceSelectionConfig | None = Field(
+        default=None, description="a pool of many sources: keep only some, chosen before any worker loads")
 
     @field_validator("optimizer", mode="before")
     @classmethod
@@ -204,6 +229,8 @@ class RunConfig(BaseModel):
         if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in self.sources:
             raise ValueError(f"tokenizer_source {self.tokenizer_source!r}: use base, union or one of sources "
                              f"({', '.join(self.sources)})")
+        if self.source_selection is not None and self.base_model is None:
+            raise ValueError("source_selection: set base_model (the task vectors are taken relative to it)")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code: models with custom code are not supported")
         return self

@@ -207,6 +207,8 @@ class Setup:
     gpus_per_worker: float = 0
     kv_cpu_bytes: int = int(VLLM_CPU_KV_GIB * GiB)
     placement: str = "device"  # where the sources are kept (merge/placement.py)
+    factored: int = 0  # task vectors of LoRA adapters held as their factors (resources.adapter_residency)
+    factored_bytes: int = 0  # their float32 factors, at most
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,9 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
     orders = setup.orders and setup.placement != "mmap"
     sources = [
         Part("reference weights", shapes.entries * el, f"{len(shapes.tensors)} tensors"),
-        Part("task vectors", n * shapes.entries * el, f"{n} x reference"),
+        Part("task vectors", (n - setup.factored) * shapes.entries * el + setup.factored_bytes,
+             f"{n} x reference" if not setup.factored
+             else f"{n - setup.factored} x reference + {setup.factored} adapter(s) as factors"),
         Part("magnitude orders", 4 * n * shapes.entries if orders else 0,
              "int32 per task-vector entry" if orders else "off"),
     ]
@@ -381,8 +385,10 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
             parts.append(Part("vLLM engine weights", shapes.live_entries * 4, "float32 on a CPU"))
             parts.append(Part("vLLM KV cache", setup.kv_cpu_bytes, "kv_cache_gib"))
     work = WORKSPACE_FACTOR * shapes.largest * el + (ORDER_SORT_BYTES * shapes.largest if orders else 0)
+    work += n * shapes.largest * el if setup.factored else 0  # one tensor's task vectors, expanded
     parts.append(Part("merge workspace", work, f"{WORKSPACE_FACTOR} x largest tensor"
-                                                + (" + its sort at load" if orders else "")))
+                                                + (" + its sort at load" if orders else "")
+                                                + (f" + {n} expanded task vectors of it" if setup.factored else "")))
     if setup.device == "cuda":
         parts.append(Part("CUDA context", CUDA_CONTEXT_BYTES, "estimate"))
     host = [*host_sources, Part("live model staging", live, "from_pretrained loads on the host, then moves")]
@@ -545,6 +551,9 @@ def plan_run(
     dtype = resolve_dtype(res.dtype, device) or torch.float32
     reference = reference or cfg.base_model or next(iter(cfg.sources))
     n_deltas = len(cfg.sources) - 1
+    pool = cfg.source_selection if cfg.source_selection is not None and n_deltas > cfg.source_selection.keep else None
+    if pool is not None:
+        n_deltas = pool.keep  # a pool: the workers hold only the kept sources (evomerge.merge.selection)
     if shapes is None:
         shapes = _folder_shapes(cfg, reference)
     if orders is None:
@@ -561,11 +570,29 @@ def plan_run(
         workers=workers, workers_per_device=per_device, workers_per_host=per_host,
         gpus_per_worker=res.gpus_per_worker,
         kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
+        **_factored(cfg, reference, n_deltas),
     )
     memory = memory or probe_memory(device, assume_gpu_memory)
     placement = placement or res.placement
     setup = replace(setup, placement=choose_placement(shapes, setup, memory) if placement == "auto" else placement)
     plan = compute(shapes, setup, memory)
+    adapters = adapter_files(cfg)
+    if adapters and res.adapter_residency == "dense":
+        plan.notes.append(
+            f"{len(adapters)} source(s) are LoRA adapters ({fmt(sum(adapters.values()))} as float32 factors): each "
+            f"is held as a dense task vector (B·A·scale expanded once at load), counted above like a full source; "
+            f"resources.adapter_residency: factored holds the factors instead")
+    elif adapters:
+        plan.notes.append(
+            f"{len(adapters)} source(s) are LoRA adapters, held as their float32 factors (at most "
+            f"{fmt(setup.factored_bytes)} for {setup.factored} kept) and expanded per tensor on every merge")
+    if pool is not None:
+        from evomerge.merge.selection import transient_bytes
+
+        plan.notes.append(
+            f"source_selection: {len(cfg.sources) - 1} sources in the pool, {pool.keep} kept; choosing them reads "
+            f"each source once in blocks, {fmt(transient_bytes(len(cfg.sources) - 1, pool.block_entries))} at "
+            f"most in the driver before the workers load")
     plan.suggestion = suggest(plan)
     return plan
 
@@ -573,6 +600,8 @@ def plan_run(
 def choose_placement(shapes: Shapes, setup: Setup, memory: Memory) -> str:
     """``resources.placement: auto``: the first of device, host, mmap whose plan fits; device when none is known to
     fit (unknown memory never moves the sources off the device, and a plan that fits nowhere is refused as such)."""
+    if setup.factored:  # factored adapters are expanded on the device from resident factors
+        return "device"
     for placement in PLACEMENTS:
         if placement == "host" and setup.device == "cpu":
             continue
@@ -582,6 +611,32 @@ def choose_placement(shapes: Shapes, setup: Setup, memory: Memory) -> str:
         if fits:
             return placement
     return "device"
+
+
+def adapter_files(cfg: RunConfig) -> dict[str, int]:
+    """Source name -> its adapter's tensors as float32 bytes (from the safetensors header), for the sources
+    that are LoRA adapters."""
+    from evomerge.io.adapter import ADAPTER_WEIGHTS, is_adapter, split_spec
+    from evomerge.io.header import read_header
+
+    out = {}
+    for name, spec in cfg.sources.items():
+        pair = split_spec(spec)
+        folder = pair[1] if pair is not None else Path(spec).expanduser()
+        if folder.is_dir() and is_adapter(folder) and (folder / ADAPTER_WEIGHTS).is_file():
+            out[name] = 4 * sum(math.prod(t.shape) for t in read_header(folder / ADAPTER_WEIGHTS).values())
+    return out
+
+
+def _factored(cfg: RunConfig, reference: str, n_deltas: int) -> dict[str, int]:
+    """``factored`` / ``factored_bytes`` of the plan's setup: with ``adapter_residency: factored``, the adapter
+    sources; of a pool, the fewest adapters the kept sources can hold (the rest dense), at their largest."""
+    if cfg.resources.adapter_residency != "factored":
+        return {}
+    sizes = sorted((b for m, b in adapter_files(cfg).items() if m != reference), reverse=True)
+    full = len(cfg.sources) - 1 - len(sizes)
+    k = max(0, n_deltas - full)
+    return {"factored": k, "factored_bytes": sum(sizes[:k])}
 
 
 def _folder_shapes(cfg: RunConfig, reference: str) -> Shapes:

@@ -74,6 +74,8 @@ def _ensure_zoo(cfg: RunConfig) -> None:
 def preflight(cfg: RunConfig) -> Prepared:
     """Validate every input (models, suite, space, optimizer, scorer) without doing any work."""
     from evomerge.io import ModelFolder, check_mergeable
+    from evomerge.io.adapter import AdapterFolder
+    from evomerge.merge.selection import apply_selection
     from evomerge.merge.tensor_params import validate_recipe_params
     from evomerge.optim import OPTIMIZERS
     from evomerge.optim.base import Problem
@@ -85,6 +87,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     checks.check_device(cfg)
     checks.check_output_dir(cfg)
     _ensure_zoo(cfg)
+    cfg = apply_selection(cfg)  # a pool: only the sources kept from here on
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
     check_mergeable(folders, vocab=True)
     checks.check_cluster(cfg)
@@ -114,6 +117,9 @@ def preflight(cfg: RunConfig) -> Prepared:
     if cfg.space.warm_start is not None:
         warm_start = warm.prepare(cfg, template, models, space, x0_recipe, problem, factory, options)
     reference = x0_recipe.reference_model
+    if isinstance(folders[reference], AdapterFolder):
+        raise ConfigError(f"sources.{reference}: the reference model is a LoRA adapter; name its base as a source "
+                          f"and set base_model to it")
     order = tuple(n for n in cfg.sources if n != reference)
     vocab = check_vocab(cfg, folders, reference, tokenizer_source, x0_recipe)
     orders = use_magnitude_order(cfg, x0_recipe.method, folders[reference], len(order))
@@ -129,6 +135,7 @@ def preflight(cfg: RunConfig) -> Prepared:
         seed=cfg.seed,
         sorted_magnitudes=orders and placement != "mmap",  # mmap keeps nothing resident
         tokenizer_source=tokenizer_source, pad_to_multiple_of=cfg.pad_to_multiple_of, placement=placement,
+        factored_adapters=cfg.resources.adapter_residency == "factored",
     )
     baselines = baseline_recipes(reference, list(order), cfg.base_model, cfg.seed, vocab=models.vocab_fields,
                                  every_source=vocab.aligns and depends_on_models(tokenizer_source, reference))

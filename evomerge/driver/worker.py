@@ -37,6 +37,8 @@ class WorkerSpec:
     threads: int | None = None
     seed: int = 0
     sorted_magnitudes: bool = False
+    #: Keep LoRA adapter sources factored (``resources.adapter_residency: factored``).
+    factored_adapters: bool = False
     #: Folder for compiled merge kernels (``TORCHINDUCTOR_CACHE_DIR`` unless already set).
     kernel_cache: str | None = None
     #: Output vocabulary of every recipe (see :mod:`evomerge.merge.vocab`).
@@ -80,6 +82,7 @@ class Worker:
             spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype,
             sorted_magnitudes=spec.sorted_magnitudes, tokenizer_source=spec.tokenizer_source,
             pad_to_multiple_of=spec.pad_to_multiple_of, placement=spec.placement,
+            factored_adapters=spec.factored_adapters,
         )
         vocab = self.sources.vocab
         ref_dir = spec.sources[spec.reference]

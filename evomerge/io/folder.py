@@ -176,13 +176,23 @@ class ModelFolder:
     def open(cls, path: str | Path) -> ModelFolder:
         """Read ``config.json`` and every safetensors header of folder ``path``.
 
+        A LoRA adapter folder, or ``BASE+ADAPTER``, opens as an :class:`~evomerge.io.adapter.AdapterFolder`
+        (the base with the adapter applied).
+
         Raises :class:`~evomerge.errors.SourceError` (naming the file) for a missing folder or config, a
         pickle-only folder, a shard named by the index that does not exist, a tensor listed by the index but
         absent from its shard, and a truncated or corrupt safetensors file.
         """
+        from evomerge.io.adapter import AdapterFolder, is_adapter, split_spec
+
+        pair = split_spec(path)
+        if pair is not None:  # BASE+ADAPTER (mergekit's model+lora)
+            return AdapterFolder.open_adapter(pair[1], pair[0])
         root = Path(path).expanduser()
         if not root.exists():
             raise SourceError(f"{root}: model folder does not exist")
+        if root.is_dir() and is_adapter(root):
+            return AdapterFolder.open_adapter(root)
         if not root.is_dir():
             raise SourceError(f"{root}: expected a model folder, found a file")
         config = _read_json(root / CONFIG_FILE, CONFIG_FILE)
@@ -332,6 +342,15 @@ class ModelFolder:
         except SafetensorError as exc:
             raise SourceError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
         return tensor.to(device=device, dtype=dtype, copy=copy)
+
+    def get_rows(self, name: str, start: int, stop: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (along its first dimension), read without the rest of it."""
+        info = self.info(name)
+        try:
+            rows: torch.Tensor = self._handle(info.file).get_slice(name)[start:stop]
+        except SafetensorError as exc:
+            raise SourceError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
+        return rows.to(dtype=dtype, copy=True)
 
     def iter_tensors(
         self, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None

@@ -129,6 +129,7 @@ def iter_merged(
     Vocabulary tensors are laid out in the output vocabulary of ``vocab`` (default: the recipe's plan).
     """
     from evomerge.io import tensor_role
+    from evomerge.io.adapter import exact_delta
 
     ref_name = recipe.reference_model
     ref = folders[ref_name]
@@ -158,6 +159,9 @@ def iter_merged(
         elif base.is_floating_point() and others:
             deltas = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
             for i, (mname, f) in enumerate(zip(plan.order, others, strict=True)):
+                if exact_delta(f, ref, name, deltas[i]):  # an adapter on the reference: B·A·scale
+                    check_finite(name, mname, deltas[i])
+                    continue
                 t = f.get(name, device=device, dtype=dtype)
                 check_finite(name, mname, t)
                 torch.sub(t, base, out=deltas[i])

@@ -25,6 +25,91 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: One factored adapter tensor: ``(B, A, scale, transpose, fixed)`` in float32 on the device; its task vector is
+#: ``fixed + B @ A * scale`` (transposed when ``transpose``); ``fixed`` (a stored full tensor minus the base) or
+#: the factors may be None.
+Factor = tuple[torch.Tensor | None, torch.Tensor | None, float, bool, torch.Tensor | None]
+
+
+class TaskVectors(Mapping[str, torch.Tensor]):
+    """Stacked task vectors by tensor name, with the rows of LoRA adapters kept factored.
+
+    ``dense[name]`` holds the rows ``dense_rows`` (full sources) as ``(len(dense_rows), *S)``; ``factors[row]``
+    maps each tensor an adapter changes to its :data:`Factor` (a tensor it leaves alone is a zero row). Reading
+    ``vectors[name]`` (or :meth:`rows`) expands them into a new ``(N, *S)`` tensor in ``dtype``: the same values
+    as the dense task vectors (bit for bit on the CPU), for the factors' bytes instead of a model's per adapter,
+    and one expansion per tensor per merge (:mod:`evomerge.driver.plan` counts the transient).
+    """
+
+    def __init__(self, n: int, dense: dict[str, torch.Tensor], dense_rows: Sequence[int],
+                 factors: dict[int, dict[str, Factor]], like: dict[str, torch.Tensor], device: torch.device,
+                 all_dense: set[str] | None = None) -> None:
+        self.n, self.dense, self.dense_rows, self.factors = n, dense, list(dense_rows), factors
+        #: shape and dtype of each tensor (empty meta tensors), and the tensors held dense in every row
+        self.like, self.device, self.all_dense = like, device, all_dense or set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.rows(name, None)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.like)
+
+    def __len__(self) -> int:
+        return len(self.like)
+
+    def rows(self, name: str, rows: Sequence[int] | None) -> torch.Tensor:
+        """The task vectors of ``rows`` (None: all, in resident order) of tensor ``name``, expanded."""
+        if name in self.all_dense:
+            d = self.dense[name]
+            return d if rows is None else d[list(rows)]
+        rows = list(range(self.n)) if rows is None else list(rows)
+        like = self.like[name]
+        out = torch.empty((len(rows), *like.shape), dtype=like.dtype, device=self.device)
+        for j, r in enumerate(rows):
+            if r in self.factors:
+                self.expand(name, r, out[j])
+            else:
+                out[j].copy_(self.dense[name][self.dense_rows.index(r)])
+        return out
+
+    def expand(self, name: str, row: int, out: torch.Tensor) -> None:
+        f = self.factors[row].get(name)
+        if f is None:
+            out.zero_()
+            return
+        b, a, scale, transpose, fixed = f
+        d = None
+        if b is not None and a is not None:
+            d = (b @ a) * scale
+            d = d.T if transpose else d
+        d = fixed if d is None else d if fixed is None else fixed + d
+        out.copy_(d)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.dense.values(), *(t for fs in self.factors.values() for f in fs.values()
+                                           for t in (f[0], f[1], f[4]) if t is not None)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _factor(folder: object, name: str, base: torch.Tensor, device: torch.device) -> Factor | None:
+    """The :data:`Factor` of adapter ``folder``'s tensor ``name`` (None when it leaves it alone)."""
+    factors, full = folder.factors, folder.full  # type: ignore[attr-defined]
+    if name not in factors and name not in full:
+        return None
+    fixed = None
+    if name in full:
+        ref = folder.base.get(name, device=device, dtype=torch.float32)  # type: ignore[attr-defined]
+        fixed = full[name].to(device=device, dtype=torch.float32) - ref  # as AdapterFolder.delta computes it
+        if not bool(fixed.any()):  # a stored copy of the base's tensor (peft saves embeddings' base_layer)
+            fixed = None
+    if name not in factors:
+        return None if fixed is None else (None, None, 1.0, False, fixed)
+    b, a, scale, transpose = factors[name]
+    return (b.to(device=device, dtype=torch.float32), a.to(device=device, dtype=torch.float32), scale, transpose,
+            fixed)
+
+
 class ResidentSources:
     """The reference model's tensors and the other models' task vectors, resident on one device.
 
@@ -81,6 +166,7 @@ class ResidentSources:
         tokenizer_source: str | None = None,
         pad_to_multiple_of: int | None = None,
         placement: Placement = "device",
+        factored_adapters: bool = False,
     ) -> ResidentSources:
         """Read every source once (lazily, tensor by tensor) and keep reference + task vectors resident.
 
@@ -93,8 +179,12 @@ class ResidentSources:
         faster magnitude-sparsified merges (TIES) for one int32 per task-vector entry in memory.
         ``tokenizer_source`` / ``pad_to_multiple_of``: the output vocabulary of every recipe served, over all
         the sources (:func:`~evomerge.merge.vocab.plan_vocab`); vocabulary tensors are kept laid out in it.
+        ``factored_adapters``: keep the task vectors of LoRA adapters on the reference as their factors
+        (:class:`TaskVectors`; vocabulary tensors laid out by token stay dense); default: dense, like full
+        sources.
         """
         from evomerge.io import ModelFolder, check_mergeable, tensor_role
+        from evomerge.io.adapter import AdapterFolder
         from evomerge.merge.vocab import plan_vocab, vocab_tensors
 
         t0 = time.perf_counter()
@@ -114,6 +204,16 @@ class ResidentSources:
         store = device if placement == "device" else torch.device("cpu")
         pin = placement == "host" and device.type == "cuda"
         shapes: dict[str, tuple[int, ...]] = {}
+        # rows kept factored: adapters on the reference itself (device placement only)
+        factored = [i for i, m in enumerate(order) if factored_adapters and isinstance(folders[m], AdapterFolder)
+                    and folders[m].base.path.resolve() == ref.path.resolve()]
+        if factored and placement != "device":
+            raise MaterializeError(f"resources.adapter_residency factored needs resources.placement device, not "
+                                   f"{placement}")
+        factors: dict[int, dict[str, Factor]] = {i: {} for i in factored}
+        dense_part: dict[str, torch.Tensor] = {}
+        like: dict[str, torch.Tensor] = {}
+        all_dense: set[str] = set()
         for name in ref.tensor_names:
             group = read_group(folders, name, reference, order, vocab, by_token, device=store, dtype=dtype, pin=pin)
             if group is None:
@@ -122,12 +222,29 @@ class ResidentSources:
             shapes[name], roles[name] = tuple(b.shape), tensor_role(name, ref.model_type)
             if placement == "mmap":
                 continue
+            if factored:
+                if name not in by_token:
+                    for i in factored:
+                        f = _factor(folders[order[i]], name, b, device)
+                        if f is not None:
+                            factors[i][name] = f
+                    dense_part[name] = d[[i for i in range(len(order)) if i not in factors]]
+                else:  # laid out by token: every row dense
+                    dense_part[name] = d
+                    all_dense.add(name)
+                like[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
             base[name], deltas[name] = b, d
             if ordered is not None:
                 ordered[name] = torch.stack([magnitude_order(row) for row in d]) if len(order) else d.new_empty(
                     (0, b.numel()), dtype=torch.int32)
                 if pin:
                     ordered[name] = ordered[name].pin_memory()
+            if factored:
+                del deltas[name], d  # kept as dense_part + factors
+        if factored:
+            dense_rows = [i for i in range(len(order)) if i not in factors]
+            deltas = TaskVectors(len(order), dense_part, dense_rows, factors, like,  # type: ignore[assignment]
+                                 device, all_dense)
         if placement == "mmap":
             from evomerge.merge.placement import FolderGroups
 
@@ -150,7 +267,11 @@ class ResidentSources:
         """Bytes kept resident (0 with the ``mmap`` placement)."""
         if self.placement == "mmap":
             return 0
-        tensors = (*self.base.values(), *self.deltas.values(), *(self.ordered or {}).values())
+        deltas = self.deltas
+        if isinstance(deltas, TaskVectors):
+            tensors = (*self.base.values(), *(self.ordered or {}).values())
+            return sum(t.numel() * t.element_size() for t in tensors) + deltas.nbytes
+        tensors = (*self.base.values(), *deltas.values(), *(self.ordered or {}).values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def stream(self, names: Sequence[str], rows: torch.Tensor | None):  # -> Iterator[tuple[name, base, deltas, orders]]
@@ -200,6 +321,8 @@ class ResidentSources:
             )
 
     def group(self, name: str, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.deltas, TaskVectors):  # factored adapters: only the rows asked for are expanded
+            return self.base[name], self.deltas.rows(name, None if rows is None else rows.tolist())
         d = self.deltas[name]
         return self.base[name], (d if rows is None else d.index_select(0, rows.to(d.device)))
 
@@ -238,8 +361,14 @@ def read_group(
             torch.sub(laid[m], b, out=d[i])
         del raw, laid
     else:
+        from evomerge.io.adapter import exact_delta
+
         d = torch.empty((len(order), *b.shape), dtype=b.dtype, device=device, pin_memory=pin)
         for i, m in enumerate(order):
+            if exact_delta(folders[m], ref, name, d[i]):  # an adapter on the reference: B·A·scale
+                if check:
+                    check_finite(name, m, d[i])
+                continue
             t = folders[m].get(name, device=device, dtype=dt)
             if check:
                 check_finite(name, m, t)
