@@ -212,3 +212,21 @@ def test_cli_merge_computes_then_loads_statistics(zoo_test, tmp_path: Path) -> N
     path.write_text(recipe.model_copy(update={"data": None}).to_yaml())
     bad = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "m3")])
     assert bad.exit_code == 2 and "data" in bad.output
+
+
+def test_memory_plan_counts_the_statistics_of_7b_shapes() -> None:
+    from dataclasses import replace
+
+    from evomerge.driver import plan as memory
+
+    shapes = memory.shapes_from("llama-7b")
+    setup = memory.Setup(n_deltas=2, dtype=torch.bfloat16, orders=False, scorer="hf", device="cuda", workers=1,
+                         workers_per_device=1, workers_per_host=1, stats_kinds=("gram",))
+    mem = memory.Memory(device_free=80 * 2**30, device_total=80 * 2**30)
+    parts = {p.name: p.bytes for p in memory.compute(shapes, setup, mem).parts}
+    # per layer: q, k, v, o, gate, up have 4096 inputs (under the bound), down_proj 11008 (over it)
+    assert parts["calibration statistics"] == 3 * 32 * 6 * 4096**2 * 4
+    fisher = memory.compute(shapes, replace(setup, stats_kinds=("fisher",)), mem).parts
+    assert {p.name: p.bytes for p in fisher}["calibration statistics"] == 3 * shapes.entries * 4
+    none = {p.name for p in memory.compute(shapes, replace(setup, stats_kinds=()), mem).parts}
+    assert "calibration statistics" not in none
