@@ -26,10 +26,10 @@ RANDOMIZED = METHODS.names(having=["randomized"])
 EXPECTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough",
-    "consensus_ta", "consensus_ties", "pcb", "iso_c", "widen",
+    "consensus_ta", "consensus_ties", "pcb", "iso_c", "widen", "fisher", "regmean",
 }
 #: Methods mergekit lacks (``mergekit_name`` None: refused on export to mergekit YAML).
-NOT_IN_MERGEKIT = {"consensus_ta", "consensus_ties", "pcb", "iso_c", "widen"}
+NOT_IN_MERGEKIT = {"consensus_ta", "consensus_ties", "pcb", "iso_c", "widen", "fisher", "regmean"}
 
 
 # ----------------------------------------------------------------------------- helpers
