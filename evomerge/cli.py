@@ -92,13 +92,28 @@ def merge(
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     device: Annotated[str, typer.Option(help="Device to merge on (cpu, cuda, cuda:1).")] = "cpu",
+    stats_dir: Annotated[Path | None, typer.Option(
+        help="Cache of calibration statistics for data-informed recipes (fisher, regmean, AIM); "
+        "default: OUT.stats beside the output folder.")] = None,
 ) -> None:
-    """Materialize a recipe into a Hugging Face folder, streaming tensor by tensor."""
-    from evomerge.merge.materialize import materialize_to_disk
+    """Materialize a recipe into a Hugging Face folder, streaming tensor by tensor.
+
+    A recipe whose method reads calibration statistics (its ``data:`` block names the suite) has them
+    computed once per source and example set, or loaded from the cache when its inputs are unchanged.
+    """
+    from evomerge.merge.materialize import _open_sources, materialize_to_disk
+    from evomerge.merge.stats import recipe_kinds, recipe_stats
 
     r = load_recipe_file(recipe)
+    stats = None
+    if recipe_kinds(r):
+        folders = {m: f.path for m, f in _open_sources(r, None).items()}
+        cache = stats_dir if stats_dir is not None else out.with_name(out.name + ".stats")
+        stats, records = recipe_stats(r, folders, cache, device=device)
+        for rec in records:
+            typer.echo(f"statistics {'computed' if rec.computed else 'loaded'}: {rec.path} ({rec.seconds:.1f}s)")
     out_path = materialize_to_disk(
-        r, out, max_shard_bytes=parse_size(shard_size), overwrite=overwrite, device=device
+        r, out, max_shard_bytes=parse_size(shard_size), overwrite=overwrite, device=device, stats=stats
     )
     typer.echo(f"wrote {out_path} (recipe {r.hash})")
 

@@ -149,6 +149,9 @@ def to_mergekit_yaml(
     method = METHODS.get(recipe.method)
     if method.mergekit_name is None:
         raise ConfigError(f"method {recipe.method!r} has no mergekit equivalent")
+    if recipe.data is not None and recipe.data.aim > 0:
+        raise ConfigError("data.aim: mergekit has no activation-informed adjustment (AIM); export the merged "
+                          "folder instead of mergekit YAML")
     path = {n: mergekit_ref(recipe.sources.get(n, n)) for n in recipe.model_names}  # adapters: BASE+ADAPTER
     filters = _filters(model_type)
 

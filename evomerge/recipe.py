@@ -89,6 +89,31 @@ class Routing(BaseModel):
     frame: str = Field(min_length=1, description="model providing embed_tokens, the final norm and lm_head")
 
 
+class DataSpec(BaseModel):
+    """Where a data-informed recipe's statistics come from, and what the materializer does with them.
+
+    ``fallback`` merges the tensors a method has no statistics for (regmean: everything but linear weights;
+    both: layers beyond ``max_gram_features``); it reads the recipe's parameters it declares. ``aim`` is
+    AIM's ω (0: no adjustment), applied on top of the recipe's method (see :func:`evomerge.merge.stats.aim_adjust`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    suite: str = Field(min_length=1, description="task suite (builtin:NAME or a YAML path)")
+    split: Literal["calibration"] = "calibration"
+    tasks: tuple[str, ...] | None = None
+    examples: int | None = Field(default=None, ge=1, description="examples per task (deterministic subset)")
+    max_gram_features: int = Field(default=4096, ge=1)
+    fallback: str = "linear"
+    aim: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and not v:
+            raise ValueError("tasks: empty list; omit it to use every task of the suite")
+        return v
+
+
 class Recipe(BaseModel):
     """A merge recipe (see the module docstring)."""
 
@@ -106,6 +131,9 @@ class Recipe(BaseModel):
     #: ``tokenizer.pad_to_multiple_of``).
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
     routing: Routing | None = None
+    #: Where a data-informed merge's statistics come from (``fisher``, ``regmean``, AIM); see
+    #: :mod:`evomerge.merge.stats`. Unset for every other recipe (and then absent from the hash).
+    data: DataSpec | None = None
     #: Model name -> folder. Binding only: not part of the hash.
     sources: dict[str, str] = Field(default_factory=dict)
 
@@ -140,6 +168,8 @@ class Recipe(BaseModel):
         data = self.model_dump(mode="json", exclude={"sources"})
         if data.get("pad_to_multiple_of") is None:  # absent from recipes written before it existed
             data.pop("pad_to_multiple_of", None)
+        if data.get("data") is None:  # absent from recipes that read no calibration data
+            data.pop("data", None)
         return data
 
     @property

@@ -22,14 +22,17 @@ from evomerge.merge.methods.sparsify import kth_smallest, largest_mask, smallest
 
 DATA = Path(__file__).parent / "data"
 ALL = METHODS.names()
+#: Methods the tensor-only contract tests call with no calibration statistics (data-informed ones have their
+#: own tests in test_merge_data_informed.py).
+PLAIN = [m for m in ALL if not METHODS.get(m).stats]
 RANDOMIZED = METHODS.names(having=["randomized"])
 EXPECTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough",
-    "consensus_ta", "consensus_ties", "pcb", "iso_c", "widen",
+    "consensus_ta", "consensus_ties", "pcb", "iso_c", "widen", "fisher", "regmean",
 }
 #: Methods mergekit lacks (``mergekit_name`` None: refused on export to mergekit YAML).
-NOT_IN_MERGEKIT = {"consensus_ta", "consensus_ties", "pcb", "iso_c", "widen"}
+NOT_IN_MERGEKIT = {"consensus_ta", "consensus_ties", "pcb", "iso_c", "widen", "fisher", "regmean"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -81,7 +84,7 @@ def test_every_standard_method_is_registered() -> None:
     assert set(RANDOMIZED) == {"dare_linear", "dare_ties", "della", "della_linear"}
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PLAIN)
 def test_param_specs_are_well_formed(name: str) -> None:
     m = METHODS.get(name)
     assert m.mergekit_name == (None if name in NOT_IN_MERGEKIT else name) and m.doc
@@ -97,7 +100,7 @@ def test_param_specs_are_well_formed(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- properties of every method
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PLAIN)
 def test_identity_when_every_source_equals_the_base(name: str) -> None:
     n = n_models(name)
     base, _ = inputs(n)
@@ -113,7 +116,7 @@ def test_identity_when_every_source_equals_the_base(name: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PLAIN)
 def test_shape_dtype_and_inputs_untouched(name: str, dtype: torch.dtype) -> None:
     n = n_models(name)
     base, deltas = inputs(n, shape=(7, 9), dtype=dtype)
@@ -128,7 +131,7 @@ def test_shape_dtype_and_inputs_untouched(name: str, dtype: torch.dtype) -> None
         assert not torch.equal(out, base)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PLAIN)
 def test_same_inputs_and_seed_give_identical_bits_in_any_layout(name: str) -> None:
     n = n_models(name)
     base, deltas = inputs(n, shape=(33, 17))
@@ -151,7 +154,7 @@ def test_random_masks_depend_on_seed_and_tensor_name(name: str) -> None:
         METHODS.get(name).fn(base, deltas, sp, gp, generator=None)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PLAIN)
 def test_number_of_models_is_checked(name: str) -> None:
     m = METHODS.get(name)
     base, _ = inputs(1)
@@ -162,7 +165,7 @@ def test_number_of_models_is_checked(name: str) -> None:
             run(name, base, torch.zeros((n, *base.shape)), sp, gp)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PLAIN)
 def test_bad_tensors_are_refused(name: str) -> None:
     n = n_models(name)
     sp, gp = params(name, n)

@@ -15,7 +15,12 @@ A worker keeps everything on its one device (:mod:`evomerge.driver.worker`):
 * a merge workspace: :data:`WORKSPACE_FACTOR` times the largest tensor in the run's dtype (TIES holds the
   merged sum, the elected signs, the divisor and one row of scratch at once; other methods hold less), plus,
   with magnitude orders, the sort of the largest task vector at load (an int64 index and a value per entry);
-* on CUDA, the process's CUDA context (:data:`CUDA_CONTEXT_BYTES`, an estimate).
+* on CUDA, the process's CUDA context (:data:`CUDA_CONTEXT_BYTES`, an estimate);
+* for a data-informed merge (``Setup.stats_kinds``), the calibration statistics of every source
+  (:func:`evomerge.merge.stats.stats_bytes`, float32): a diagonal Fisher is one entry per parameter; a Gram
+  matrix is ``in^2`` per linear weight, and only for layers of at most ``max_gram_features`` inputs (the
+  bound that keeps a 7B MLP's ``down_proj`` out: 11008^2 x 4 B = 485 MB each); activations ``in`` per linear
+  weight. Linear weights are the 2-D attention and MLP tensors.
 
 ``resources.placement`` (:mod:`evomerge.merge.placement`) moves the sources: ``host`` keeps the reference, the task
 vectors and the magnitude orders in (pinned) host memory, and the device holds two tensors' worth of them at a
@@ -209,6 +214,9 @@ class Setup:
     placement: str = "device"  # where the sources are kept (merge/placement.py)
     factored: int = 0  # task vectors of LoRA adapters held as their factors (resources.adapter_residency)
     factored_bytes: int = 0  # their float32 factors, at most
+    #: Calibration statistics a data-informed merge keeps per source (``fisher``, ``gram``, ``act``).
+    stats_kinds: tuple[str, ...] = ()
+    max_gram_features: int = 4096
 
 
 @dataclass(frozen=True)
@@ -346,6 +354,17 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def statistics_bytes(shapes: Shapes, setup: Setup) -> int:
+    """Bytes of the calibration statistics of every source (the reference included), module docstring."""
+    from evomerge.io import tensor_role
+    from evomerge.merge.stats import stats_bytes
+
+    linear_in = {n: s[1] for n, s in shapes.tensors.items()
+                 if len(s) == 2 and tensor_role(n).kind in ("attn", "mlp")}
+    one = stats_bytes(shapes.tensors, linear_in, setup.stats_kinds, setup.max_gram_features)
+    return (setup.n_deltas + 1) * one
+
+
 def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
     """The parts of ``setup`` for a reference of ``shapes`` (see the module docstring), checked against ``memory``."""
     el = _bytes(setup.dtype)
@@ -389,6 +408,9 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
     parts.append(Part("merge workspace", work, f"{WORKSPACE_FACTOR} x largest tensor"
                                                 + (" + its sort at load" if orders else "")
                                                 + (f" + {n} expanded task vectors of it" if setup.factored else "")))
+    if setup.stats_kinds:
+        parts.append(Part("calibration statistics", statistics_bytes(shapes, setup),
+                          f"{'+'.join(setup.stats_kinds)}, float32, {setup.n_deltas + 1} models"))
     if setup.device == "cuda":
         parts.append(Part("CUDA context", CUDA_CONTEXT_BYTES, "estimate"))
     host = [*host_sources, Part("live model staging", live, "from_pretrained loads on the host, then moves")]

@@ -54,11 +54,31 @@ class MergePlan:
     reference: str
     order: tuple[str, ...]
     num_layers: int
+    #: Calibration statistics of a data-informed recipe (``fisher``, ``regmean``, AIM), else None.
+    stats: MergeStats | None = None
+    #: The method merging the tensors a data-informed method has no statistics for (``data.fallback``).
+    fallback: MergeMethod | None = None
 
     @classmethod
-    def build(cls, recipe: Recipe, num_layers: int) -> MergePlan:
+    def build(cls, recipe: Recipe, num_layers: int, stats: MergeStats | None = None) -> MergePlan:
         method = validate_recipe_params(recipe)
-        return cls(recipe, method, recipe.reference_model, tuple(delta_models(recipe)), num_layers)
+        fallback = None
+        reads = bool(method.stats) or (recipe.data is not None and recipe.data.aim > 0)
+        if recipe.data is not None and method.stats:
+            from evomerge.merge.methods.base import METHODS
+
+            if recipe.data.fallback not in METHODS:
+                raise ConfigError(f"data.fallback: unknown merge method {recipe.data.fallback!r}; "
+                                  f"valid: {', '.join(METHODS.names())}")
+            fallback = METHODS.get(recipe.data.fallback)
+            if fallback.stats or fallback.randomized:
+                raise ConfigError(f"data.fallback: {fallback.name!r} cannot be a fallback (it reads statistics "
+                                  "or draws random masks); use linear or task_arithmetic")
+        if reads and stats is None:
+            raise ConfigError(f"data: recipe {recipe.hash} ({method.name}) reads calibration statistics, but none "
+                              "were given; evomerge merge computes them from the recipe's data: block")
+        return cls(recipe, method, recipe.reference_model, tuple(delta_models(recipe)), num_layers,
+                   stats if reads else None, fallback)
 
 
 def merge_tensor(
@@ -79,6 +99,8 @@ def merge_tensor(
     """
     if not base.is_floating_point():
         return base
+    if plan.stats is not None:
+        return _merge_informed(plan, name, role, base, deltas)
     tp = tensor_params(plan.recipe, plan.method, role, plan.num_layers, plan.order)
     try:
         orders = orders if plan.method.magnitude_orders else None
@@ -98,6 +120,42 @@ def merge_tensor(
             f"{name}: merge method {plan.method.name!r} produced non-finite values (NaN/inf); "
             "check the sources for NaN weights and the recipe's parameters"
         )
+    return merged
+
+
+def _merge_informed(
+    plan: MergePlan, name: str, role: TensorRole, base: torch.Tensor, deltas: torch.Tensor
+) -> torch.Tensor:
+    """Merge one tensor of a recipe that reads calibration statistics (eager; same on disk and in place).
+
+    The method gets ``stats=`` stacked in ``plan.order``; a tensor some source lacks a statistic for is merged
+    by ``plan.fallback`` with the parameters it shares with the method (by name; its own defaults otherwise).
+    AIM (``data.aim > 0``) then adjusts every linear weight the base model has activations for.
+    """
+    assert plan.stats is not None and plan.recipe.data is not None
+    tp = tensor_params(plan.recipe, plan.method, role, plan.num_layers, plan.order)
+    method, sp, gp, extra = plan.method, tp.sp, tp.gp, {}
+    if method.stats:
+        found = {k: plan.stats.stacked(k, name, plan.order) for k in method.stats}
+        if all(v is not None for v in found.values()):
+            extra = {"stats": found}
+        else:
+            assert plan.fallback is not None
+            method = plan.fallback
+            own = {p.name: p.scope for p in method.params}
+            sp = {k: v for k, v in tp.sp.items() if own.get(k) == "source"}
+            gp = {k: v for k, v in tp.gp.items() if own.get(k) == "global"}
+    try:
+        merged = method.fn(base, deltas, sp, gp, ref_sp=tp.ref_sp if not method.needs_base else None, **extra)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+    omega = plan.recipe.data.aim
+    act = plan.stats.one("act", name, plan.reference) if omega > 0 else None
+    if act is not None and base.dim() == 2 and act.shape == (base.shape[1],):
+        merged = aim_adjust(base, merged, act, omega)
+    if not bool(torch.isfinite(merged).all()):
+        raise MaterializeError(f"{name}: merge method {method.name!r} produced non-finite values (NaN/inf); "
+                               "check the sources and the statistics")
     return merged
 
 
@@ -122,7 +180,7 @@ def _open_sources(recipe: Recipe, paths: Mapping[str, str | Path] | None):  # ->
 
 def iter_merged(
     recipe: Recipe, folders: Mapping[str, object], *, device: str | torch.device = "cpu",
-    vocab: VocabPlan | None = None,
+    vocab: VocabPlan | None = None, stats: MergeStats | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` for every tensor of the reference model, streaming from disk.
 
@@ -133,7 +191,7 @@ def iter_merged(
 
     ref_name = recipe.reference_model
     ref = folders[ref_name]
-    plan = MergePlan.build(recipe, ref.num_layers)
+    plan = MergePlan.build(recipe, ref.num_layers, stats)
     vocab = vocab if vocab is not None else recipe_plan(recipe, folders)
     by_token = set(vocab_tensors(ref)) if vocab.aligns else set()
     others = [folders[m] for m in plan.order]
@@ -220,11 +278,13 @@ def materialize_to_disk(
     card_extra: str = "",
     progress: Callable[[int, int], None] | None = None,
     fused: bool | None = None,
+    stats: MergeStats | None = None,
 ) -> Path:
     """Merge ``recipe`` into an HF folder at ``out_dir`` (written atomically; streams tensor by tensor).
 
     ``fused``: use the compiled kernels of :mod:`evomerge.merge.kernels` (same bits either way); ``None``
-    decides by model size (:data:`ONE_OFF_FUSED_MIN_ELEMENTS`).
+    decides by model size (:data:`ONE_OFF_FUSED_MIN_ELEMENTS`). ``stats``: the calibration statistics of a
+    data-informed recipe (:func:`evomerge.merge.stats.recipe_stats`).
     """
     from evomerge.io import ModelWriter
 
@@ -239,12 +299,14 @@ def materialize_to_disk(
     if recipe.routing is not None:
         from evomerge.merge.routing import export_routed
 
+        if stats is not None:
+            raise ConfigError("routing: layer routing over a data-informed merge is not supported")
         if vocab.aligns:
             raise ConfigError("routing: layer routing over models whose vocabularies differ is not supported; "
                               "merge them with a parameter-space method")
         tensors, config = export_routed(recipe, folders, config, iter_merged_fn=iter_merged, device=device)
     else:
-        tensors = iter_merged(recipe, folders, device=device, vocab=vocab)
+        tensors = iter_merged(recipe, folders, device=device, vocab=vocab, stats=stats)
     total = len(ref.tensor_names) - (recipe.routing is None and tied_head(ref) is not None)
     t0 = time.perf_counter()
     if fused is None:  # compiling costs seconds: a one-off merge of a small model is faster without
@@ -271,11 +333,12 @@ def materialize_to_disk(
 
 
 def materialize_state_dict(
-    recipe: Recipe, paths: Mapping[str, str | Path] | None = None, *, device: str = "cpu"
+    recipe: Recipe, paths: Mapping[str, str | Path] | None = None, *, device: str = "cpu",
+    stats: MergeStats | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged model as an in-memory state dict (small models, tests)."""
     folders = _open_sources(recipe, paths)
-    return dict(iter_merged(recipe, folders, device=device))
+    return dict(iter_merged(recipe, folders, device=device, stats=stats))
 
 
 
@@ -287,10 +350,12 @@ class InPlaceMerger:
     module's parameters are overwritten in place (no second model, no disk).
     """
 
-    def __init__(self, sources: ResidentSources, module: torch.nn.Module) -> None:  # noqa: F821
+    def __init__(self, sources: ResidentSources, module: torch.nn.Module,  # noqa: F821
+                 stats: MergeStats | None = None) -> None:
         from evomerge.merge.live import aliased, live_targets
 
         self.sources = sources
+        self.stats = stats
         self.module = module
         targets = live_targets(module, sources.names, sources.shapes)
         for name, kept in _tied_pairs(aliased(targets), sources.roles).items():
@@ -310,7 +375,7 @@ class InPlaceMerger:
     def apply(self, recipe: Recipe) -> dict[str, float]:
         """Merge ``recipe`` into the live module; return timings in seconds."""
         t0 = time.perf_counter()
-        plan = MergePlan.build(recipe, self.sources.num_layers)
+        plan = MergePlan.build(recipe, self.sources.num_layers, self.stats)
         select = self.sources.row_index(plan)
         # tensor by tensor from where the sources are kept (resources.placement; see merge/placement.py)
         for name, base, deltas, orders in self.sources.stream(list(self.targets), select):
@@ -349,6 +414,7 @@ def _check_tied_sources(sources: ResidentSources, name: str, kept: str) -> None:
 
 
 from evomerge.merge.sources import ResidentSources, check_finite  # noqa: E402
+from evomerge.merge.stats import MergeStats, aim_adjust  # noqa: E402
 from evomerge.merge.vocab import VocabPlan, recipe_plan, set_vocab_size, vocab_tensors  # noqa: E402
 
 __all__ = [

@@ -25,7 +25,11 @@ Two capabilities a method declares when it registers (never probed by name elsew
   function); a method without it always runs eagerly;
 * ``magnitude_orders``: the method ranks task-vector entries by magnitude and takes ``orders=``, each row's
   :func:`~evomerge.merge.methods.sparsify.magnitude_order` (or ``None`` per row), from a caller that keeps
-  them resident; the result is the same with or without them, only the selection pass is skipped.
+  them resident; the result is the same with or without them, only the selection pass is skipped;
+* ``stats``: the kinds of calibration statistics (:mod:`evomerge.merge.stats`: ``fisher``, ``gram``,
+  ``act``) the method reads, passed as ``stats={kind: per-source statistics of this tensor, stacked
+  (N, ...)}``; the materializer looks them up by tensor name, and merges a tensor that has none with the
+  recipe's ``data.fallback`` method instead (the method itself never sees a missing statistic).
 
 Which model is the ``base`` is decided by the recipe: ``base_model`` when set; otherwise (linear,
 passthrough, nuslerp) the first listed model, whose own per-source parameters are then passed in
@@ -101,6 +105,7 @@ class MergeFn(Protocol):
         ref_sp: Mapping[str, float] | None = None,
         generator: torch.Generator | None = None,
         orders: Sequence[torch.Tensor | None] | None = None,
+        stats: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -124,6 +129,8 @@ class MergeMethod:
     fused: FusedPlanFn | None = None
     #: The method takes ``orders=`` (resident magnitude orders of the task vectors' rows).
     magnitude_orders: bool = False
+    #: Kinds of calibration statistics the method reads as ``stats=`` (empty: none).
+    stats: tuple[str, ...] = ()
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -150,7 +157,8 @@ SAME_NAME = _SameName()
 
 
 #: A method's implementation: ``(base, deltas, resolved arguments, **extras) -> merged tensor``; ``extras`` are
-#: ``generator`` for randomized methods and ``orders`` for ``magnitude_orders`` methods.
+#: ``generator`` for randomized methods, ``orders`` for ``magnitude_orders`` methods and ``stats`` for
+#: data-informed ones.
 MergeImpl = Callable[..., torch.Tensor]
 
 
@@ -165,6 +173,7 @@ def merge_method(
     mergekit_name: str | None | _SameName = SAME_NAME,
     fused: FusedPlanFn | None = None,
     magnitude_orders: bool = False,
+    stats: Sequence[str] = (),
 ) -> Callable[[MergeImpl], MergeFn]:
     """Register ``impl`` as merge method ``name`` and return its :class:`MergeFn` (module docstring).
 
@@ -174,6 +183,8 @@ def merge_method(
     method's name in mergekit YAML: by default ``name``; ``None`` for a method mergekit lacks (its recipes
     are then refused on export to mergekit YAML).
     """
+
+    stat_kinds = tuple(stats)
 
     def deco(impl: MergeImpl) -> MergeFn:
         from evomerge.merge.methods.arguments import require_generator, resolve
@@ -187,8 +198,14 @@ def merge_method(
             ref_sp: Mapping[str, float] | None = None,
             generator: torch.Generator | None = None,
             orders: Sequence[torch.Tensor | None] | None = None,
+            stats: Mapping[str, torch.Tensor] | None = None,
         ) -> torch.Tensor:
             extras: dict[str, object] = {}
+            if stat_kinds:
+                missing = [k for k in stat_kinds if stats is None or k not in stats]
+                if missing:
+                    raise ValueError(f"{name} reads calibration statistics {missing}: pass stats={{kind: tensor}}")
+                extras["stats"] = stats
             if randomized:
                 extras["generator"] = require_generator(name, generator)
             if magnitude_orders:
@@ -201,6 +218,7 @@ def merge_method(
         caps.add("needs_base" if needs_base else "baseless")
         caps |= {"fused"} if fused is not None else set()
         caps |= {"magnitude_orders"} if magnitude_orders else set()
+        caps |= {"data_informed"} if stat_kinds else set()
         METHODS.add(
             name,
             MergeMethod(
@@ -216,6 +234,7 @@ def merge_method(
                 capabilities=frozenset(caps),
                 fused=fused,
                 magnitude_orders=magnitude_orders,
+                stats=stat_kinds,
             ),
             capabilities=caps,
         )
