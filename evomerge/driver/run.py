@@ -36,6 +36,7 @@ from evomerge.driver.worker import Worker, WorkerSpec, resolve_device
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
 from evomerge.io.folder import vocab_rows
+from evomerge.merge.methods import METHODS
 from evomerge.merge.vocab import depends_on_models, effective_source
 from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
@@ -105,6 +106,10 @@ def preflight(cfg: RunConfig) -> Prepared:
     space = build_space(template, models)
     x0_recipe = space.decode(space.x0)
     validate_recipe_params(x0_recipe)
+    if METHODS.get(x0_recipe.method).stats:
+        raise ConfigError(f"space.template: method {x0_recipe.method!r} reads calibration statistics, which a "
+                          f"search's workers do not compute; merge it with `evomerge merge` and a recipe's data: "
+                          f"block, or search a data-free method")
     # an optimizer that recombines segments (M2N2 over recipes) gets the space's segment structure, if any
     segments = space.prepare_segments(folders) if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) else None
     x0 = space.x0 if cfg.space.start_from is None else start_point(cfg.space.start_from, space)
