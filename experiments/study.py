@@ -112,6 +112,22 @@ def problems(quick: bool) -> list[Problem]:
     return out[:1] if quick else out
 
 
+def budget_problems(quick: bool) -> list[Problem]:
+    """The small-budget block (``--block budget50``): every search in the warm per-layer task-arithmetic space,
+    started at task arithmetic at the best λ of the grid, for budgets of tens of evaluations."""
+    searches = [
+        Search("bo", "bo", {}, template=WARM_TEMPLATE, warm=True, note="GP + qLogNEI, x0 = best λ"),
+        Search("optuna-tpe", "optuna", {"sampler": "TPESampler"}, template=WARM_TEMPLATE, warm=True,
+               note="TPE, x0 = best λ"),
+        Search("cma_es-warm", "cma_es", {"popsize": 8, "sigma0": 0.1, "x0_first": True}, template=WARM_TEMPLATE,
+               warm=True, note="x0 = best λ"),
+        Search("random-warm", "random", {}, template=WARM_TEMPLATE, warm=True, note="x0 = best λ"),
+    ]
+    out = [Problem("2 experts (add, rev)", ["add", "rev"], "builtin:zoo-2", WARM_TEMPLATE, searches),
+           Problem("3 experts (add, rev, sort)", ["add", "rev", "sort"], "builtin:zoo", WARM_TEMPLATE, searches)]
+    return out[:1] if quick else out
+
+
 # ------------------------------------------------------------------ scoring helpers for extra baselines
 class Scorer:
     """Scores recipes and folders on calibration and test with the hf scorer (baselines outside the search)."""
@@ -222,6 +238,8 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
         start_run(path)
     evs = read_events(run_dir / "events.jsonl")  # the run's own wall time (also when it was run earlier)
     wall = evs[-1]["t"] - evs[0]["t"] if len(evs) > 1 else time.perf_counter() - t0
+    done = [e for e in evs if e.get("event") == "done"]
+    optimizer_s = done[-1].get("optimizer_s") if done else None  # the optimizer's ask + tell, in the last process
     res = RunResults(run_dir)
     write_report(run_dir)
     tasks = res.tasks
@@ -247,7 +265,7 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
     cal = best.result.task_means() if best else None
     return {
         "problem": prob.name, "search": search.label, "note": search.note, "pick": search.pick, "seed": seed,
-        "evaluations": len(searched), "budget": evals * search.budget, "wall_s": wall, "tasks": tasks, "expert_cal": res.high,
+        "evaluations": len(searched), "budget": evals * search.budget, "wall_s": wall, "optimizer_s": optimizer_s, "tasks": tasks, "expert_cal": res.high,
         "best_candidate": best.candidate_id if best else None, "best_cal": cal, "best_test": test,
         "best_test_rel": res.relative_to_expert(test, "test") if test else None,
         "best_cal_rel": res.relative_to_expert(cal) if cal else None,
@@ -272,6 +290,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--evals", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated search labels to run (default: all)")
+    ap.add_argument("--block", choices=("main", "budget50"), default="main",
+                    help="main: the study above; budget50: bo, Optuna TPE, warm CMA-ES and random search in the "
+                         "warm space at 50 evaluations")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -279,13 +300,14 @@ def main() -> None:
     size = "test" if args.quick else "demo"
     zoo_dir = args.zoo or REPO / "zoo" / size
     zoo = build_zoo(zoo_dir, size=size, seed=0)
-    out = args.out or REPO / "experiments" / "results" / ("study-quick" if args.quick else "study")
+    name = ("study-quick" if args.quick else "study") + ("" if args.block == "main" else f"-{args.block}")
+    out = args.out or REPO / "experiments" / "results" / name
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or (1 if args.quick else 3)
-    evals = args.evals or (20 if args.quick else 150)
+    evals = args.evals or (20 if args.quick else 150 if args.block == "main" else 50)
     only = set(args.only.split(",")) if args.only else None
     results, extras = [], {}
-    for prob in problems(args.quick):
+    for prob in (problems if args.block == "main" else budget_problems)(args.quick):
         sc = Scorer(zoo, prob.suite, prob.experts)
         extras[prob.name], lam = extra_baselines(sc, prob.experts)
         ta_cal = next(v["calibration"] for v in extras[prob.name].values() if v.get("ta_best"))
@@ -298,7 +320,6 @@ def main() -> None:
                          r["wall_s"])
                 results.append(r)
     text = write_tables(results, extras, args, zoo, TA_GRID)
-    name = "study-quick" if args.quick else "study"
     dests = [out] + ([REPO / "experiments" / "results"] if args.out is None else [])
     for d in dests:
         (d / f"{name}.md").write_text(text)

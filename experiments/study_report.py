@@ -18,6 +18,12 @@ def _rel(means: dict[str, float], experts_test: dict[str, float], tasks: list[st
     return float(np.mean(rel)), float(np.min(rel))
 
 
+def _optimizer_share(group: list[dict]) -> str:
+    """`` (opt. X s/eval)``: the optimizer's own ask + tell time per evaluation, when the runs recorded it."""
+    per = [r["optimizer_s"] / r["evaluations"] for r in group if r.get("optimizer_s") is not None and r["evaluations"]]
+    return f" (opt. {np.mean(per):.2f} s/eval)" if per else ""
+
+
 def fmt(x: float | None, p: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{p}f}"
 
@@ -25,7 +31,8 @@ def fmt(x: float | None, p: int = 3) -> str:
 def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooManifest, grid: tuple[float, ...]) -> str:
     """The study's markdown: per problem, the baselines, every search (mean ± std over seeds) and the goal lines."""
     cmd = "python experiments/study.py" + (" --quick" if args.quick else "") + (
-        f" --evals {args.evals}" if args.evals else "") + (f" --seeds {args.seeds}" if args.seeds else "")
+        f" --evals {args.evals}" if args.evals else "") + (f" --seeds {args.seeds}" if args.seeds else "") + (
+        f" --block {args.block}" if getattr(args, "block", "main") != "main" else "")
     lines = [f"# Search-quality study ({'quick' if args.quick else 'full'})", "",
              f"Date {date.today()}, machine: {platform.machine()} {platform.processor() or ''}, "
              f"{os.cpu_count()} CPUs, torch {torch.__version__}, zoo size `{zoo.size.name}` seed "
@@ -79,7 +86,8 @@ def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooMan
                 + " | ".join(f"{per[:, j].mean():.3f} ± {per[:, j].std():.3f}" for j in range(len(tasks)))
                 + f" | {rel[:, 0].mean():.3f} ± {rel[:, 0].std():.3f} | {rel[:, 1].mean():.3f} ± {rel[:, 1].std():.3f}"
                 + f" | {ev('evals_to_095_mean')} / {ev('evals_to_095_worst')} | {ev('evals_to_ta_best')}"
-                + f" | {np.mean([r['wall_s'] for r in group]):.0f} | {np.mean(cal_rel - rel[:, 0]):+.3f} |")
+                + f" | {np.mean([r['wall_s'] for r in group]):.0f}{_optimizer_share(group)}"
+                + f" | {np.mean(cal_rel - rel[:, 0]):+.3f} |")
         lines += ["", f"Best hand-set merge, mean rel.: {fmt(best_hand)}; best search: {best_evolved[1]} "
                   f"{fmt(best_evolved[0])} ({(best_evolved[0] - best_hand) * 100:+.1f} points).", ""]
         lines += goal_lines(rs, expert_test, tasks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ class Driver:
         self.phase = "baselines"
         self.next_key = 0
         self.told = self.failures = 0
+        self.optimizer_s = 0.0  # this process's time in the optimizer's ask and tell (the done event)
         self.best: float | None = None
         self.inflight: dict[int, tuple[Job, Candidate]] = {}
         self.history: list[Handled] = []
@@ -123,7 +125,7 @@ class Driver:
             self._submit_test_rescoring()
         self._drain()
         self._phase("done")
-        self._emit("done", told=self.told, failures=self.failures)
+        self._emit("done", told=self.told, failures=self.failures, optimizer_s=round(self.optimizer_s, 3))
 
     def _phase(self, phase: str) -> None:
         self.phase = phase
@@ -163,8 +165,12 @@ class Driver:
         while True:
             free = self.pool.size - len(self.inflight)
             left = self._budget_left()
+            served = False  # a candidate answered from an earlier identical recipe's result: ask again
             if left > 0 and free > 0 and not self.opt.should_stop():
-                for cand in self.opt.ask(min(free, left)):
+                t0 = time.perf_counter()
+                asked = self.opt.ask(min(free, left))
+                self.optimizer_s += time.perf_counter() - t0
+                for cand in asked:
                     recipe = self.space.decode(cand.genome)
                     job = self._job(cand, recipe, "calibration", self.cfg.subset)
                     cached = self.seen.get((recipe.hash, job.fidelity, "calibration"))
@@ -175,7 +181,10 @@ class Driver:
                     res = EvalResult(cand.id, cached.status, dict(cached.tasks), cached.error, {"cached": 1.0},
                                      cached.worker, job.fidelity)
                     self._handle(job, cand, self.journal.inline(job, res), meta={"cached": True})
+                    served = True
             if not self.inflight:
+                if served:
+                    continue  # the budget counts served candidates, so this ends
                 return  # budget spent, optimizer stopped, or nothing more to ask until a result arrives
             self._collect_one()
 
@@ -211,7 +220,9 @@ class Driver:
                               per_example=np.concatenate([res.tasks[t].scores for t in self.tasks]))
         else:
             obs = Observation.failure(cand.id)
+        t0 = time.perf_counter()
         self.opt.tell([obs])
+        self.optimizer_s += time.perf_counter() - t0
         self.told += 1
         if not res.ok:
             self.failures += 1
