@@ -232,6 +232,8 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
             if key == "space":
                 was = {"template": was["template"], "overrides": was.get("overrides") or {},
                        **({"start_from": was["start_from"]} if was.get("start_from") else {})}
+            if key == "optimizer":  # the resolved config lists every option: compare the ones this search sets
+                was = {"name": was["name"], "options": {k: was["options"].get(k) for k in want["options"]}}
             if was != want:
                 raise SystemExit(f"{run_dir} holds another search ({key}: {was} != {want}); move it away")
     else:
