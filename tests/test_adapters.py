@@ -307,7 +307,7 @@ def test_frank_wolfe_keeps_one_source_per_cluster():
 def test_pool_selection_streams_and_bounds_what_the_run_holds(pool, tmp_path):
     from evomerge.config.load import load_run_config
     from evomerge.driver.plan import plan_run
-    from evomerge.driver.run import preflight
+    from evomerge.driver.run import SELECTION_FILE, create_run_dir, preflight
     from evomerge.merge.selection import gram_matrix
 
     root, fam, suite = pool
@@ -334,6 +334,9 @@ def test_pool_selection_streams_and_bounds_what_the_run_holds(pool, tmp_path):
     kept = set(prep.cfg.sources) - {"base"}
     assert len(kept) == 3 and len(kept & {"m1", "m1_twin"}) == 1  # a twin adds nothing to what is kept
     assert set(prep.spec.sources) == kept | {"base"}
+    record = json.loads((create_run_dir(prep) / SELECTION_FILE).read_text())  # the choice is kept in the run
+    assert set(record["pool"]) == set(paths) - {"base"} and set(record["kept"]) == kept
+    assert sum(record["weights"].values()) == pytest.approx(1.0) and len(record["cosine"]) == 5
     with pytest.raises(ConfigError, match="source_selection: set base_model"):
         load_run_config(write_run_config(tmp_path / "b.yaml", paths, suite, name="b",
                                          extra={"base_model": None, "source_selection": {"keep": 2}}))

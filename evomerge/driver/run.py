@@ -1,7 +1,8 @@
 """Start and resume runs: preflight every input before any work, then hand over to the Driver.
 
 A run folder (``output_dir/name``) holds ``config.resolved.yaml``, ``space.txt``, ``archive.sqlite``,
-``checkpoint.json``, ``events.jsonl`` and, at the end, ``report/`` and ``export/``. It is created only after
+``checkpoint.json``, ``events.jsonl`` (``source_selection.json`` when a pool was reduced) and, at the end, ``report/``
+and ``export/``. It is created only after
 the preflight passed, atomically (written under a temporary name, then renamed), so a bad config, a missing
 model, mismatched sources or a bad task file never leave a half-written folder behind.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -58,6 +60,7 @@ class Prepared:
     reference: str
     warm_start: WarmStart | None = None  # space.warm_start
     declared: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # the suite's references
+    selection: dict[str, Any] | None = None  # source_selection: what was chosen from the pool (source_selection.json)
 
 
 def _ensure_zoo(cfg: RunConfig) -> None:
@@ -76,7 +79,7 @@ def preflight(cfg: RunConfig) -> Prepared:
     """Validate every input (models, suite, space, optimizer, scorer) without doing any work."""
     from evomerge.io import ModelFolder, check_mergeable
     from evomerge.io.adapter import AdapterFolder
-    from evomerge.merge.selection import apply_selection
+    from evomerge.merge.selection import apply_selection, selection_record
     from evomerge.merge.tensor_params import validate_recipe_params
     from evomerge.optim import OPTIMIZERS
     from evomerge.optim.base import Problem
@@ -88,7 +91,8 @@ def preflight(cfg: RunConfig) -> Prepared:
     checks.check_device(cfg)
     checks.check_output_dir(cfg)
     _ensure_zoo(cfg)
-    cfg = apply_selection(cfg)  # a pool: only the sources kept from here on
+    pool_sources = dict(cfg.sources)
+    cfg, selection = apply_selection(cfg)  # a pool: only the sources kept from here on
     folders = {name: ModelFolder.open(Path(p)) for name, p in cfg.sources.items()}
     check_mergeable(folders, vocab=True)
     checks.check_cluster(cfg)
@@ -149,7 +153,8 @@ def preflight(cfg: RunConfig) -> Prepared:
     for f in folders.values():
         f.close()
     declared = {name: (ref.low, ref.high) for name, ref in suite.references().items()}
-    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, declared)
+    record = None if selection is None else selection_record(selection, pool_sources)
+    return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, declared, record)
 
 
 def start_point(path: str, space: Any) -> Any:
@@ -233,6 +238,10 @@ def check_new_run_dir(run_dir: Path) -> None:
                           "or choose another name")
 
 
+#: The pool, the kept sources and their Frank–Wolfe weights of a run with ``source_selection``.
+SELECTION_FILE = "source_selection.json"
+
+
 def create_run_dir(prep: Prepared) -> Path:
     """Create the run folder atomically with the resolved config and the space description.
 
@@ -246,6 +255,8 @@ def create_run_dir(prep: Prepared) -> Path:
     try:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
         (tmp / "space.txt").write_text(prep.space.describe() + "\n")
+        if prep.selection is not None:
+            (tmp / SELECTION_FILE).write_text(json.dumps(prep.selection, indent=1) + "\n")
         if run_dir.exists():
             if (run_dir / CACHE_DIR).exists():
                 os.replace(run_dir / CACHE_DIR, tmp / CACHE_DIR)

@@ -166,15 +166,24 @@ def select_sources(paths: Mapping[str, str | Path], reference: str, keep: int, *
     return sel
 
 
-def apply_selection(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with ``sources:`` reduced to the base and the kept sources (in their config order) when it has a
-    ``source_selection:`` and more sources than it keeps; ``cfg`` itself otherwise (a resumed run's resolved
-    config already holds only the kept sources)."""
+def apply_selection(cfg: RunConfig) -> tuple[RunConfig, Selection | None]:
+    """``cfg`` with ``sources:`` reduced to the base and the kept sources (in their config order), and the
+    :class:`Selection`, when it has a ``source_selection:`` and more sources than it keeps; ``(cfg, None)``
+    otherwise (a resumed run's resolved config already holds only the kept sources)."""
     sel_cfg = cfg.source_selection
     if sel_cfg is None or len(cfg.sources) - 1 <= sel_cfg.keep:
-        return cfg
+        return cfg, None
     reference = cfg.base_model or next(iter(cfg.sources))
     sel = select_sources(cfg.sources, reference, sel_cfg.keep, iterations=sel_cfg.iterations,
                          block_entries=sel_cfg.block_entries)
     kept = {m: p for m, p in cfg.sources.items() if m == reference or m in sel.kept}
-    return cfg.model_copy(update={"sources": kept})
+    return cfg.model_copy(update={"sources": kept}), sel
+
+
+def selection_record(sel: Selection, sources: dict[str, str]) -> dict[str, object]:
+    """What a run folder's ``source_selection.json`` keeps of a selection: the pool with its paths, the kept
+    sources in pick order, the Frank–Wolfe weights, the objective and the task vectors' cosine matrix."""
+    norms = np.sqrt(np.clip(np.diag(sel.gram), 1e-300, None))
+    return {"pool": {m: sources[m] for m in sel.pool}, "kept": list(sel.kept),
+            "weights": {m: float(w) for m, w in sel.weights.items()}, "objective": float(sel.objective),
+            "cosine": (sel.gram / np.outer(norms, norms)).round(6).tolist()}
