@@ -138,3 +138,59 @@ def test_a_worker_node_removed_mid_run_loses_and_repeats_nothing(cluster, tmp_pa
     where = {x.candidate_id: x.result.worker.split("@")[1] for x in r.calib}
     assert where[lost] == other[:8]  # the lost candidate ran again, on the node that is left
     assert set(where.values()) <= {doomed[:8], other[:8]}  # no worker on the head
+
+
+def test_nodes_that_join_mid_run_are_checked_before_they_get_workers(cluster, tmp_path, monkeypatch):
+    """No node has the workers' resource when the run starts; a node that cannot see the sources joins, then one
+    that can: the first is named in the log and never given a worker, every evaluation runs on the second. The
+    run is an ``evomerge run`` process joined to the cluster (Ray adds nodes only from the main thread here)."""
+    import subprocess
+    import sys
+
+    from evomerge.results import RunResults
+
+    c, _, home, fam, suite = cluster
+    if not Path("/proc/self/cwd").exists():
+        pytest.skip("needs /proc/self/cwd (Linux)")
+    monkeypatch.chdir(home)
+    per_process = {k: "/proc/self/cwd/" + str(Path(v).relative_to(home)) for k, v in fam.items()}
+    cfg = _config(tmp_path / "late.yaml", per_process, suite, c.address, name="late", evals=3)
+    text = cfg.read_text().replace(f"{SLOT}: 1", "late_slot: 1")
+    assert "late_slot: 1" in text
+    cfg.write_text(text)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(cfg)], cwd=home, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    added = []
+    try:
+        deadline = time.monotonic() + 120
+        while "wait for a worker" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "wait for a worker" in log.read_text(), log.read_text()[-2000:]
+        monkeypatch.chdir(tmp_path)  # the blind node's processes work where /proc/self/cwd/fam/... is not
+        added.append(c.add_node(num_cpus=1, resources={"late_slot": 1, "late_blind": 1},
+                                object_store_memory=80_000_000))
+        monkeypatch.chdir(home)
+        blind = _node_id("late_blind")
+        deadline = time.monotonic() + 120
+        while "gets no worker" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        added.append(c.add_node(num_cpus=1, resources={"late_slot": 1, "late_good": 1},
+                                object_store_memory=80_000_000))
+        good = _node_id("late_good")
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for node in added:
+            c.remove_node(node)
+    output = " ".join(log.read_text().split())
+    assert f"(id {blind[:12]}) gets no worker: it cannot read 3 source folder(s)" in output
+    assert f"(id {good[:12]}) joined: it sees every source folder" in output
+    r = RunResults(tmp_path / "runs" / "late")
+    searched = [x for x in r.calib if x.candidate_id >= 0]
+    assert len(searched) == 3 and all(x.ok for x in searched)  # the budget is met
+    assert {x.result.worker.split("@")[1] for x in r.calib} == {good[:8]}  # only the node that sees the sources

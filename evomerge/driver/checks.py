@@ -5,7 +5,7 @@
 * ``output_dir`` must be a folder that exists or can be created, and that can be written to (probed with a
   temporary folder that is removed at once, so nothing is left behind);
 * on a Ray cluster joined by ``resources.address``, every node that can hold a worker must be able to open
-  every source folder (:func:`~evomerge.driver.pool.check_cluster_sources`, which names the node and the path);
+  every source folder (:func:`~evomerge.driver.nodes.check_cluster_sources`, which names the node and the path);
 * ``fidelity.subset`` must be smaller than some task's calibration split, or the cheap evaluation is the
   full one; a task whose split is not larger than the subset is scored whole, with a warning.
 
@@ -67,7 +67,7 @@ def check_cluster(cfg: RunConfig) -> None:
     res = cfg.resources
     if res.backend != "ray" or not res.address:
         return
-    from evomerge.driver.pool import check_cluster_sources
+    from evomerge.driver.nodes import check_cluster_sources
 
     check_cluster_sources(res, dict(cfg.sources))
 

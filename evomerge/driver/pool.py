@@ -8,8 +8,8 @@ hold up the others. Only this module and ``worker.py`` know about Ray, and Ray i
 On a Ray cluster (``resources.address``) the worker actors are spread over the nodes that have the resources
 one needs (``cpus_per_worker``, ``gpus_per_worker``, ``custom_resources_per_worker``), so that losing a node
 loses as few workers as possible. A job whose worker died (its process, or its whole node) is run again on a
-fresh worker, wherever the cluster places it; each result is reported once. Before any work,
-:func:`check_cluster_sources` asks every node that can hold a worker whether it can open every source folder.
+fresh worker; each result is reported once. Which node each worker goes to, and the source check of every node
+(at preflight, and for nodes that join during the run), is :mod:`evomerge.driver.nodes`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 #: A job whose worker died is resubmitted at most this many times.
 MAX_RETRIES = 2
+#: Seconds the pool gives the nodes present at its start to pass their source check.
+NODE_START_CHECK_S = 120.0
+#: Seconds jobs may wait with no worker placed before the run stops, naming why.
+UNPLACED_LIMIT_S = 600.0
+#: Seconds between two looks for room while no worker is placed.
+STARVED_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -123,87 +129,24 @@ def init_ray(*, address: str | None, num_cpus: int | None, num_gpus: int | None,
     return ray
 
 
-def local_pool(make_evaluator: Callable[[], Evaluator], resources: Any) -> LocalPool:
+def local_pool(make_evaluator: Callable[[], Evaluator], resources: Any,
+               sources: dict[str, str] | None = None) -> LocalPool:
     """The ``local`` backend: one worker in this process."""
     return LocalPool(make_evaluator())
 
 
-def ray_pool(make_evaluator: Callable[[], Evaluator], resources: Any) -> RayPool:
-    """The ``ray`` backend: ``resources.workers`` actors, on a local Ray or the cluster at ``resources.address``."""
+def ray_pool(make_evaluator: Callable[[], Evaluator], resources: Any,
+             sources: dict[str, str] | None = None) -> RayPool:
+    """The ``ray`` backend: ``resources.workers`` actors, on a local Ray or the cluster at ``resources.address``.
+
+    With ``sources`` (name -> folder), a node is given workers only once it has shown it can open every source
+    folder (:class:`~evomerge.driver.nodes.NodePlacer`).
+    """
     res = resources
     init_ray(address=res.address, num_cpus=None if res.address else max(2, int(res.workers * res.cpus_per_worker)),
              num_gpus=None, temp_dir=None)
     return RayPool(make_evaluator, res.workers, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-                   resources=dict(res.custom_resources_per_worker), timeout_s=res.eval_timeout_s)
-
-
-#: Seconds each node has to answer the source check of :func:`check_cluster_sources`.
-NODE_CHECK_TIMEOUT_S = 120.0
-
-
-def worker_nodes(nodes: list[dict[str, Any]], *, cpus: float, gpus: float, custom: dict[str, float]) -> list[dict]:
-    """The alive nodes of ``ray.nodes()`` whose total resources can hold one worker."""
-    need = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
-    return [n for n in nodes if n.get("Alive") and all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items())]
-
-
-def node_label(node: dict[str, Any]) -> str:
-    """``ADDRESS (id 1a2b3c4d5e6f)``: how errors name a Ray node."""
-    return f"{node.get('NodeManagerAddress', '?')} (id {str(node.get('NodeID', '?'))[:12]})"
-
-
-def check_cluster_sources(resources: Any, sources: dict[str, str]) -> None:
-    """Join the cluster at ``resources.address`` and check on every node that can hold a worker that it can open
-    every source folder (its headers are read, no weights); a
-    :class:`~evomerge.errors.ConfigError` names the first node and the source paths it cannot open.
-
-    Nodes that join later (an autoscaling cluster) are not checked: a worker there that cannot read a source fails
-    to start, and its jobs are retried and then reported failed with the loader's error.
-    """
-    from evomerge.errors import ConfigError
-
-    ray = init_ray(address=resources.address, num_cpus=None, num_gpus=None, temp_dir=None)
-    from ray.exceptions import GetTimeoutError, RayError
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = worker_nodes(ray.nodes(), cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker,
-                         custom=dict(resources.custom_resources_per_worker))
-    if not nodes:
-        log.warning("resources.address: no node of the cluster has the resources of one worker yet; the source "
-                    "folders are checked by the workers when they start")
-        return
-    probe = ray.remote(num_cpus=0, max_retries=0)(_unreadable_sources)
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sources)
-            for n in nodes]
-    for node, ref in zip(nodes, refs, strict=True):
-        try:
-            problems = ray.get(ref, timeout=NODE_CHECK_TIMEOUT_S)
-        except GetTimeoutError:
-            raise ConfigError(f"resources.address: node {node_label(node)} did not answer the source check within "
-                              f"{NODE_CHECK_TIMEOUT_S:.0f} s") from None
-        except RayError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"resources.address: the source check failed on node {node_label(node)}: "
-                              f"{first}") from None
-        if problems:
-            listed = "; ".join(f"{name!r}: {why if path in why else f'{path}: {why}'}" for name, path, why in problems)
-            raise ConfigError(f"sources: node {node_label(node)} cannot read {len(problems)} source folder(s) "
-                              f"({listed}); every node that runs workers must see the same paths")
-    log.info("every source folder is readable on the %d worker node(s) of the cluster", len(nodes))
-
-
-def _unreadable_sources(sources: dict[str, str]) -> list[tuple[str, str, str]]:
-    """On one node: ``(name, path, why)`` for each source folder this node cannot open (headers read, no weights)."""
-    from evomerge.errors import EvomergeError
-    from evomerge.io import ModelFolder
-
-    out = []
-    for name, path in sources.items():
-        try:
-            ModelFolder.open(path).close()
-        except (EvomergeError, OSError) as exc:
-            out.append((name, path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
-    return out
+                   resources=dict(res.custom_resources_per_worker), timeout_s=res.eval_timeout_s, sources=sources)
 
 
 class RayPool:
@@ -211,8 +154,11 @@ class RayPool:
 
     A job whose actor dies (its process, or the node it ran on) is resubmitted to a fresh actor (at most
     ``MAX_RETRIES`` times) and the actor is replaced; a job running past ``timeout_s`` is reported failed and
-    its actor replaced. Actors are spread over the nodes (Ray's ``SPREAD`` strategy) and need ``resources``
-    (custom Ray resources) besides their CPUs and GPUs.
+    its actor replaced. Each actor is pinned to the node a :class:`~evomerge.driver.nodes.NodePlacer` chooses
+    (spread over the nodes that can hold one and, given ``sources``, have shown they can read them) and needs
+    ``resources`` (custom Ray resources) besides its CPUs and GPUs. An actor no node has room for waits, unplaced,
+    and is placed as soon as a node has room (a node that joins, or a lost one's place); when none is placed for
+    :data:`UNPLACED_LIMIT_S` seconds while jobs wait, :meth:`wait` raises :class:`EvomergeError` saying why.
     """
 
     def __init__(
@@ -224,22 +170,44 @@ class RayPool:
         num_gpus: float = 0,
         resources: dict[str, float] | None = None,
         timeout_s: float | None = None,
+        sources: dict[str, str] | None = None,
     ) -> None:
         import ray
+
+        from evomerge.driver.nodes import NodePlacer
 
         self.ray = ray
         self.size = size
         self.timeout_s = timeout_s
         self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                                     max_restarts=0, scheduling_strategy="SPREAD")(_ActorWorker)
+                                     max_restarts=0)(_ActorWorker)
         self._make = make_evaluator
-        self.idle: list[Any] = [self._spawn(i) for i in range(size)]
+        self.placer = NodePlacer(ray, cpus=num_cpus, gpus=num_gpus, custom=dict(resources or {}), sources=sources)
+        self.placer.refresh(force=True, timeout=NODE_START_CHECK_S)
+        self.node_of: dict[Any, str] = {}  # actor -> the node it is pinned to
+        self.idle: list[Any] = []
         self.running: dict[Any, tuple[Any, Job, float]] = {}
         self.pending: deque[Job] = deque()
-        self._next_actor = size
+        self.unplaced = size
+        self._next_actor = 0
+        self._starved_since: float | None = None
+        self._place()
 
-    def _spawn(self, index: int) -> Any:
-        return self._actor_cls.options(name=None).remote(self._make, f"worker-{index}")
+    def _place(self) -> None:
+        """Start the unplaced actors on the nodes that have room."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        while self.unplaced:
+            node = self.placer.choose()
+            if node is None:
+                return
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+            actor = self._actor_cls.options(scheduling_strategy=strategy).remote(self._make,
+                                                                                  f"worker-{self._next_actor}")
+            self._next_actor += 1
+            self.unplaced -= 1
+            self.node_of[actor] = node
+            self.idle.append(actor)
 
     def free(self) -> int:
         return max(0, len(self.idle) - len(self.pending))
@@ -261,8 +229,33 @@ class RayPool:
     def _replace(self, actor: Any) -> None:
         with contextlib.suppress(Exception):  # already dead
             self.ray.kill(actor, no_restart=True)
-        self.idle.append(self._spawn(self._next_actor))
-        self._next_actor += 1
+        self.placer.release(self.node_of.pop(actor, None))
+        self.unplaced += 1
+        self.placer.refresh(force=True)  # a lost node is no longer alive: its place is not reused
+        self._place()
+
+    def _starving(self) -> None:
+        """No actor holds a job and jobs wait: look for room (nodes that joined), and give up after a while."""
+        self.placer.refresh()
+        self._place()
+        self._dispatch()
+        if self.running or not self.pending:
+            self._starved_since = None
+            return
+        now = time.monotonic()
+        if self._starved_since is None:
+            self._starved_since = now
+            log.warning("%d job(s) wait for a worker: no node that can hold one has room yet", len(self.pending))
+        elif now - self._starved_since > UNPLACED_LIMIT_S:
+            from evomerge.driver.nodes import node_label
+            from evomerge.errors import EvomergeError
+
+            bad = "; ".join(f"node {node_label(self.placer.nodes.get(n, {'NodeID': n}))}: {why}"
+                            for n, why in self.placer.bad.items())
+            raise EvomergeError(f"resources: no worker could be placed for {UNPLACED_LIMIT_S:.0f} s; no node of the "
+                                f"cluster that sees the sources has the resources of one worker"
+                                + (f" ({bad})" if bad else ""))
+        time.sleep(STARVED_POLL_S)
 
     def wait(self, timeout: float | None = None) -> list[tuple[Job, EvalResult]]:
         from ray.exceptions import (
@@ -274,8 +267,14 @@ class RayPool:
         )
 
         if not self.running:
+            if self.pending:
+                self._starving()
             return []
-        step = 1.0 if self.timeout_s else timeout
+        if self.unplaced:
+            self.placer.refresh()
+            self._place()
+            self._dispatch()
+        step = 1.0 if self.timeout_s or self.unplaced else timeout
         done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=step)
         out: list[tuple[Job, EvalResult]] = []
         for ref in done:
@@ -305,7 +304,8 @@ class RayPool:
         for actor in self.idle + [a for a, _, _ in self.running.values()]:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor, no_restart=True)
-        self.idle, self.running = [], {}
+            self.placer.release(self.node_of.pop(actor, None))
+        self.idle, self.running, self.unplaced = [], {}, 0
 
 
 def _failed(job: Job, error: str) -> EvalResult:

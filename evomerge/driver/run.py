@@ -223,7 +223,7 @@ def make_pool(prep: Prepared, run_dir: Path) -> Pool:
     res = prep.cfg.resources
     # compiled merge kernels are cached inside the run folder (on a cluster: the same path on each node)
     spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / CACHE_DIR / "kernels").resolve()))
-    pool: Pool = POOLS.get(res.backend)(functools.partial(Worker, spec), res)
+    pool: Pool = POOLS.get(res.backend)(functools.partial(Worker, spec), res, sources=dict(spec.sources))
     return pool
 
 
