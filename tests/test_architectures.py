@@ -40,6 +40,7 @@ from evomerge.merge.live import live_targets
 from evomerge.merge.materialize import InPlaceMerger, materialize_state_dict, materialize_to_disk
 from evomerge.merge.routing import live_routed_model, routed_config_patch
 from evomerge.merge.sources import ResidentSources
+from evomerge.merge.streaming import StreamingMerger
 from evomerge.mergekit_compat import from_mergekit_yaml, to_mergekit_yaml
 from evomerge.recipe import MERGED, Recipe, RouteStep, Routing
 from evomerge.spaces import SpaceModels, build_space, load_template, parse_template
@@ -235,6 +236,9 @@ def test_merge_to_disk_equals_in_place_and_reference(zoo, family, method, tmp_pa
     merger.apply(recipe)
     by_name = merger.checkpoint_tensors()  # what a scorer loading checkpoint names gets: the written tensors
     assert set(by_name) == set(written) and all(torch.equal(by_name[n], t) for n, t in written.items())
+    # what the vllm scorer's engine gets instead, computed tensor by tensor without a live model: the same bits
+    streamed = dict(StreamingMerger(zoo.resident(family), tied=family in TIED).stream(recipe))
+    assert list(streamed) == list(by_name) and all(torch.equal(streamed[n], by_name[n]) for n in streamed)
     live_sd, disk_sd = live.state_dict(), disk.state_dict()
     assert list(live_sd) == list(disk_sd)
     for name, tensor in disk_sd.items():

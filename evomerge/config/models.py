@@ -133,6 +133,14 @@ class ResourcesConfig(BaseModel):
             raise ValueError(f"unknown pool backend {v!r}; valid names: {', '.join(POOLS.names())}")
         return v
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"above 1 it must be a whole number of GPUs (the vllm scorer's tensor_parallel_size), "
+                             f"got {v:g}")
+        return v
+
     @field_validator("custom_resources_per_worker")
     @classmethod
     def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:

@@ -138,8 +138,7 @@ def preflight(cfg: RunConfig) -> Prepared:
         log.info("resources.placement auto: %s", placement)
     spec = WorkerSpec(
         sources=dict(cfg.sources), reference=reference, order=order, suite=str(cfg.fitness.suite),
-        tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options={"batch_size": cfg.fitness.batch_size,
-                        **({"threads": cfg.resources.threads_per_worker} if cfg.resources.threads_per_worker else {})},
+        tasks=tuple(tasks), scorer=cfg.fitness.scorer, scorer_options=scorer_options(cfg),
         device=cfg.resources.device, dtype=cfg.resources.dtype, threads=cfg.resources.threads_per_worker,
         seed=cfg.seed,
         sorted_magnitudes=orders and placement != "mmap",  # mmap keeps nothing resident
@@ -155,6 +154,18 @@ def preflight(cfg: RunConfig) -> Prepared:
     declared = {name: (ref.low, ref.high) for name, ref in suite.references().items()}
     record = None if selection is None else selection_record(selection, pool_sources)
     return Prepared(cfg, space, optimizer, tasks, spec, baselines, reference, warm_start, declared, record)
+
+
+def scorer_options(cfg: RunConfig) -> dict[str, Any]:
+    """The options the workers build their scorer with: ``fitness.batch_size``, ``resources.threads_per_worker``,
+    and for the vllm scorer ``resources.gpus_per_worker`` above 1 as the engine's ``tensor_parallel_size``."""
+    res = cfg.resources
+    out: dict[str, Any] = {"batch_size": cfg.fitness.batch_size}
+    if res.threads_per_worker:
+        out["threads"] = res.threads_per_worker
+    if cfg.fitness.scorer == "vllm" and res.gpus_per_worker > 1:
+        out["tensor_parallel_size"] = int(res.gpus_per_worker)
+    return out
 
 
 def start_point(path: str, space: Any) -> Any:

@@ -1,12 +1,16 @@
-"""A worker: loads its sources once, then merges each recipe in place into a live model and scores it.
+"""A worker: loads its sources once, then merges each recipe and scores it.
 
-Workers are stateless apart from their resident sources; no disk I/O happens per candidate. The same
+With the hf scorer each recipe is merged in place into a live transformers model; with a scorer that owns an
+inference engine (vLLM) the merged tensors are streamed into the engine tensor by tensor, and no transformers copy
+of the model is kept (:mod:`evomerge.merge.streaming`). Workers are stateless apart from their resident sources; no
+disk I/O happens per candidate. The same
 class runs in-process (``LocalPool``) and inside a Ray actor (``RayPool``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -63,12 +67,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 class Worker:
-    """Resident sources + one live model + a scorer (see the module docstring)."""
+    """Resident sources + a scorer, and the live model candidates are merged into (see the module docstring).
+
+    With a scorer that owns its engine (capability ``state_dict``: vLLM) the worker keeps no transformers model: each
+    candidate's merged tensors are streamed into the engine one at a time (:mod:`evomerge.merge.streaming`). Only a
+    layer-routing recipe (``routing:``) still builds the routed model from a transformers copy of the reference,
+    loaded the first time such a recipe is scored.
+    """
 
     def __init__(self, spec: WorkerSpec, name: str = "local") -> None:
-        from transformers import AutoModelForCausalLM
-
-        from evomerge.merge.materialize import InPlaceMerger
         from evomerge.merge.sources import ResidentSources
         from evomerge.scoring.base import SCORERS, make_scorer
         from evomerge.scoring.suite import load_suite
@@ -77,25 +84,35 @@ class Worker:
         self.spec = spec
         self.name = name
         self.device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, self.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
         self.sources = ResidentSources.load(
-            spec.sources, spec.reference, spec.order, device=self.device, dtype=dtype,
+            spec.sources, spec.reference, spec.order, device=self.device, dtype=self.dtype,
             sorted_magnitudes=spec.sorted_magnitudes, tokenizer_source=spec.tokenizer_source,
             pad_to_multiple_of=spec.pad_to_multiple_of, placement=spec.placement,
             factored_adapters=spec.factored_adapters,
         )
         vocab = self.sources.vocab
-        ref_dir = spec.sources[spec.reference]
-        self.model = AutoModelForCausalLM.from_pretrained(
-            ref_dir, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
-        ).to(self.device)
-        if vocab is not None and vocab.aligns:  # the merged rows overwrite these
-            self.model.resize_token_embeddings(vocab.size, mean_resizing=False)
-        self.model.eval()
-        from evomerge.scoring.base import resolve_threads
+        self.wants_state_dict = "state_dict" in SCORERS.capabilities(spec.scorer)
+        if self.wants_state_dict and vocab.aligns:
+            raise EvomergeError(f"scorer {spec.scorer!r} loads the reference folder's shapes; it cannot score models "
+                                "whose vocabulary was re-laid out (tokenizer_source); use the hf scorer")
+        self._model: Any = None
+        self._merger: Any = None
+        self.streamer: Any = None
+        if self.wants_state_dict:  # merged tensors go straight to the scorer's engine: no transformers model
+            from evomerge.io import ModelFolder
+            from evomerge.merge.streaming import StreamingMerger
+
+            with ModelFolder.open(spec.sources[spec.reference]) as ref:
+                tied = ref.tied_embeddings
+            self.streamer = StreamingMerger(self.sources, tied=tied)
+        else:
+            self._load_model()
+        from evomerge.scoring.base import auto_threads
 
         # small CPU models merge and score fastest on one thread (extra threads only spin-wait)
-        threads = spec.threads or resolve_threads("auto", self.model)
+        entries = sum(math.prod(s) for s in self.sources.shapes.values())
+        threads = spec.threads or auto_threads(entries, self.device)
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = vocab.load_tokenizer() if vocab is not None else None
@@ -103,23 +120,48 @@ class Worker:
             raise EvomergeError(f"no source folder has tokenizer files ({', '.join(spec.sources.values())}); "
                                 "scoring needs one")
         log.info("worker %s scores with %s", name, vocab.describe())
-        self.merger = InPlaceMerger(self.sources, self.model)
         self.suite = load_suite(spec.suite).select(spec.tasks)
         self.scorer = make_scorer(spec.scorer, **spec.scorer_options)
-        self.wants_state_dict = "state_dict" in SCORERS.capabilities(spec.scorer)
-        if self.wants_state_dict and vocab.aligns:
-            raise EvomergeError(f"scorer {spec.scorer!r} loads the reference folder's shapes; it cannot score models "
-                                "whose vocabulary was re-laid out (tokenizer_source); use the hf scorer")
         if self.wants_state_dict:  # such a scorer owns its engine, started on the reference folder
-            self.scorer.bind(ref_dir)
-        self._routed: Any = None
-        #: Hash of the recipe whose merge the live model holds (``None``: unknown).
+            self.scorer.bind(spec.sources[spec.reference])
+        #: Hash of the recipe whose merge the live model (or the scorer's engine) holds (``None``: unknown).
         self._merged: str | None = None
         if spec.kernel_cache:  # after the loads above (loading a model creates Inductor's cache folder)
             from evomerge.merge.kernels import set_cache_dir
 
             set_cache_dir(spec.kernel_cache)
         log.info("worker %s ready on %s in %.1fs", name, self.device, time.perf_counter() - t0)
+
+    def _load_model(self) -> None:
+        """Load the transformers model of the reference that recipes are merged into in place."""
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.merge.materialize import InPlaceMerger
+
+        vocab = self.sources.vocab
+        model = AutoModelForCausalLM.from_pretrained(
+            self.spec.sources[self.spec.reference], dtype=self.dtype, local_files_only=True, use_safetensors=True,
+            trust_remote_code=False,
+        ).to(self.device)
+        if vocab is not None and vocab.aligns:  # the merged rows overwrite these
+            model.resize_token_embeddings(vocab.size, mean_resizing=False)
+        model.eval()
+        self._model, self._merger = model, InPlaceMerger(self.sources, model)
+
+    @property
+    def model(self) -> Any:
+        """The live transformers model (loaded on first use when the scorer streams into its own engine)."""
+        if self._model is None:
+            log.info("worker %s loads a transformers copy of the reference (layer routing)", self.name)
+            self._load_model()
+        return self._model
+
+    @property
+    def merger(self) -> Any:
+        """The :class:`~evomerge.merge.materialize.InPlaceMerger` writing into :attr:`model`."""
+        if self._merger is None:
+            self.model  # noqa: B018  (loads it)
+        return self._merger
 
     def _model_for(self, job: Job) -> tuple[Any, dict[str, float]]:
         recipe = job.recipe
@@ -143,17 +185,31 @@ class Worker:
         timings["route"] = time.perf_counter() - t0
         return model, timings
 
+    def _score_streamed(self, job: Job) -> Any:
+        """Score a recipe with a ``state_dict`` scorer: its merged tensors streamed into the scorer's engine."""
+        recipe = job.recipe
+        kw = {"split": job.split, "subset": job.scored_subset, "seed": self.spec.seed}
+        if recipe.hash == self._merged:  # the engine holds it
+            return self.scorer.score(None, self.tokenizer, self.suite, **kw), {"merge": 0.0}
+        self._merged = None
+        stream = self.streamer.stream(recipe)
+        out = self.scorer.score(stream, self.tokenizer, self.suite, **kw)
+        self._merged = recipe.hash
+        return out, {"merge": stream.merge_seconds}
+
     def evaluate(self, job: Job) -> EvalResult:
         t0 = time.perf_counter()
         try:
-            model, timings = self._model_for(job)
-            target: Any = model
-            if self.wants_state_dict:  # by checkpoint name: fused MoE experts as the checkpoint's tensors
-                routed = job.recipe.routing is not None
-                target = dict(model.state_dict()) if routed else self.merger.checkpoint_tensors()
-            out = self.scorer.score(
-                target, self.tokenizer, self.suite, split=job.split, subset=job.scored_subset, seed=self.spec.seed
-            )
+            if self.wants_state_dict and job.recipe.routing is None:
+                out, timings = self._score_streamed(job)
+            else:
+                model, timings = self._model_for(job)
+                target: Any = model
+                if self.wants_state_dict:  # a routed model, by its module's names
+                    target = dict(model.state_dict())
+                out = self.scorer.score(
+                    target, self.tokenizer, self.suite, split=job.split, subset=job.scored_subset, seed=self.spec.seed
+                )
             timings["total"] = time.perf_counter() - t0
             return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=job.fidelity, timings=timings)
         except (EvomergeError, RuntimeError, ValueError, FloatingPointError) as exc:

@@ -376,16 +376,29 @@ class InPlaceMerger:
         """Merge ``recipe`` into the live module; return timings in seconds."""
         t0 = time.perf_counter()
         plan = MergePlan.build(recipe, self.sources.num_layers, self.stats)
-        select = self.sources.row_index(plan)
-        # tensor by tensor from where the sources are kept (resources.placement; see merge/placement.py)
-        for name, base, deltas, orders in self.sources.stream(list(self.targets), select):
+        for name, merged in merge_resident(plan, self.sources, list(self.targets), out=self.targets):
             dest = self.targets[name]
-            merged = merge_tensor(plan, name, self.sources.roles[name], base, deltas, out=dest, orders=orders)
             if merged is not dest:
                 dest.copy_(merged)
         if self.sources.device.type == "cuda":
             torch.cuda.synchronize(self.sources.device)
         return {"merge": time.perf_counter() - t0}
+
+
+def merge_resident(
+    plan: MergePlan, sources: ResidentSources, names: Sequence[str], *, out: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, merged tensor)`` for each of ``names`` in turn, merged from resident ``sources``: the per-tensor step
+    of both the in-place merge (:class:`InPlaceMerger`) and the streamed one (:mod:`evomerge.merge.streaming`).
+
+    The tensors come tensor by tensor from where the sources are kept (``resources.placement``, see
+    :mod:`evomerge.merge.placement`). ``out`` maps names to tensors the fused kernels may write the result into
+    (the live module's); without it every merged tensor is a new one.
+    """
+    select = sources.row_index(plan)
+    for name, base, deltas, orders in sources.stream(list(names), select):
+        dest = None if out is None else out[name]
+        yield name, merge_tensor(plan, name, sources.roles[name], base, deltas, out=dest, orders=orders)
 
 
 def _tied_pairs(pairs: Mapping[str, str], roles: Mapping[str, TensorRole]) -> dict[str, str]:
@@ -424,5 +437,6 @@ __all__ = [
     "iter_merged",
     "materialize_state_dict",
     "materialize_to_disk",
+    "merge_resident",
     "merge_tensor",
 ]

@@ -159,13 +159,12 @@ def resolve_threads(threads: Threads, model: Any) -> int | None:
     if threads != "auto":
         return threads
     params = list(model.parameters())
-    if (
-        params
-        and params[0].device.type == "cpu"
-        and sum(p.numel() for p in params) < AUTO_SINGLE_THREAD_PARAMS
-    ):
-        return 1
-    return None
+    return auto_threads(sum(p.numel() for p in params), params[0].device) if params else None
+
+
+def auto_threads(entries: int, device: Any) -> int | None:
+    """``"auto"`` threads for a model of ``entries`` parameters on ``device``: 1 for a small model on CPU, else None."""
+    return 1 if getattr(device, "type", device) == "cpu" and entries < AUTO_SINGLE_THREAD_PARAMS else None
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,82 @@ def _finite(values: Sequence[float], what: str) -> None:
         raise ScoreError(f"the model produced non-finite {what} (NaN/inf logits)")
 
 
+def _checkpoint_names(path: Path) -> frozenset[str]:
+    """The tensor names of the safetensors files in model folder ``path`` (from their headers)."""
+    from evomerge.io.header import read_header
+
+    return frozenset(n for f in sorted(path.glob("*.safetensors")) for n in read_header(f))
+
+
+#: The decoder layer of a checkpoint tensor name (``model.layers.3.mlp.up_proj.weight`` -> 3).
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _problem(name: str, tensor: Any, known: frozenset[str], seen: set[str], check: bool) -> str | None:
+    """Why ``(name, tensor)`` cannot be loaded into an engine bound to a checkpoint of tensors ``known``."""
+    import torch
+
+    if known and name not in known:
+        return f"tensor {name!r} is not in the engine's checkpoint"
+    if name in seen:
+        return f"tensor {name!r} is given twice"
+    if check and torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(
+            tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        return f"merged tensor {name!r} holds non-finite values (NaN/inf)"
+    return None
+
+
+class _Feed:
+    """The pairs of one swap, checked as vLLM consumes them; it records how far it got and why it stopped."""
+
+    def __init__(self, pairs: Iterable[tuple[str, Any]], known: frozenset[str], *, check: bool) -> None:
+        self._pairs, self.known, self.check = pairs, known, check
+        self.sent, self.last, self.seen = 0, None, set()
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        it = iter(self._pairs)
+        while True:
+            try:
+                name, tensor = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # the stream itself failed (e.g. a merged tensor was not finite)
+                self.error = e
+                raise
+            problem = _problem(name, tensor, self.known, self.seen, self.check)
+            if problem:
+                self.error = ScoreError(problem)
+                raise self.error
+            self.seen.add(name)
+            self.sent, self.last = self.sent + 1, name
+            yield name, tensor.detach() if hasattr(tensor, "detach") else tensor
+
+    def chunks(self) -> Iterator[list[tuple[str, Any]]]:
+        """Runs of consecutive pairs of one decoder layer (or of the tensors outside the layers): every tensor of a
+        vLLM layer (a fused q/k/v or gate/up projection) in one list, as each ``reload_weights`` call needs."""
+        group: list[tuple[str, Any]] = []
+        key: Any = None
+        for name, tensor in self:
+            m = _LAYER.search(name)
+            k = int(m.group(1)) if m else None
+            if group and k != key:
+                yield group
+                group = []
+            key = k
+            group.append((name, tensor))
+        if group:
+            yield group
+
+    def finish(self, promised: Sequence[str] | None) -> None:
+        """:class:`ScoreError` unless the swap loaded something and every name ``promised``."""
+        if self.sent == 0:
+            raise ScoreError("the swap gave no tensors")
+        missing = [n for n in promised or () if n not in self.seen]
+        if missing:
+            raise ScoreError(f"the swap ended without {len(missing)} promised tensor(s), e.g. {missing[0]!r}")
+
+
 class VllmScorer:
     """Scores merged weights in a live vLLM engine (``SCORERS["vllm"]``); see the module docstring.
 
@@ -174,20 +250,31 @@ class VllmScorer:
         check_weights: bool = True,
         check_finite: bool = True,
         engine_options: Mapping[str, Any] | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         for key, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs)):
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
         if kv_cache_gib <= 0:
             raise ConfigError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be a whole number of at least 1, got {tensor_parallel_size!r}")
+        self.tensor_parallel_size = tensor_parallel_size
         self.max_model_len, self.max_num_seqs, self.dtype = max_model_len, max_num_seqs, dtype
         self.kv_cache_gib, self.seed = kv_cache_gib, seed
         self.check_weights, self.check_finite = check_weights, check_finite
         self.engine_options = dict(engine_options or {})
         self.model_dir: Path | None = None
         self.start_seconds: float | None = None
+        #: Engines started again after a swap that did not complete (see :meth:`swap`).
+        self.restarts = 0
         self._llm: Any = None
         self._context = 0
+        #: The folder of an engine shut down after a failed swap: the next :meth:`score` binds it again.
+        self._restart_dir: Path | None = None
+        #: Tensor names of the bound folder's checkpoint: the only names a swap may load.
+        self._names: frozenset[str] = frozenset()
 
     @property
     def engine(self) -> Any:
@@ -211,25 +298,15 @@ class VllmScorer:
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
-        options: dict[str, Any] = {
-            "model": str(path),
-            "tokenizer": str(path),
-            "seed": self.seed,
-            "max_num_seqs": self.max_num_seqs,
-            "dtype": "float32" if on_cpu and self.dtype == "auto" else self.dtype,
-        }
-        if self.max_model_len is not None:
-            options["max_model_len"] = self.max_model_len
-        if on_cpu:
-            options["enforce_eager"] = True
-        options.update(self.engine_options)
+        options = self.engine_kwargs(path, on_cpu=on_cpu)
+        names = _checkpoint_names(path)
         t0 = time.perf_counter()
         try:
             with _environment(env):
                 llm = vllm.LLM(**options)
         except (RuntimeError, ValueError, OSError) as e:
             raise BackendUnavailableError(f"vLLM cannot start an engine on {path}: {e}") from e
-        self._llm, self.model_dir = llm, path
+        self._llm, self.model_dir, self._names = llm, path, names
         config = getattr(llm.llm_engine, "model_config", None)
         self._context = self.max_model_len or int(getattr(config, "max_model_len", 0) or 0)
         try:
@@ -242,43 +319,109 @@ class VllmScorer:
             self.close()
             raise BackendUnavailableError(f"vLLM cannot run the model in {path}: {e}") from e
         self.start_seconds = time.perf_counter() - t0
-        log.info("vLLM %s engine on %s ready in %.1fs", vllm.__version__, path, self.start_seconds)
+        if self._restart_dir is not None:
+            self.restarts += 1
+            self._restart_dir = None
+        log.info("vLLM %s engine on %s ready in %.1fs (tensor parallel %d)", vllm.__version__, path,
+                 self.start_seconds, self.tensor_parallel_size)
+
+    def engine_kwargs(self, path: str | os.PathLike[str], *, on_cpu: bool) -> dict[str, Any]:
+        """The keyword arguments of ``vllm.LLM`` for the model folder ``path`` (``engine_options`` last).
+
+        ``tensor_parallel_size > 1`` shards the engine over that many devices with vLLM's multiprocessing executor
+        (one process per rank); the full tensors a swap streams go to every rank, whose loader takes its shard.
+        """
+        options: dict[str, Any] = {
+            "model": str(path),
+            "tokenizer": str(path),
+            "seed": self.seed,
+            "max_num_seqs": self.max_num_seqs,
+            "dtype": "float32" if on_cpu and self.dtype == "auto" else self.dtype,
+        }
+        if self.max_model_len is not None:
+            options["max_model_len"] = self.max_model_len
+        if on_cpu:
+            options["enforce_eager"] = True
+        if self.tensor_parallel_size > 1:
+            options["tensor_parallel_size"] = self.tensor_parallel_size
+            options["distributed_executor_backend"] = "mp"
+        options.update(self.engine_options)
+        return options
 
     def close(self) -> None:
         """Shut the engine down and free it (a later :meth:`bind` starts a new one)."""
         if self._llm is None:
             return
-        self._llm, self.model_dir = None, None
+        llm, self._llm, self.model_dir = self._llm, None, None
+        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):  # stops the rank processes of a tensor-parallel engine
+            with contextlib.suppress(Exception):
+                shutdown()
+        del llm
         gc.collect()
         from vllm.distributed import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
 
-    def swap(self, weights: Mapping[str, Any]) -> float:
-        """Load ``weights`` (``{hf_name: tensor}``) into the live engine in place; return the seconds taken."""
-        import torch
+    def swap(self, weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> float:
+        """Load ``weights`` into the live engine in place; return the seconds taken.
 
+        ``weights``: a ``{hf_name: tensor}`` mapping, or ``(hf_name, tensor)`` pairs computed as they are consumed
+        (:class:`~evomerge.merge.streaming.MergedStream`, whose ``names`` lists every name it will yield). Pairs go
+        to vLLM's loader one at a time as it asks for them (with ``tensor_parallel_size > 1``: one decoder layer's
+        tensors per ``reload_weights`` call, since each call is sent to every rank's process), so a stream never
+        holds the whole model. A mapping is checked whole before the engine is touched.
+
+        A swap that does not complete (an error raised by the stream, a non-finite tensor, a name the bound
+        checkpoint lacks or given twice, fewer names than the stream promised, vLLM failing) leaves a half-swapped
+        engine: vLLM's layer-wise reload takes each layer's weights off it until they are loaded again. The engine
+        is then shut down and :class:`ScoreError` raised; the next :meth:`score` starts a fresh engine on the same
+        folder (:attr:`restarts`), so a half-swapped model is never scored.
+        """
         llm = self.engine
-        if not weights:
-            raise ScoreError("the vllm scorer got an empty weights mapping")
-        if self.check_weights:
-            for name, t in weights.items():
-                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ScoreError(f"merged tensor {name!r} holds non-finite values (NaN/inf)")
+        if isinstance(weights, Mapping):
+            if not weights:
+                raise ScoreError("the vllm scorer got an empty weights mapping")
+            promised: Sequence[str] | None = list(weights)
+            for name, t in weights.items():  # the engine is not touched yet: it stays as it is
+                problem = _problem(name, t, self._names, set(), self.check_weights)
+                if problem:
+                    raise ScoreError(problem)
+            feed = _Feed(weights.items(), self._names, check=False)
+        else:
+            promised = getattr(weights, "names", None)
+            feed = _Feed(weights, self._names, check=self.check_weights)
         t0 = time.perf_counter()
-        items = [(name, t.detach()) for name, t in weights.items()]
         try:
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
-        except TypeError as e:
-            raise BackendUnavailableError(
-                f"this vLLM cannot reload weights in place ({e}); use a version with "
-                f"reload_weights(weights_iterator=...)"
-            ) from e
-        except (RuntimeError, ValueError, KeyError, AssertionError) as e:
-            raise ScoreError(f"vLLM could not load the merged weights: {type(e).__name__}: {e}") from e
+            if self.tensor_parallel_size > 1:
+                for chunk in feed.chunks():
+                    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
+            else:
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(feed)})
+            feed.finish(promised)
+        except Exception as e:
+            cause = feed.error or e
+            where = f" after {feed.sent} tensor(s)" + (f" (last: {feed.last})" if feed.last else "")
+            self._discard()
+            if isinstance(e, TypeError) and feed.error is None and feed.sent == 0:
+                raise BackendUnavailableError(
+                    f"this vLLM cannot reload weights in place ({e}); use a version with "
+                    f"reload_weights(weights_iterator=...)"
+                ) from e
+            detail = str(cause) if isinstance(cause, ScoreError) else f"{type(cause).__name__}: {cause}"
+            raise ScoreError(f"the weight swap stopped{where}: {detail}; the engine is restarted before the next "
+                             "candidate") from cause
         llm.apply_model(_refresh_vocab_gemms)
         llm.reset_prefix_cache()
         return time.perf_counter() - t0
+
+    def _discard(self) -> None:
+        """Shut down an engine a swap left half-swapped; the next :meth:`score` binds its folder again."""
+        folder = self.model_dir
+        self.close()
+        self._restart_dir = folder
+        log.warning("vLLM engine on %s shut down after a failed weight swap; it is restarted for the next "
+                    "candidate", folder)
 
     def score(
         self,
@@ -290,18 +433,22 @@ class VllmScorer:
         subset: Subset = None,
         seed: int = 0,
     ) -> ScoreOutput:
-        """Swap ``model`` (a weights mapping, a module's ``state_dict()``, or ``None`` to keep the engine's
-        current weights) into the engine and score ``suite``; ``tokenizer=None`` uses the engine's own."""
+        """Swap ``model`` (a weights mapping, a module's ``state_dict()``, a merged stream, or ``None`` to keep the
+        engine's current weights) into the engine and score ``suite``; ``tokenizer=None`` uses the engine's own."""
         work = plan(suite, split, subset, seed, kinds=KINDS, scorer=self.name)
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        if self._llm is None and self._restart_dir is not None:  # the last swap failed: a fresh engine
+            self.bind(self._restart_dir)
+            timings["restart"] = time.perf_counter() - start
         llm = self.engine
         tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         check_chat_templates((t for t, _ in work), tokenizer)
-        start = time.perf_counter()
-        timings: dict[str, float] = {}
         if model is not None:
             weights = model.state_dict() if callable(getattr(model, "state_dict", None)) else model
-            if not isinstance(weights, Mapping):
-                raise ConfigError(f"the vllm scorer scores a weights mapping, got {type(model).__name__}")
+            if not isinstance(weights, Mapping) and not hasattr(weights, "names"):
+                raise ConfigError(f"the vllm scorer scores a weights mapping or a merged stream, got "
+                                  f"{type(model).__name__}")
             timings["swap"] = self.swap(weights)
         tasks: dict[str, TaskScores] = {}
         metrics: dict[str, dict[str, float]] = {}
