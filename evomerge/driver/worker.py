@@ -143,6 +143,18 @@ class Worker:
         timings["route"] = time.perf_counter() - t0
         return model, timings
 
+    def _score_in_chunks(self, target: Any, job: Job) -> tuple[Any, bool]:
+        from evomerge.driver.early_stop import score_in_chunks
+        from evomerge.scoring.suite import pick_examples
+
+        examples = {t.name: tuple(ex.id for ex in pick_examples(t.examples(job.split), job.scored_subset,
+                                                                seed=self.spec.seed, task=t.name))
+                    for t in self.suite.tasks}
+        return score_in_chunks(
+            lambda suite, chunk: self.scorer.score(target, self.tokenizer, suite, split=job.split, subset=chunk,
+                                                   seed=self.spec.seed),
+            self.suite, examples, job.early_stop)
+
     def evaluate(self, job: Job) -> EvalResult:
         t0 = time.perf_counter()
         try:
@@ -151,11 +163,16 @@ class Worker:
             if self.wants_state_dict:  # by checkpoint name: fused MoE experts as the checkpoint's tensors
                 routed = job.recipe.routing is not None
                 target = dict(model.state_dict()) if routed else self.merger.checkpoint_tensors()
-            out = self.scorer.score(
-                target, self.tokenizer, self.suite, split=job.split, subset=job.scored_subset, seed=self.spec.seed
-            )
+            fidelity = job.fidelity
+            if job.early_stop is None:
+                out = self.scorer.score(
+                    target, self.tokenizer, self.suite, split=job.split, subset=job.scored_subset, seed=self.spec.seed
+                )
+            else:
+                out, stopped = self._score_in_chunks(target, job)
+                fidelity = "stopped" if stopped else fidelity
             timings["total"] = time.perf_counter() - t0
-            return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=job.fidelity, timings=timings)
+            return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=fidelity, timings=timings)
         except (EvomergeError, RuntimeError, ValueError, FloatingPointError) as exc:
             detail = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, EvomergeError):
