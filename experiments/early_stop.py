@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--modes", default="off,mean,front")
     args = ap.parse_args()
+    args.out = args.out.resolve()  # output_dir is read relative to the config file
     torch.set_num_threads(1)
     zoo = ZooManifest.load(args.zoo)
     rows = []
