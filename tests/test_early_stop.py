@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from evomerge.driver.early_stop import EarlyStop, bound, score_in_chunks
+from evomerge.driver.early_stop import bound, score_in_chunks
 from evomerge.evaluation import TaskScores
 from evomerge.references import References
 from evomerge.scoring.base import ScoreOutput
