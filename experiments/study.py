@@ -123,8 +123,12 @@ def budget_problems(quick: bool) -> list[Problem]:
                warm=True, note="x0 = best λ"),
         Search("random-warm", "random", {}, template=WARM_TEMPLATE, warm=True, note="x0 = best λ"),
     ]
+    # the 3-expert goal's reference: warm CMA-ES at 3x the budget (150 evaluations) on the same zoo
+    long = Search("cma_es-warm-150", "cma_es", {"popsize": 8, "sigma0": 0.1, "x0_first": True},
+                  template=WARM_TEMPLATE, warm=True, budget=3, note="x0 = best λ, 3x budget")
     out = [Problem("2 experts (add, rev)", ["add", "rev"], "builtin:zoo-2", WARM_TEMPLATE, searches),
-           Problem("3 experts (add, rev, sort)", ["add", "rev", "sort"], "builtin:zoo", WARM_TEMPLATE, searches)]
+           Problem("3 experts (add, rev, sort)", ["add", "rev", "sort"], "builtin:zoo", WARM_TEMPLATE,
+                   [*searches, long])]
     return out[:1] if quick else out
 
 

@@ -106,8 +106,8 @@ class Crasher:
 
 def _config(tmp_path: Path, setup, case: str, multi: bool | dict, name: str, evals: int) -> Path:
     fam, suite, choice = setup
-    opt, options, template = CASES[case]
-    suite = choice if opt == "m2n2" else suite
+    opt, options, template = CASES[case] if case != "early" else CASES["cma_es"]
+    suite = choice if opt == "m2n2" or case == "early" else suite
     fidelity = multi if isinstance(multi, dict) else MULTI if multi else {}
     extra = {**fidelity, **(WARM if case == "warm" else {})}
     return write_run_config(tmp_path / f"{name}.yaml", fam, suite, name=name, evals=evals, optimizer=opt,
@@ -208,3 +208,18 @@ def test_an_archive_that_is_not_this_runs_is_refused_naming_the_row(setup, tmp_p
                                               r"this run evaluates at that point"):
         resume_run(run_dir)
     assert archive_rows(run_dir) == before  # nothing was added
+
+
+def test_crash_anywhere_with_early_stopping_then_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    """fidelity.early_stop: the bound travels with each job, so a replay rebuilds the same jobs; stopped
+    candidates are archived with their partial scores and fidelity ``stopped``, never as full-set scores."""
+    early = {"fidelity": {"early_stop": "mean", "early_stop_chunks": 4, "rescore_test": True}}
+    run_dir = _crash_anywhere_and_resume(setup, tmp_path, monkeypatch, "early", early)
+    rows = [r for r in archive_rows(run_dir) if r[0] >= 0 and r[2] == "calibration"]
+    stopped = [r for r in rows if r[3] == "stopped"]
+    assert stopped and len(stopped) < len(rows)
+    with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+        for r in a.records(fidelity="stopped"):
+            assert all(0 < len(ts.scores) < 8 for ts in r.result.tasks.values())  # the chunks it was scored on
+        tested = {r.recipe_hash for r in a.records(split="test") if r.candidate_id >= 0}
+    assert not tested & {r[1] for r in stopped} - {r[1] for r in rows if r[3] == "full"}

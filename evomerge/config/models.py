@@ -177,6 +177,19 @@ class FidelityConfig(BaseModel):
                     "is promoted only while that bound reaches the promotion cut and is not dominated by a scored "
                     "front (higher promotes more; 0.5: the estimate itself)")
     rescore_test: bool = Field(default=True, description="re-score the Pareto set on the test split at the end")
+    early_stop: Literal["off", "front", "mean"] = Field(
+        default="off",
+        description="score a searched candidate's calibration set in chunks and stop it once even a perfect score "
+                    "on the rest cannot reach the front of the full-set scores (front) or their best mean objective "
+                    "(mean); it is recorded with fidelity 'stopped' and its partial scores")
+    early_stop_chunks: int = Field(default=4, ge=2, description="chunks per task when early_stop is on")
+
+    @model_validator(mode="after")
+    def _early_stop(self) -> FidelityConfig:
+        if self.early_stop != "off" and self.subset is not None:
+            raise ValueError("fidelity.early_stop stops full-set scoring; with fidelity.subset the promotion decides "
+                             "what is scored in full: unset one of them")
+        return self
 
 
 class SourceSelectionConfig(BaseModel):
@@ -241,4 +254,10 @@ class RunConfig(BaseModel):
             raise ValueError("source_selection: set base_model (the task vectors are taken relative to it)")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code: models with custom code are not supported")
+        if self.fidelity.early_stop != "off":
+            from evomerge.optim import OPTIMIZERS, PER_EXAMPLE
+
+            if PER_EXAMPLE in OPTIMIZERS.capabilities(self.optimizer.name):
+                raise ValueError(f"fidelity.early_stop: optimizer {self.optimizer.name} needs the score of every "
+                                 "example of every candidate; set early_stop: off")
         return self

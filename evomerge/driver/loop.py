@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.archive import Archive
+from evomerge.driver import early_stop
 from evomerge.driver.journal import Journal, Stop
 from evomerge.driver.pool import Job, Pool
 from evomerge.driver.promotion import Promotion
@@ -60,7 +61,7 @@ class Driver:
         self.subset: CalibrationSubset | None = None
         self.phase = "baselines"
         self.next_key = 0
-        self.told = self.failures = 0
+        self.told = self.failures = self.stopped = 0
         self.optimizer_s = 0.0  # this process's time in the optimizer's ask and tell (the done event)
         self.best: float | None = None
         self.inflight: dict[int, tuple[Job, Candidate]] = {}
@@ -125,7 +126,8 @@ class Driver:
             self._submit_test_rescoring()
         self._drain()
         self._phase("done")
-        self._emit("done", told=self.told, failures=self.failures, optimizer_s=round(self.optimizer_s, 3))
+        self._emit("done", told=self.told, failures=self.failures, stopped_early=self.stopped,
+                   optimizer_s=round(self.optimizer_s, 3))
 
     def _phase(self, phase: str) -> None:
         self.phase = phase
@@ -143,7 +145,12 @@ class Driver:
 
     def _job(self, cand: Candidate, recipe: Recipe, split: str, subset: int | None) -> Job:
         examples = None if subset is None or self.subset is None else self.subset.examples()
-        return Job(self.next_key, cand.id, recipe, split, subset, examples=examples)
+        stop = None
+        if self.cfg.early_stop != "off" and cand.id >= 0 and split == "calibration" and subset is None:
+            full = [self.refs.objectives(h.result, self.tasks) for h in self.history
+                    if h.ok and h.split == "calibration" and h.result.fidelity == "full"]
+            stop = early_stop.bound(self.cfg.early_stop, self.cfg.early_stop_chunks, self.tasks, self.refs, full)
+        return Job(self.next_key, cand.id, recipe, split, subset, examples=examples, early_stop=stop)
 
     def _drain(self) -> None:
         while self.inflight:
@@ -197,7 +204,7 @@ class Driver:
             meta["estimate"] = {t: [e.mean, e.se] for t, e in sorted(est.items())}
         self.journal.record(cand, job, res, meta)
         self.history.append(Handled(job, cand, res, {**cand.meta, **meta}))  # the archive record's meta
-        if res.ok:
+        if res.ok and res.fidelity == job.fidelity:  # an early-stopped result is no score at the job's fidelity
             self.seen.setdefault((job.recipe.hash, job.fidelity, job.split), res)
         self._emit("eval", candidate=cand.id, hash=job.recipe.hash, status=res.status, fidelity=job.fidelity,
                    split=job.split, scores=res.task_means() if res.ok else None, error=res.error, timings=res.timings)
@@ -216,8 +223,9 @@ class Driver:
             objectives = self.refs.objectives(res, self.tasks)
             if job.subset is not None and self.subset is not None:  # the estimated full-set objectives
                 objectives, se = self._estimated(res)
-            obs = Observation(candidate_id=cand.id, objectives=objectives,
-                              per_example=np.concatenate([res.tasks[t].scores for t in self.tasks]))
+            stopped = res.fidelity == early_stop.STOPPED  # partial means; no score for every example
+            obs = Observation(candidate_id=cand.id, objectives=objectives, per_example=None if stopped else
+                              np.concatenate([res.tasks[t].scores for t in self.tasks]))
         else:
             obs = Observation.failure(cand.id)
         t0 = time.perf_counter()
@@ -230,6 +238,12 @@ class Driver:
             return
         assert obs.objectives is not None
         score = float(np.mean(obs.objectives))
+        if res.fidelity == early_stop.STOPPED:  # told its partial means; no full-set score, so not the best
+            self.stopped += 1
+            if self.journal.live:
+                log.info("eval %d (candidate %d): stopped early after %d examples (partial mean %.3f)", self.told,
+                         cand.id, sum(len(ts.scores) for ts in res.tasks.values()), score)
+            return
         self.best = score if self.best is None else max(self.best, score)
         if self.journal.live:
             log.info("eval %d (candidate %d, %s): %s | mean %.3f | best %.3f | failures %d", self.told, cand.id,

@@ -52,6 +52,12 @@ class Job:
     #: The example ids per task of an ``anchor`` calibration subset (``subset`` is then its size per task);
     #: ``None``: the scorer's hashed subset of ``subset`` examples.
     examples: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    #: ``fidelity.early_stop``: the bound a worker stops the candidate at (:mod:`evomerge.driver.early_stop`).
+    early_stop: Any = None
+
+    def answers(self, fidelity: str) -> bool:
+        """Whether a result of ``fidelity`` answers this job (an early-stopped one answers a job with a bound)."""
+        return fidelity == self.fidelity or (self.early_stop is not None and fidelity == "stopped")
 
     @property
     def fidelity(self) -> str:

@@ -50,3 +50,6 @@ class Settings:
     seed: int = 0
     #: (low, high) per task from the suite's ``reference:`` fields; other tasks use the base and best source.
     declared: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: ``fidelity.early_stop`` (off, front, mean) and ``fidelity.early_stop_chunks``.
+    early_stop: str = "off"
+    early_stop_chunks: int = 4

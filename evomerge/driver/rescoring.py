@@ -13,7 +13,8 @@ from evomerge.recipe import Recipe
 def rescoring_candidates(history: Sequence[Handled], tasks: Sequence[str]) -> list[tuple[Candidate, Recipe]]:
     """The candidates to score on the test split, each recipe once: the baselines scored in full on calibration,
     then the Pareto front of the searched candidates scored in full (by calibration task scores)."""
-    full = [h for h in history if h.result.ok and h.split == "calibration" and h.job.subset is None]
+    full = [h for h in history if h.result.ok and h.split == "calibration" and h.job.subset is None
+            and h.result.fidelity == "full"]  # an early-stopped candidate has partial scores only
     searched = [h for h in full if h.candidate.id >= 0]
     front = pareto_front(searched, list(tasks)) if searched else []
     seen: set[str] = set()

@@ -290,7 +290,8 @@ def build_driver(prep: Prepared, run_dir: Path, pool: Pool, on_progress: Callabl
         budget_seconds=cfg.budget.wall_time_s, subset=cfg.fidelity.subset,
         promote_quantile=cfg.fidelity.promote_quantile, rescore_test=cfg.fidelity.rescore_test,
         subset_method=cfg.fidelity.subset_method, promote_confidence=cfg.fidelity.promote_confidence,
-        seed=cfg.seed, declared=prep.declared,
+        seed=cfg.seed, declared=prep.declared, early_stop=cfg.fidelity.early_stop,
+        early_stop_chunks=cfg.fidelity.early_stop_chunks,
     )
     return Driver(run_dir=run_dir, space=prep.space, start=start, pool=pool,
                   archive=Archive(run_dir / "archive.sqlite"), events=EventLog(run_dir / "events.jsonl"),

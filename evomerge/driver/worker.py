@@ -185,33 +185,57 @@ class Worker:
         timings["route"] = time.perf_counter() - t0
         return model, timings
 
-    def _score_streamed(self, job: Job) -> Any:
-        """Score a recipe with a ``state_dict`` scorer: its merged tensors streamed into the scorer's engine."""
-        recipe = job.recipe
-        kw = {"split": job.split, "subset": job.scored_subset, "seed": self.spec.seed}
-        if recipe.hash == self._merged:  # the engine holds it
-            return self.scorer.score(None, self.tokenizer, self.suite, **kw), {"merge": 0.0}
+    def _streamed_target(self, job: Job) -> tuple[Any, dict[str, float]]:
+        """What a ``state_dict`` scorer is given for a recipe without routing: ``None`` when its engine already
+        holds the recipe, else the stream of the recipe's merged tensors (swapped into the engine as it scores)."""
+        if job.recipe.hash == self._merged:
+            return None, {"merge": 0.0}
         self._merged = None
-        stream = self.streamer.stream(recipe)
-        out = self.scorer.score(stream, self.tokenizer, self.suite, **kw)
-        self._merged = recipe.hash
-        return out, {"merge": stream.merge_seconds}
+        return self.streamer.stream(job.recipe), {}
+
+    def _score_in_chunks(self, target: Any, job: Job, *, once: bool) -> tuple[Any, bool]:
+        """Score ``job`` chunk by chunk under its early-stop bound; ``once``: ``target`` is a stream, swapped in
+        with the first chunk (the engine then holds it)."""
+        from evomerge.driver.early_stop import score_in_chunks
+        from evomerge.scoring.suite import pick_examples
+
+        examples = {t.name: tuple(ex.id for ex in pick_examples(t.examples(job.split), job.scored_subset,
+                                                                seed=self.spec.seed, task=t.name))
+                    for t in self.suite.tasks}
+        given = [target]
+
+        def score(suite: Any, chunk: Any) -> Any:
+            model = given[0]
+            if once:
+                given[0] = None
+            return self.scorer.score(model, self.tokenizer, suite, split=job.split, subset=chunk, seed=self.spec.seed)
+
+        return score_in_chunks(score, self.suite, examples, job.early_stop)
 
     def evaluate(self, job: Job) -> EvalResult:
         t0 = time.perf_counter()
         try:
-            if self.wants_state_dict and job.recipe.routing is None:
-                out, timings = self._score_streamed(job)
+            streamed = self.wants_state_dict and job.recipe.routing is None
+            if streamed:
+                target, timings = self._streamed_target(job)
             else:
                 model, timings = self._model_for(job)
-                target: Any = model
-                if self.wants_state_dict:  # a routed model, by its module's names
-                    target = dict(model.state_dict())
+                # a state_dict scorer given a routed model: the module's tensors by name
+                target = dict(model.state_dict()) if self.wants_state_dict else model
+            fidelity = job.fidelity
+            if job.early_stop is None:
                 out = self.scorer.score(
                     target, self.tokenizer, self.suite, split=job.split, subset=job.scored_subset, seed=self.spec.seed
                 )
+            else:
+                out, stopped = self._score_in_chunks(target, job, once=streamed)
+                fidelity = "stopped" if stopped else fidelity
+            if streamed:
+                self._merged = job.recipe.hash
+                if target is not None:
+                    timings["merge"] = target.merge_seconds
             timings["total"] = time.perf_counter() - t0
-            return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=job.fidelity, timings=timings)
+            return out.to_eval_result(job.candidate_id, worker=self.name, fidelity=fidelity, timings=timings)
         except (EvomergeError, RuntimeError, ValueError, FloatingPointError) as exc:
             detail = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, EvomergeError):
