@@ -55,8 +55,16 @@ def swap_overrides(prob: Problem) -> dict[str, Any]:
     return {"top_donor": prob.experts[2]} if len(prob.experts) > 2 else {}
 
 
-def handset(sc: Scorer, prob: Problem, folders: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The paper defaults: each template's x0, scored on calibration and test."""
+def handset_cases(prob: Problem) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, template, overrides) of the spaces' paper defaults."""
+    return [("LiNeS over TA, α=1/n, β=0.5", "builtin:lines-task-arithmetic", {}),
+            ("LiNeS over TIES d=0.5, α=1/n, β=0.5", "builtin:lines-ties", {}),
+            ("layer swap, 3/16 bottom + 1/16 top", "builtin:layer-swap", swap_overrides(prob))]
+
+
+def handset(sc: Scorer, prob: Problem, folders: dict[str, str],
+            cases: list[tuple[str, str, dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
+    """The paper defaults: each template's x0 (``cases``: :func:`handset_cases`), scored on calibration and test."""
     from evomerge.merge.materialize import materialize_to_disk
     from evomerge.spaces import parse_template
 
@@ -65,10 +73,7 @@ def handset(sc: Scorer, prob: Problem, folders: dict[str, str]) -> dict[str, dic
     for f in opened.values():
         f.close()
     out: dict[str, dict[str, Any]] = {}
-    cases = [("LiNeS over TA, α=1/n, β=0.5", "builtin:lines-task-arithmetic", {}),
-             ("LiNeS over TIES d=0.5, α=1/n, β=0.5", "builtin:lines-ties", {}),
-             ("layer swap, 3/16 bottom + 1/16 top", "builtin:layer-swap", swap_overrides(prob))]
-    for label, ref, over in cases:
+    for label, ref, over in handset_cases(prob) if cases is None else cases:
         tpl = load_template(ref)
         if over:
             tpl = parse_template(tpl.model_dump(mode="json") | over)

@@ -7,6 +7,10 @@ language expert; ``top_donor`` may name a different model for the top layers). T
 the same depth: a ``passthrough`` recipe with layer routing, unscaled, which exports as mergekit
 ``passthrough`` slices and as a model folder.
 
+What the paper adds and this space does not: a *transition zone* between the swapped and the kept layers,
+where each layer is a weighted average of the two experts' layers. The ``init`` (3/16 of the layers at the
+bottom, 1/16 at the top: 6 and 2 of a 32-layer model) rounds to 1 and 0 on a 4-layer model.
+
 Genes (``[0, 1]``): ``k_bottom`` and ``k_top`` (or one ``k`` for both ends with ``tie: true``). A gene ``g``
 decodes to the integer ``min(max_k, floor(g · (max_k + 1)))``: each of ``0 … max_k`` owns an equal share of the
 gene; ``x0`` is the centre of the start value's share. When the two ends would overlap (``k_bottom + k_top > L``)

@@ -20,6 +20,14 @@ Template (``kind: lines``)::
 
 Genes (``[0, 1]``, linear over each range): ``alpha``, ``beta``. ``x0`` decodes to the ``init`` values:
 ``1/n`` is one over the number of merged models.
+
+Defaults, from the authors' code (wang-kee/LiNeS, ``src/eval/eval.py``: ``LiNeS_scaling`` and ``evaluate``): for
+multi-task merging ``alpha = (||sum_t tau_t||_1 / ||tau_merged||_1) / T`` for ``T`` tasks, which is ``1/n`` for
+task arithmetic (the merged vector is the sum), and ``beta`` is chosen on validation from ``0.1, 0.2, ..., 1.0``:
+it has no data-free value, and ``0.5`` (the grid's middle) is the hand-set start here. Over another method
+(TIES …) the code's ``alpha`` also carries that L1 norm ratio, which a template cannot know before the
+merge: the ``lines-ties`` template starts at ``1/n`` and leaves the ratio to the search. Tensors outside
+the blocks get ``alpha`` there too, as here.
 """
 
 from __future__ import annotations

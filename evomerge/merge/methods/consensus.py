@@ -24,6 +24,13 @@ is a per-model parameter with that range. The reference code builds ``consensus_
 top 20% kept and a disjoint *sum*: those are ``consensus_ties``' defaults (``density = 0.2``,
 ``normalize = false``). ``k`` is a count threshold, searchable as a real number: ``k = 1.5`` acts as 2.
 Masks are computed per tensor (the paper's are over the flattened model; a per-entry rule, so the same).
+
+Defaults, from the reference code (nik-dim/tall_masks, also vendored by wang-kee/LiNeS:
+``src/utils/tallmask_utils.py`` and ``src/eval/eval.py``): ``prun_thre_k = 2``; ``tall_mask_lambda`` chosen per
+task from ``[0.2, 0.3, 0.4, 0.5, 0.6]`` on validation (0.4, the grid's middle, is the data-free default here);
+the final scale ``lambda`` is chosen on validation from ``0.1, 0.2, ..., 1.0`` like task arithmetic's, so it
+has no data-free value: it defaults to 1.0 (the plain masked sum) and is searched over ``[0.1, 1.5]``, which
+holds that grid.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def _params(ties: bool) -> list[ParamSpec]:
     params += [
         ParamSpec("k", "global", 2.0, (0.0, 3.0),
                   doc="keep entries that at least k TALL masks keep (2: drop selfish and catastrophic weights)"),
-        ParamSpec("lambda", "global", 1.0, (0.5, 1.5), doc="scale of the masked multi-task vector"),
+        ParamSpec("lambda", "global", 1.0, (0.1, 1.5), doc="scale of the masked multi-task vector"),
     ]
     return params
 

@@ -8,7 +8,10 @@ For task vectors ``d_i`` with weights ``w_i`` (the paper has ``w_i = 1``), ``M =
   kept singular value is replaced by their mean: ``merged = mean(S[:r]) * U[:, :r] V[:, :r]^T``;
 * other tensors (norm weights, biases, scalars) and 2-D tensors with ``isotropic = false``: task
   arithmetic averaging, ``merged = M / N`` (the reference code's mean for non-matrix parameters);
-* the result is ``base + lambda * merged`` (``lambda`` is the paper's ``alpha``).
+* the result is ``base + lambda * merged`` (``lambda`` is the paper's ``alpha``). The authors' code
+  (danielm1405/iso-merging; ``config/method/iso_c.yaml``: no fixed scale) chooses ``alpha`` on validation like
+  task arithmetic's coefficient, so it has no data-free value: 1.0 (the isotropic sum unscaled) is the default
+  here and ``[0.5, 2.0]`` the searched range.
 
 For a full-rank ``M`` this is the paper's ``mean(S) U V^T`` exactly (``r = min(rows, cols)``). Where
 ``M`` is rank deficient (e.g. task vectors of low-rank adapters) the paper's ``U V^T`` is not unique: the

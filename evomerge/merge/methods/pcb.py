@@ -23,6 +23,13 @@ softmaxes are computed as ``D * Softmax`` (a factor common to every task, so the
 the authors' code also clips each ``|d_i|`` to its 0.01% / 99.99% quantiles and replaces the inter term
 by ``tanh(d_i * sum_j d_j)``: neither is done here, this follows the paper's equations. Balancing is per
 tensor (the paper flattens the whole model): the softmaxes, the drop and the rescale see one tensor.
+
+Defaults, from the authors' code (duguodong7/pcb-merging): ``PCB_merge(..., pcb_ratio=0.1)`` keeps the
+``pcb_ratio`` share of entries of highest balancing score (it clamps the rest to the ``1 - pcb_ratio``
+quantile, which the min-max rescale then maps to 0), hence ``density = 0.1``; their merging script sweeps
+``ratio`` over 5, 10, 20 % and ``lambda`` over 0.8 to 2.2 in steps of 0.1 (T5) or keeps 1.0 (IA3), so
+``lambda`` defaults to 1.0 and is searched over ``[0.5, 2.2]``; their evolutionary variant uses
+``pcb_ratio = 0.05`` and per-task ``lambda_i`` in ``[0.8, 1.3]`` starting at 1.0 (``weight`` here).
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def balance_scores(rows: list[torch.Tensor], i: int) -> torch.Tensor:
                   doc="coefficient of this model's balanced task vector (the paper's per-task lambda_i)"),
         ParamSpec("density", "source", 0.1, (0.05, 1.0),
                   doc="share of entries kept by balancing score (1 - the paper's drop ratio r), in (0, 1]"),
-        ParamSpec("lambda", "global", 1.0, (0.5, 1.5), doc="scale of the merged task vector"),
+        ParamSpec("lambda", "global", 1.0, (0.5, 2.2), doc="scale of the merged task vector"),
     ],
     min_models=1,
     mergekit_name=None,

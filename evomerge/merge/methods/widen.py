@@ -21,7 +21,8 @@ Tensors that are not 2-D (norm weights, biases), and every entry treated alike: 
 calibrated softmax over the models of the raw ``|d_n|`` (no ranking), ``base + sum_n w_n S_n d_n`` (the
 reference code's rule for vector parameters).
 
-As in the reference code (yule-BUAA/MergeLLM): the defaults ``1.0`` / ``1.0``; no ``lambda``. ``w_n``
+As in the reference code (yule-BUAA/MergeLLM, ``merge_llms.py``: ``--above_average_value_ratio`` and
+``--score_calibration_value`` both default to ``1.0``): the defaults ``1.0`` / ``1.0``; no ``lambda``. ``w_n``
 (default 1) scales each model's contribution after scoring (the paper has none). The reference code
 transposes token embeddings so that a "column" is a token; a method sees no module kinds, so every 2-D
 tensor is read as ``(out, in)`` here, and ``per_row: {embed: true, default: false}`` in a recipe reproduces
