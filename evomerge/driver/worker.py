@@ -46,6 +46,9 @@ class WorkerSpec:
     pad_to_multiple_of: int | None = None
     #: Where the sources are kept (:mod:`evomerge.merge.placement`), resolved from ``resources.placement``.
     placement: str = "device"
+    #: Calibration statistics every recipe of a data-informed search reads: per model name, the cached
+    #: ``stats-<key>.safetensors`` path (in the run folder, which every node sees) and the kinds it holds.
+    stats_files: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -103,7 +106,12 @@ class Worker:
             raise EvomergeError(f"no source folder has tokenizer files ({', '.join(spec.sources.values())}); "
                                 "scoring needs one")
         log.info("worker %s scores with %s", name, vocab.describe())
-        self.merger = InPlaceMerger(self.sources, self.model)
+        stats = None
+        if spec.stats_files:
+            from evomerge.merge.stats import MergeStats, load_file
+
+            stats = MergeStats({m: load_file(path, kinds) for m, (path, kinds) in spec.stats_files.items()})
+        self.merger = InPlaceMerger(self.sources, self.model, stats)
         self.suite = load_suite(spec.suite).select(spec.tasks)
         self.scorer = make_scorer(spec.scorer, **spec.scorer_options)
         self.wants_state_dict = "state_dict" in SCORERS.capabilities(spec.scorer)
