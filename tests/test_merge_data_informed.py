@@ -230,19 +230,3 @@ def test_memory_plan_counts_the_statistics_of_7b_shapes() -> None:
     assert {p.name: p.bytes for p in fisher}["calibration statistics"] == 3 * shapes.entries * 4
     none = {p.name for p in memory.compute(shapes, replace(setup, stats_kinds=()), mem).parts}
     assert "calibration statistics" not in none
-
-
-def test_a_search_over_a_data_informed_method_is_refused_at_preflight(zoo_test, tmp_path: Path) -> None:
-    """Workers compute no calibration statistics: a space over fisher is refused before any work, naming it."""
-    from evomerge.config import RunConfig
-    from evomerge.driver.run import preflight
-
-    template = tmp_path / "fisher.yaml"
-    template.write_text("kind: params\nmethod: fisher\ngranularity: global\nsearch: [weight]\ninit:\n  weight: 1/n\n")
-    cfg = RunConfig.model_validate({
-        "name": "f", "output_dir": str(tmp_path / "runs"), "base_model": "base",
-        "sources": {"base": str(zoo_test.base), "add": str(zoo_test.expert("add"))},
-        "space": {"template": str(template)}, "fitness": {"suite": "builtin:zoo-2"}})
-    with pytest.raises(ConfigError, match="space.template: method 'fisher' reads calibration statistics"):
-        preflight(cfg)
-    assert not (tmp_path / "runs").exists()

@@ -395,14 +395,33 @@ def _merge(acc: Setup, change: Setup, orig: Setup) -> Setup:
 # -- a run's plan ------------------------------------------------------------------------------------------
 
 
-def template_method(cfg: RunConfig) -> str | None:
-    """The merge method of the run's search space (its template after ``space.overrides``)."""
+def _template(cfg: RunConfig) -> Any:
     from evomerge.spaces.template import load_template, parse_template
 
     template = load_template(cfg.space.template)
     if cfg.space.overrides:
         data = template.model_dump(mode="json") | dict(cfg.space.overrides)
         template = parse_template(data, source=f"{cfg.space.template} + space.overrides")
+    return template
+
+
+def template_stats(cfg: RunConfig) -> tuple[tuple[str, ...], int]:
+    """The statistic kinds a data-informed search keeps resident per source (the method's, plus AIM's ``act``,
+    counted for every source as an upper bound), and its ``data.max_gram_features``; ``((), 4096)`` for none."""
+    from evomerge.merge.methods import METHODS
+
+    template = _template(cfg)
+    data = getattr(template, "data", None)
+    method = getattr(template, "method", None)
+    if data is None or method is None or method not in METHODS:
+        return (), 4096
+    kinds = set(METHODS.get(method).stats) | ({"act"} if data.aim > 0 else set())
+    return tuple(sorted(kinds)), data.max_gram_features
+
+
+def template_method(cfg: RunConfig) -> str | None:
+    """The merge method of the run's search space (its template after ``space.overrides``)."""
+    template = _template(cfg)
     method = getattr(template, "method", None)
     if method is None and getattr(template, "params", None) is not None:
         method = template.params.method
@@ -478,6 +497,8 @@ def plan_run(
         kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
         **_factored(cfg, reference, n_deltas),
     )
+    kinds, max_gram = template_stats(cfg)
+    setup = replace(setup, stats_kinds=kinds, max_gram_features=max_gram)
     memory = memory or probe_memory(device, assume_gpu_memory)
     placement = placement or res.placement
     setup = replace(setup, placement=choose_placement(shapes, setup, memory) if placement == "auto" else placement)

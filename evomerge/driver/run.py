@@ -38,7 +38,7 @@ from evomerge.driver.worker import Worker, WorkerSpec, resolve_device
 from evomerge.errors import ConfigError
 from evomerge.events import EventLog
 from evomerge.io.folder import vocab_rows
-from evomerge.merge.methods import METHODS
+from evomerge.merge.stats import recipe_kinds, recipe_stats
 from evomerge.merge.vocab import depends_on_models, effective_source
 from evomerge.pools import POOLS
 from evomerge.recipe import Recipe
@@ -110,10 +110,9 @@ def preflight(cfg: RunConfig) -> Prepared:
     space = build_space(template, models)
     x0_recipe = space.decode(space.x0)
     validate_recipe_params(x0_recipe)
-    if METHODS.get(x0_recipe.method).stats:
-        raise ConfigError(f"space.template: method {x0_recipe.method!r} reads calibration statistics, which a "
-                          f"search's workers do not compute; merge it with `evomerge merge` and a recipe's data: "
-                          f"block, or search a data-free method")
+    if recipe_kinds(x0_recipe) and x0_recipe.data is None:
+        raise ConfigError(f"space.template: method {x0_recipe.method!r} reads calibration statistics; give the "
+                          "template a data: block (suite, examples …) naming where they come from")
     # an optimizer that recombines segments (M2N2 over recipes) gets the space's segment structure, if any
     segments = space.prepare_segments(folders) if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) else None
     x0 = space.x0 if cfg.space.start_from is None else start_point(cfg.space.start_from, space)
@@ -166,6 +165,24 @@ def scorer_options(cfg: RunConfig) -> dict[str, Any]:
     if cfg.fitness.scorer == "vllm" and res.gpus_per_worker > 1:
         out["tensor_parallel_size"] = int(res.gpus_per_worker)
     return out
+
+
+def search_stats(prep: Prepared, run_dir: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The calibration statistics a data-informed space's recipes read, computed once per source before the
+    search into ``<run>/cache/stats/`` (a resumed run loads them from there: the cache is keyed by the weights,
+    the calibration examples and the settings, :func:`evomerge.merge.stats.cache_key`).
+
+    Every recipe of a params space shares the template's method and ``data:`` block, so ``x0``'s needs are
+    every candidate's. Returns per model name the cached file and its kinds (what the workers load)."""
+    x0_recipe = prep.space.decode(prep.space.x0)
+    need = recipe_kinds(x0_recipe)
+    if not need:
+        return {}
+    _, records = recipe_stats(x0_recipe, prep.cfg.sources, run_dir / CACHE_DIR / STATS_DIR, device="cpu")
+    for r in records:
+        log.info("calibration statistics %s: %s (%.1fs)", "computed" if r.computed else "loaded", r.path,
+                 r.seconds)
+    return {m: (str(r.path.resolve()), need[m]) for m, r in zip(need, records, strict=True)}
 
 
 def start_point(path: str, space: Any) -> Any:
@@ -228,12 +245,14 @@ def check_memory(prep: Prepared) -> None:
 
 
 CACHE_DIR = "cache"  # per-run caches (compiled merge kernels); a worker may create it before the run folder
+STATS_DIR = "stats"  # under CACHE_DIR: calibration statistics of a data-informed search (search_stats)
 
 
 def make_pool(prep: Prepared, run_dir: Path) -> Pool:
     res = prep.cfg.resources
     # compiled merge kernels are cached inside the run folder (on a cluster: the same path on each node)
-    spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / CACHE_DIR / "kernels").resolve()))
+    spec = dataclasses.replace(prep.spec, kernel_cache=str((run_dir / CACHE_DIR / "kernels").resolve()),
+                               stats_files=search_stats(prep, run_dir))
     pool: Pool = POOLS.get(res.backend)(functools.partial(Worker, spec), res, sources=dict(spec.sources))
     return pool
 

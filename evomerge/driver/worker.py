@@ -50,6 +50,9 @@ class WorkerSpec:
     pad_to_multiple_of: int | None = None
     #: Where the sources are kept (:mod:`evomerge.merge.placement`), resolved from ``resources.placement``.
     placement: str = "device"
+    #: Calibration statistics every recipe of a data-informed search reads: per model name, the cached
+    #: ``stats-<key>.safetensors`` path (in the run folder, which every node sees) and the kinds it holds.
+    stats_files: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,13 +102,19 @@ class Worker:
         self._model: Any = None
         self._merger: Any = None
         self.streamer: Any = None
+        #: Calibration statistics of a data-informed method, computed by the driver before the search.
+        self.stats: Any = None
+        if spec.stats_files:
+            from evomerge.merge.stats import MergeStats, load_file
+
+            self.stats = MergeStats({m: load_file(path, kinds) for m, (path, kinds) in spec.stats_files.items()})
         if self.wants_state_dict:  # merged tensors go straight to the scorer's engine: no transformers model
             from evomerge.io import ModelFolder
             from evomerge.merge.streaming import StreamingMerger
 
             with ModelFolder.open(spec.sources[spec.reference]) as ref:
                 tied = ref.tied_embeddings
-            self.streamer = StreamingMerger(self.sources, tied=tied)
+            self.streamer = StreamingMerger(self.sources, tied=tied, stats=self.stats)
         else:
             self._load_model()
         from evomerge.scoring.base import auto_threads
@@ -146,7 +155,7 @@ class Worker:
         if vocab is not None and vocab.aligns:  # the merged rows overwrite these
             model.resize_token_embeddings(vocab.size, mean_resizing=False)
         model.eval()
-        self._model, self._merger = model, InPlaceMerger(self.sources, model)
+        self._model, self._merger = model, InPlaceMerger(self.sources, model, self.stats)
 
     @property
     def model(self) -> Any:

@@ -227,6 +227,11 @@ def _load(path: Path, kinds: Iterable[str]) -> dict[str, dict[str, torch.Tensor]
     return out
 
 
+def load_file(path: str | Path, kinds: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The statistics cached at ``path`` by :func:`load_or_collect` (what a search's workers read)."""
+    return _load(Path(path), kinds)
+
+
 def load_or_collect(
     folder: str | Path,
     requests: Sequence[Request],
@@ -360,6 +365,7 @@ __all__ = [
     "calibration_requests",
     "collect",
     "linear_weights",
+    "load_file",
     "load_or_collect",
     "recipe_kinds",
     "recipe_stats",

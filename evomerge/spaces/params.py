@@ -325,6 +325,7 @@ class ParamGenes:
             "parameters": glob,
             "seed": s.seed,
             "dtype": s.dtype,
+            "data": s.data,
             **self.models.vocab_fields,
         }
 

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.builtin import read_text, resolve
 from evomerge.errors import ConfigError
 from evomerge.names import DType, ModuleKind, Projection
-from evomerge.recipe import ParamValue
+from evomerge.recipe import DataSpec, ParamValue
 from evomerge.registry import Registry
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -77,6 +77,9 @@ class ParamsSection(BaseModel):
     fixed: dict[str, ParamValue] = Field(default_factory=dict)
     seed: int = 0
     dtype: DType | None = None
+    #: Calibration data of a data-informed method (``fisher``, ``regmean``) or AIM (``data.aim``): the search
+    #: driver computes these statistics once per source before the search; every decoded recipe carries it.
+    data: DataSpec | None = None
 
     @field_validator("ranges")
     @classmethod
