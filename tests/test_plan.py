@@ -185,3 +185,47 @@ def test_plan_of_7b_shapes_needs_no_weights() -> None:
     assert vllm.fits is False and vllm.suggestion.startswith("fitness.scorer: hf")
     unknown = CliRunner().invoke(app, ["plan", str(ROOT / "configs/cluster-7b.yaml"), "--shapes-from", "gpt-9"])
     assert unknown.exit_code == 2 and "--shapes-from" in unknown.output
+
+
+def test_vllm_plan_counts_engine_weights_not_a_live_model() -> None:
+    """The vllm scorer streams merged tensors into its engine: no transformers copy of the model, except for a space
+    that routes layers; gpus_per_worker 2 makes the engine tensor-parallel, half its weights per GPU."""
+    shapes = memory.shapes_from("mistral-7b")
+    cfg = RunConfig.model_validate(yaml.safe_load((ROOT / "configs/cluster-7b.yaml").read_text()))
+
+    def plan(scorer: str, gpus: float = 1, template: str | None = None) -> memory.Plan:
+        space = cfg.space if template is None else cfg.space.model_copy(update={"template": template,
+                                                                                 "overrides": {}})
+        c = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"scorer": scorer}), "space": space,
+                                   "resources": cfg.resources.model_copy(update={"gpus_per_worker": gpus})})
+        return memory.plan_run(c, shapes=shapes, assume_gpu_memory=80 * 2**30)
+
+    hf, vllm, tp2 = plan("hf"), plan("vllm"), plan("vllm", 2)
+    parts = [{p.name: p.bytes for p in x.parts} for x in (hf, vllm, tp2)]
+    assert parts[0]["live model"] == 2 * shapes.live_entries and "vLLM engine weights" not in parts[0]
+    assert "live model" not in parts[1] and parts[1]["vLLM engine weights"] == 2 * shapes.live_entries
+    assert not any(p.name == "live model staging" for p in vllm.host_parts)
+    assert parts[2]["vLLM engine weights"] == shapes.live_entries  # 16-bit weights over 2 ranks
+    assert vllm.per_worker - parts[1]["vLLM engine weights"] - parts[1]["vLLM KV cache + activations"] \
+        == hf.per_worker - parts[0]["live model"]  # beside the engine: what the hf worker holds but its model
+    assert any("tensor-parallel over 2 GPUs" in n for n in tp2.notes)
+    routed = plan("vllm", template="builtin:dfs-routing")
+    assert {p.name for p in routed.parts} >= {"live model", "vLLM engine weights"}
+    with pytest.raises(ValueError, match="whole number of GPUs"):
+        RunConfig.model_validate(yaml.safe_load((ROOT / "configs/cluster-7b.yaml").read_text())
+                                 | {"resources": {"gpus_per_worker": 1.5}})
+
+
+def test_gpus_per_worker_becomes_the_vllm_engines_tensor_parallel_size() -> None:
+    from evomerge.driver.run import scorer_options
+
+    cfg = RunConfig.model_validate(yaml.safe_load((ROOT / "configs/cluster-7b.yaml").read_text()))
+
+    def options(scorer: str, gpus: float) -> dict[str, Any]:
+        return scorer_options(cfg.model_copy(update={
+            "fitness": cfg.fitness.model_copy(update={"scorer": scorer}),
+            "resources": cfg.resources.model_copy(update={"gpus_per_worker": gpus})}))
+
+    assert options("vllm", 4) == {"batch_size": 64, "tensor_parallel_size": 4}
+    assert options("vllm", 1) == {"batch_size": 64} and options("vllm", 0.5) == {"batch_size": 64}
+    assert options("hf", 4) == {"batch_size": 64}

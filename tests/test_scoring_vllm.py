@@ -367,6 +367,46 @@ def test_nan_weights_are_a_score_error_and_the_engine_recovers(tiny_report, tiny
     _assert_same(tiny_report["results"]["after_nan"]["scores"], tiny_hf["base"], "after_nan")
 
 
+@pytest.fixture(scope="module")
+def tiny_report_tp2(vllm_python: Path, tiny: dict[str, Path]) -> dict[str, Any]:
+    folder = tiny["root"] / "tp2"
+    folder.mkdir(exist_ok=True)
+    spec = {
+        "base": str(tiny["base"]),
+        "suite": str(tiny["suite"]),
+        "swaps": [["other", str(tiny["other"])]],
+        "options": {"max_num_seqs": 32, "tensor_parallel_size": 2},
+    }
+    return run_engine(vllm_python, folder, spec)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not os.environ.get("EVOMERGE_VLLM_TP"), reason="a 2-rank CPU engine takes a minute to start; "
+                    "set EVOMERGE_VLLM_TP=1 (needs 2 CPUs)")
+def test_tensor_parallel_engine_scores_like_one_rank(tiny_report, tiny_report_tp2) -> None:
+    """tensor_parallel_size 2 (two rank processes, weights swapped in one decoder layer per reload_weights call):
+    the same per-example scores as one rank, before and after a swap."""
+    assert tiny_report_tp2["engine_kept"]
+    for label in ("base", "other"):
+        _assert_same(tiny_report_tp2["results"][label]["scores"],
+                     {k: np.asarray(v) for k, v in tiny_report["results"][label]["scores"].items()}, label)
+
+
+def test_engine_kwargs_and_cpu_binding_for_tensor_parallel(tmp_path: Path) -> None:
+    one = vllm_scorer.VllmScorer().engine_kwargs(tmp_path, on_cpu=True)
+    assert "tensor_parallel_size" not in one and one["enforce_eager"] and one["dtype"] == "float32"
+    two = vllm_scorer.VllmScorer(tensor_parallel_size=2).engine_kwargs(tmp_path, on_cpu=False)
+    assert two["tensor_parallel_size"] == 2 and two["distributed_executor_backend"] == "mp"
+    assert "enforce_eager" not in two and two["dtype"] == "auto"
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="tensor_parallel_size"):
+            vllm_scorer.VllmScorer(tensor_parallel_size=bad)
+    assert vllm_scorer.cpu_binding(2, [0, 1]) == "0|1"
+    assert vllm_scorer.cpu_binding(2, [4, 5, 6, 7, 8]) == "4,5|6,7"
+    with pytest.raises(ConfigError, match="a CPU per rank"):
+        vllm_scorer.cpu_binding(4, [0, 1])
+
+
 # -- the real model ------------------------------------------------------------------------------
 
 

@@ -6,12 +6,16 @@ A worker keeps everything on its one device (:mod:`evomerge.driver.worker`):
   (:class:`~evomerge.merge.sources.ResidentSources`; every source of the run, whatever the space merges);
 * for a method that ranks entries by magnitude (``magnitude_orders``: TIES) with the cache on, one int32
   magnitude order per task-vector entry;
-* the live model candidates are merged into: a module of the reference's shapes in the run's dtype (a tied
-  output head shares the input embedding's storage, so it is counted once);
-* with the ``vllm`` scorer, the engine's own copy of the weights and its key/value cache. On a GPU vLLM
-  reserves :data:`VLLM_GPU_MEMORY_UTILIZATION` of the device's memory (its default; the run config does not
-  set it) at start, weights included, and refuses to start when less than that is free; on a CPU its cache is
-  the scorer's ``kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE`` when set);
+* with the hf scorer, the live model candidates are merged into: a module of the reference's shapes in the run's
+  dtype (a tied output head shares the input embedding's storage, so it is counted once);
+* with the ``vllm`` scorer, no such model (each merged tensor is streamed into the engine as it is computed,
+  :mod:`evomerge.merge.streaming`; one tensor in flight is within the merge workspace) but the engine's weights and
+  its key/value cache. With ``resources.gpus_per_worker: N > 1`` the engine is tensor-parallel over N GPUs and holds
+  1/N of its weights on each. On a GPU vLLM reserves :data:`VLLM_GPU_MEMORY_UTILIZATION` of the device's memory
+  (its default; the run config does not set it) at start, weights included, and refuses to start when less than
+  that is free; on a CPU its cache is the scorer's ``kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE`` when set). A search
+  space that routes layers (``routing``, ``hybrid``, ``layer_swap`` templates) still builds its routed models from a
+  transformers copy of the reference, so its live model is counted with vllm too;
 * a merge workspace: :data:`WORKSPACE_FACTOR` times the largest tensor in the run's dtype (TIES holds the
   merged sum, the elected signs, the divisor and one row of scratch at once; other methods hold less), plus,
   with magnitude orders, the sort of the largest task vector at load (an int64 index and a value per entry);
@@ -101,6 +105,18 @@ class Setup:
     #: Calibration statistics a data-informed merge keeps per source (``fisher``, ``gram``, ``act``).
     stats_kinds: tuple[str, ...] = ()
     max_gram_features: int = 4096
+    #: The space routes layers (a transformers copy of the reference is loaded even with the vllm scorer).
+    routes: bool = False
+
+    @property
+    def live_model(self) -> bool:
+        """Whether a worker keeps a transformers model of the reference to merge into."""
+        return self.scorer != "vllm" or self.routes
+
+    @property
+    def tensor_parallel(self) -> int:
+        """The vllm engine's ranks (``gpus_per_worker`` above 1 on a GPU), else 1."""
+        return int(self.gpus_per_worker) if self.scorer == "vllm" and self.gpus_per_worker > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -276,12 +292,16 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
             moved = Part("read buffers", group, "the largest tensor's reference + task vectors, read from the files")
         parts = [replace(p, bytes=0, note="in host memory" if setup.placement == "host" else "not resident")
                  for p in sources] + [moved]
-    parts.append(Part("live model", live, "tied head counted once" if shapes.tied else ""))
+    if setup.live_model:
+        parts.append(Part("live model", live, ("tied head counted once" if shapes.tied else "")
+                          + ("; loaded for layer routing" if setup.scorer == "vllm" else "")))
     if setup.scorer == "vllm":
         if setup.device == "cuda":
-            weights = shapes.live_entries * 2  # vLLM's 'auto' dtype on a GPU is 16-bit
+            tp = setup.tensor_parallel
+            weights = math.ceil(shapes.live_entries * 2 / tp)  # vLLM's 'auto' dtype on a GPU is 16-bit
             share = None if memory.device_total is None else int(VLLM_GPU_MEMORY_UTILIZATION * memory.device_total)
-            parts.append(Part("vLLM engine weights", weights, "16-bit"))
+            parts.append(Part("vLLM engine weights", weights, "16-bit" + (f", 1/{tp} per GPU (tensor parallel)"
+                                                                          if tp > 1 else "")))
             parts.append(Part("vLLM KV cache + activations", None if share is None else share - weights,
                               f"rest of {VLLM_GPU_MEMORY_UTILIZATION:g} x device"))
         else:
@@ -297,7 +317,9 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
                           f"{'+'.join(setup.stats_kinds)}, float32, {setup.n_deltas + 1} models"))
     if setup.device == "cuda":
         parts.append(Part("CUDA context", CUDA_CONTEXT_BYTES, "estimate"))
-    host = [*host_sources, Part("live model staging", live, "from_pretrained loads on the host, then moves")]
+    host = [*host_sources]
+    if setup.live_model:
+        host.append(Part("live model staging", live, "from_pretrained loads on the host, then moves"))
     plan = Plan(shapes, setup, memory, parts, host)
     if setup.scorer == "vllm" and setup.device == "cuda":
         weights, kv = (p.bytes for p in parts if p.name.startswith("vLLM"))
@@ -311,7 +333,11 @@ def compute(shapes: Shapes, setup: Setup, memory: Memory) -> Plan:
             f"vLLM starts only with {VLLM_GPU_MEMORY_UTILIZATION:g} of the device free: the {fmt(beside)} held "
             f"beside the engine must fit in the other {1 - VLLM_GPU_MEMORY_UTILIZATION:.1g}; even without that "
             f"rule the worker needs {fmt(beside + (weights or 0))} + a KV cache")
-    if setup.gpus_per_worker > 1:
+    if setup.tensor_parallel > 1 and setup.device == "cuda":
+        plan.notes.append(f"gpus_per_worker {setup.gpus_per_worker:g}: the vLLM engine is tensor-parallel over "
+                          f"{setup.tensor_parallel} GPUs (the parts above are its first GPU's: the sources and the "
+                          "merge stay there); its other GPUs hold their share of the weights and KV cache")
+    elif setup.gpus_per_worker > 1:
         plan.notes.append(f"gpus_per_worker {setup.gpus_per_worker:g}: a worker holds everything on its first GPU; "
                           "the others stay idle")
     return plan
@@ -341,7 +367,7 @@ def _changes(setup: Setup, shapes: Shapes) -> list[tuple[str, Setup]]:
             out.append((f"resources.workers: {k} (fewer workers per node)", replace(setup, workers=k,
                                                                                      workers_per_host=k)))
     if setup.scorer == "vllm":
-        out.append(("fitness.scorer: hf (no second copy of the weights, no vLLM reservation)",
+        out.append(("fitness.scorer: hf (a live model instead of vLLM's weights, KV cache and reservation)",
                     replace(setup, scorer="hf")))
     for k in range(1, setup.n_deltas):
         out.append((f"{k} source(s) fewer ({setup.n_deltas - k} task vector(s))", replace(setup, n_deltas=setup.n_deltas - k)))
@@ -428,6 +454,13 @@ def template_method(cfg: RunConfig) -> str | None:
     return method
 
 
+def space_routes(cfg: RunConfig) -> bool:
+    """Whether the run's search space routes layers (its recipes have a ``routing:`` block)."""
+    from evomerge.spaces.template import load_template
+
+    return getattr(load_template(cfg.space.template), "kind", None) in ("routing", "hybrid", "layer_swap")
+
+
 def magnitude_cache(cfg: RunConfig, method: str | None, device: torch.device, entries: int, n_deltas: int) -> bool:
     """Resolve ``resources.sorted_magnitude_cache`` for a method: never for one that does not read magnitude
     orders (``magnitude_orders``); ``true``: always; ``'auto'``: on the CPU, when the workers' extra int32 per
@@ -493,7 +526,7 @@ def plan_run(
     setup = Setup(
         n_deltas=n_deltas, dtype=dtype, orders=orders, scorer=cfg.fitness.scorer, device=device.type,
         workers=workers, workers_per_device=per_device, workers_per_host=per_host,
-        gpus_per_worker=res.gpus_per_worker,
+        gpus_per_worker=res.gpus_per_worker, routes=space_routes(cfg),
         kv_cpu_bytes=int(float(kv) * GiB) if kv and kv.replace(".", "", 1).isdigit() else int(VLLM_CPU_KV_GIB * GiB),
         **_factored(cfg, reference, n_deltas),
     )

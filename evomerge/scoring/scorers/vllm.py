@@ -151,6 +151,17 @@ def _finite(values: Sequence[float], what: str) -> None:
         raise ScoreError(f"the model produced non-finite {what} (NaN/inf logits)")
 
 
+def cpu_binding(ranks: int, cpus: Sequence[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel CPU engine: this process's CPUs in ``ranks`` equal runs
+    (``"0,1|2,3"``). vLLM's own binding puts each rank on its own NUMA node and refuses more ranks than nodes."""
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise ConfigError(f"tensor_parallel_size {ranks}: a CPU engine needs a CPU per rank, this process has "
+                          f"{len(cpus)}")
+    per = len(cpus) // ranks
+    return "|".join(",".join(str(c) for c in cpus[r * per:(r + 1) * per]) for r in range(ranks))
+
+
 def _checkpoint_names(path: Path) -> frozenset[str]:
     """The tensor names of the safetensors files in model folder ``path`` (from their headers)."""
     from evomerge.io.header import read_header
@@ -298,6 +309,8 @@ class VllmScorer:
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+        if on_cpu and self.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(self.tensor_parallel_size)
         options = self.engine_kwargs(path, on_cpu=on_cpu)
         names = _checkpoint_names(path)
         t0 = time.perf_counter()
