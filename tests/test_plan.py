@@ -180,9 +180,16 @@ def test_plan_of_7b_shapes_needs_no_weights() -> None:
     p = memory.plan_run(cfg, shapes=shapes, assume_gpu_memory=80 * 2**30)
     parts = {x.name: x.bytes for x in p.parts}
     assert parts["task vectors"] == 3 * 2 * shapes.entries and parts["magnitude orders"] == 0  # dare_ties
-    vllm = memory.plan_run(cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"scorer": "vllm"})}),
-                           shapes=shapes, assume_gpu_memory=80 * 2**30)
-    assert vllm.fits is False and vllm.suggestion.startswith("fitness.scorer: hf")
+    # the vllm scorer holds no transformers copy, but its engine reserves the GPU's KV cache: the sources do not fit
+    # beside it on the device, and placement auto keeps them in host memory, streamed
+    vllm_cfg = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"scorer": "vllm"})})
+    on_device = memory.plan_run(
+        vllm_cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"placement": "device"})}),
+        shapes=shapes, assume_gpu_memory=80 * 2**30)
+    assert on_device.fits is False and on_device.suggestion.startswith("resources.placement: host")
+    vllm = memory.plan_run(vllm_cfg, shapes=shapes, assume_gpu_memory=80 * 2**30)
+    assert vllm.fits is True and vllm.setup.placement == "host"
+    assert "live model" not in {x.name for x in vllm.parts}
     unknown = CliRunner().invoke(app, ["plan", str(ROOT / "configs/cluster-7b.yaml"), "--shapes-from", "gpt-9"])
     assert unknown.exit_code == 2 and "--shapes-from" in unknown.output
 
@@ -197,7 +204,8 @@ def test_vllm_plan_counts_engine_weights_not_a_live_model() -> None:
         space = cfg.space if template is None else cfg.space.model_copy(update={"template": template,
                                                                                  "overrides": {}})
         c = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"scorer": scorer}), "space": space,
-                                   "resources": cfg.resources.model_copy(update={"gpus_per_worker": gpus})})
+                                   "resources": cfg.resources.model_copy(update={"gpus_per_worker": gpus,
+                                                                                 "placement": "device"})})
         return memory.plan_run(c, shapes=shapes, assume_gpu_memory=80 * 2**30)
 
     hf, vllm, tp2 = plan("hf"), plan("vllm"), plan("vllm", 2)

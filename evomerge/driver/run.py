@@ -160,8 +160,8 @@ def scorer_options(cfg: RunConfig) -> dict[str, Any]:
     and for the vllm scorer ``resources.gpus_per_worker`` above 1 as the engine's ``tensor_parallel_size``."""
     res = cfg.resources
     out: dict[str, Any] = {"batch_size": cfg.fitness.batch_size}
-    if res.threads_per_worker:
-        out["threads"] = res.threads_per_worker
+    if res.threads_per_worker and cfg.fitness.scorer != "vllm":  # a vllm worker's threads: the worker's own torch
+        out["threads"] = res.threads_per_worker                    # threads (WorkerSpec.threads), not the engine's
     if cfg.fitness.scorer == "vllm" and res.gpus_per_worker > 1:
         out["tensor_parallel_size"] = int(res.gpus_per_worker)
     return out
