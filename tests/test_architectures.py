@@ -457,7 +457,7 @@ def test_worker_hands_weight_loading_scorers_the_checkpoint_names(zoo, monkeypat
             bound.append(str(model_dir))
 
         def score(self, model, *args, **kwargs):
-            seen.append(model)
+            seen.append(dict(model))  # the merged tensors as they are streamed, (name, tensor) pairs
             raise ScoreError("recorded")
 
     monkeypatch.setattr(scoring, "make_scorer", lambda name, **options: Recorder())

@@ -115,10 +115,14 @@ def test_early_stop_with_a_subset_is_refused():
 
 def test_early_stop_with_an_optimizer_that_needs_every_example_is_refused():
     from evomerge.config.models import RunConfig
+    from evomerge.driver.checks import check_early_stop
+    from evomerge.errors import ConfigError
 
     base = {"name": "x", "sources": {"a": "/a", "b": "/b"}, "fitness": {"suite": "builtin:zoo"},
             "fidelity": {"early_stop": "front"}}
-    with pytest.raises(ValueError, match="fidelity.early_stop: optimizer m2n2"):
-        RunConfig.model_validate({**base, "optimizer": {"name": "m2n2"}, "space": {"template": "builtin:segments"}})
-    ok = {**base, "optimizer": {"name": "cma_es"}, "space": {"template": "builtin:ties-per-layer"}}
-    assert RunConfig.model_validate(ok).fidelity.early_stop == "front"
+    m2n2 = RunConfig.model_validate({**base, "optimizer": {"name": "m2n2"}, "space": {"template": "builtin:segments"}})
+    with pytest.raises(ConfigError, match="fidelity.early_stop: optimizer m2n2"):
+        check_early_stop(m2n2)
+    ok = RunConfig.model_validate({**base, "optimizer": {"name": "cma_es"}, "space": {"template": "builtin:ties-per-layer"}})
+    check_early_stop(ok)
+    assert ok.fidelity.early_stop == "front"

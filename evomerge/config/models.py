@@ -254,10 +254,4 @@ class RunConfig(BaseModel):
             raise ValueError("source_selection: set base_model (the task vectors are taken relative to it)")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code: models with custom code are not supported")
-        if self.fidelity.early_stop != "off":
-            from evomerge.optim import OPTIMIZERS, PER_EXAMPLE
-
-            if PER_EXAMPLE in OPTIMIZERS.capabilities(self.optimizer.name):
-                raise ValueError(f"fidelity.early_stop: optimizer {self.optimizer.name} needs the score of every "
-                                 "example of every candidate; set early_stop: off")
         return self

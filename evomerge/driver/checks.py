@@ -91,6 +91,17 @@ def check_output_dir(cfg: RunConfig) -> None:
         raise ConfigError(f"output_dir: cannot {what} {out}: {exc.strerror} ({existing})") from None
 
 
+def check_early_stop(cfg: RunConfig) -> None:
+    """Refuse ``fidelity.early_stop`` with an optimizer that reads every example's score of every candidate."""
+    if cfg.fidelity.early_stop == "off":
+        return
+    from evomerge.optim import OPTIMIZERS, PER_EXAMPLE
+
+    if PER_EXAMPLE in OPTIMIZERS.capabilities(cfg.optimizer.name):
+        raise ConfigError(f"fidelity.early_stop: optimizer {cfg.optimizer.name} needs the score of every example of "
+                          "every candidate; set early_stop: off")
+
+
 def check_subset(cfg: RunConfig, suite: Any) -> None:
     """Refuse a ``fidelity.subset`` at least as large as every calibration split; warn per task it covers."""
     subset = cfg.fidelity.subset

@@ -90,6 +90,7 @@ def preflight(cfg: RunConfig) -> Prepared:
 
     checks.check_device(cfg)
     checks.check_output_dir(cfg)
+    checks.check_early_stop(cfg)
     _ensure_zoo(cfg)
     pool_sources = dict(cfg.sources)
     cfg, selection = apply_selection(cfg)  # a pool: only the sources kept from here on
