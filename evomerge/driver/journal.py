@@ -13,8 +13,8 @@ the state to ``evomerge status`` and to anyone who compares runs.
 
 Stops: the first Ctrl-C asks for a graceful stop (no new candidates; what is in flight finishes), a second one
 or a SIGTERM abandons what is in flight (it is evaluated again after resume). A signal arriving during an archive
-or checkpoint write takes effect right after it. Either way the checkpoint is saved and
-:class:`~evomerge.errors.RunStopped` says how to resume.
+or checkpoint write, or inside the optimizer's code (:meth:`Journal.deferring_stops`), takes effect right after
+it. Either way the checkpoint is saved and :class:`~evomerge.errors.RunStopped` says how to resume.
 """
 
 from __future__ import annotations
@@ -182,12 +182,23 @@ class Journal:
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:
+        with self.deferring_stops():
+            try:
+                yield
+            except (OSError, sqlite3.Error) as exc:
+                raise RunFolderError(
+                    f"run folder {self.run_dir}: cannot write {what} ({exc}); nothing stored before is lost: make "
+                    f"room or fix permissions, then `evomerge resume {self.run_dir}`") from exc
+
+    @contextlib.contextmanager
+    def deferring_stops(self) -> Iterator[None]:
+        """A stop that abandons the run (a second Ctrl-C, SIGTERM) and arrives inside this block takes effect
+        right after it. The loop runs the optimizer's ask, tell and state inside one: libraries catch broadly
+        (``cma`` pickles its state under a bare ``except:``), and an exception raised by the signal handler in
+        their code would come out as some other error, or be swallowed."""
         self._critical += 1
         try:
             yield
-        except (OSError, sqlite3.Error) as exc:
-            raise RunFolderError(f"run folder {self.run_dir}: cannot write {what} ({exc}); nothing stored before is "
-                                 f"lost: make room or fix permissions, then `evomerge resume {self.run_dir}`") from exc
         finally:
             self._critical -= 1
         if self._abandon is not None and not self._critical:

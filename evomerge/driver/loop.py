@@ -17,6 +17,7 @@ budget ran out (see :mod:`evomerge.driver.journal`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -71,11 +72,13 @@ class Driver:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """What the checkpoint shows of the run (resume rebuilds all of it but the clock from the archive)."""
+        with self.journal.deferring_stops():  # the optimizer's code must not see a stop's exception
+            optimizer = None if self.opt is None else self.opt.state_dict()
         return {
             "phase": self.phase, "told": self.told, "failures": self.failures, "best": self.best,
             "references": self.refs.state_dict(), "warm": self.warm,
             "promoted": sorted(self.promotion.promoted),
-            "optimizer": None if self.opt is None else self.opt.state_dict(),
+            "optimizer": optimizer,
         }
 
     def restore(self) -> None:
@@ -92,8 +95,13 @@ class Driver:
             try:
                 self._phases()
             except Stop as stop:
-                self.journal.save(self.state_dict())
+                self._save()
                 raise stop.error(self.run_dir) from None
+            self._save()
+
+    def _save(self) -> None:
+        """The checkpoint at the end or at a stop; a further stop meanwhile takes effect after it, as this one."""
+        with contextlib.suppress(Stop), self.journal.deferring_stops():
             self.journal.save(self.state_dict())
 
     def _phases(self) -> None:
@@ -114,7 +122,8 @@ class Driver:
             for h in full:
                 if h.ok:
                     self.promotion.observe_full(self.refs.objectives(h.result, self.tasks))
-        self.opt, self.warm = self.start(full, self.refs)
+        with self.journal.deferring_stops():
+            self.opt, self.warm = self.start(full, self.refs)
         self._emit("references", low=self.refs.low, high=self.refs.high)
         if self.warm is not None:
             self._emit("warm_start", **self.warm)
@@ -175,7 +184,8 @@ class Driver:
             served = False  # a candidate answered from an earlier identical recipe's result: ask again
             if left > 0 and free > 0 and not self.opt.should_stop():
                 t0 = time.perf_counter()
-                asked = self.opt.ask(min(free, left))
+                with self.journal.deferring_stops():
+                    asked = self.opt.ask(min(free, left))
                 self.optimizer_s += time.perf_counter() - t0
                 for cand in asked:
                     recipe = self.space.decode(cand.genome)
@@ -229,7 +239,8 @@ class Driver:
         else:
             obs = Observation.failure(cand.id)
         t0 = time.perf_counter()
-        self.opt.tell([obs])
+        with self.journal.deferring_stops():
+            self.opt.tell([obs])
         self.optimizer_s += time.perf_counter() - t0
         self.told += 1
         if not res.ok:
