@@ -173,8 +173,8 @@ def to_mergekit_yaml(
             # refuses it without a weight, so it is listed with weight 0 (the same average, and the same
             # config and tokenizer source)
             doc["models"].append({"model": path[recipe.base_model], "parameters": {"weight": 0.0}})
-    if recipe.base_model:
-        doc["base_model"] = path[recipe.base_model]
+    if recipe.base_model and not (recipe.routing is not None and recipe.method == "linear"):
+        doc["base_model"] = path[recipe.base_model]  # (a routed linear's base only anchors its task vectors)
     if recipe.parameters:
         doc["parameters"] = params(recipe.parameters)
     if recipe.dtype:
@@ -194,31 +194,63 @@ def to_mergekit_yaml(
 
 
 def _export_routing(recipe: Recipe, path: dict[str, str]) -> dict[str, Any]:
+    """Slices of a routed recipe: ``passthrough`` (each step a layer of one model) or ``linear`` whose
+    ``"@merge"`` steps (a layer swap's transition zones) become slices averaging those layers with the recipe's
+    per-layer weights. mergekit takes embeddings from the first slice and the final norm and head from the last,
+    so both must be whole layers of the frame model."""
     assert recipe.routing is not None
-    if recipe.method != "passthrough":
-        raise ConfigError("a routed recipe exports to mergekit only with method passthrough")
+    steps = recipe.routing.steps
+    hybrid = any(s.model == MERGED for s in steps)
+    if recipe.method != "passthrough" and not (hybrid and recipe.method == "linear"):
+        raise ConfigError("a routed recipe exports to mergekit only with method passthrough (or linear over the "
+                          "routed '@merge' layers)")
+    weights = _layer_weights(recipe, len(steps)) if hybrid else {}
     slices: list[dict[str, Any]] = []
-    for i, step in enumerate(recipe.routing.steps):
-        if step.model == MERGED:
-            raise ConfigError("routing over '@merge' (hybrid) cannot be expressed in mergekit; export the model")
+    for i, step in enumerate(steps):
         if step.scale != 1.0:
             raise ConfigError(
                 f"routing.steps[{i}] scales the residual stream by {step.scale}; mergekit cannot express it "
                 "(export the merged folder, where the scale is folded into the weights)"
             )
-        src = slices[-1]["sources"][0] if slices else None
+        if step.model == MERGED:
+            if step.layer != i:
+                raise ConfigError(f"routing.steps[{i}]: '@merge' at layer {step.layer} of position {i} cannot be "
+                                  "expressed in mergekit; export the model")
+            slices.append({"sources": [
+                {"model": path[m], "layer_range": [i, i + 1], "parameters": {"weight": w[i]}}
+                for m, w in weights.items() if w[i]]})
+            continue
+        src = slices[-1]["sources"][0] if slices and len(slices[-1]["sources"]) == 1 else None
         if src and src["model"] == path[step.model] and src["layer_range"][1] == step.layer:
             src["layer_range"][1] += 1
         else:
-            slices.append({"sources": [{"model": path[step.model], "layer_range": [step.layer, step.layer + 1]}]})
+            one = {"model": path[step.model], "layer_range": [step.layer, step.layer + 1]}
+            slices.append({"sources": [{**one, "parameters": {"weight": 1.0}} if hybrid else one]})
     frame = recipe.routing.frame
-    first = recipe.routing.steps[0].model
-    if frame != first:
-        raise ConfigError(
-            f"routing.frame {frame!r} differs from the first routed model {first!r}; mergekit takes embeddings "
-            "from the first slice's model"
-        )
+    for end, step in (("first", steps[0]), ("last", steps[-1])):
+        if step.model != frame:
+            takes = "embeddings from the first" if end == "first" else "the final norm and LM head from the last"
+            raise ConfigError(
+                f"routing.frame {frame!r} differs from the {end} routed model {step.model!r}; mergekit takes "
+                f"{takes} slice's model: export the merged folder instead"
+            )
     return {"slices": slices}
+
+
+def _layer_weights(recipe: Recipe, num_layers: int) -> dict[str, list[float]]:
+    """Each model's ``weight`` per layer in a hybrid linear recipe (a scalar or one value per layer)."""
+    out = {}
+    for m in recipe.models:
+        w = m.parameters.get("weight", 1.0)
+        if isinstance(w, (int, float)) and not isinstance(w, bool):
+            w = [float(w)] * num_layers
+        if not isinstance(w, list) or len(w) != num_layers or set(m.parameters) - {"weight"}:
+            raise ConfigError(f"models[{m.model!r}].parameters: only a weight (a number or one per layer, "
+                              f"{num_layers}) exports as mergekit linear slices")
+        out[m.model] = w
+    if set(recipe.parameters) - {"normalize"} or not recipe.parameters.get("normalize", True):
+        raise ConfigError("parameters: a hybrid linear recipe exports to mergekit only with normalized weights")
+    return out
 
 
 # ------------------------------------------------------------------------------------- import

@@ -243,3 +243,54 @@ def test_layer_swap_takes_the_bottom_and_top_layers_from_the_donor(fam, tmp_path
     assert [s.model for s in wide.decode([1.0]).routing.steps] == ["m2", "m2", "m2"]
     with pytest.raises(ConfigError, match="donor: 'm1' is also the kept expert"):
         build_space(parse_template({"kind": "layer_swap", "donor": "m1"}), models)
+
+
+def test_layer_swap_transition_zones_blend_on_a_linear_ramp_and_width_zero_is_the_plain_swap(fam, tmp_path):
+    from evomerge.recipe import MERGED
+    from evomerge.spaces.layer_swap import swap_layers
+
+    # the ramp on a 10-layer model: 2 swapped + 2 blended at the bottom, 1 swapped + 3 blended at the top
+    layers = swap_layers("keep", "d", "top", 2, 1, 2, 3, 10)
+    assert layers[:5] == [{"d": 1.0}, {"d": 1.0}, {"d": 2 / 3, "keep": 1 / 3}, {"d": 1 / 3, "keep": 2 / 3},
+                          {"keep": 1.0}]
+    assert layers[5:] == [{"keep": 1.0}, {"top": 0.25, "keep": 0.75}, {"top": 0.5, "keep": 0.5},
+                          {"top": 0.75, "keep": 0.25}, {"top": 1.0}]
+    # zones stay inside the kept middle (the top one yields), none without a swapped end, a top donor = keep
+    assert swap_layers("keep", "d", "d", 1, 1, 5, 5, 4)[1:3] == [{"d": 2 / 3, "keep": 1 / 3}, {"d": 1 / 3, "keep": 2 / 3}]
+    assert swap_layers("keep", "d", "d", 0, 0, 2, 2, 4) == [{"keep": 1.0}] * 4
+    assert swap_layers("keep", "d", "keep", 1, 1, 0, 1, 4)[2] == {"keep": 1.0}
+
+    models = _models(fam)  # 3 layers; keep m1, donor m2
+    plain = build_space(parse_template({"kind": "layer_swap", "max_k": 1}), models)
+    zoned = build_space(parse_template({"kind": "layer_swap", "max_k": 1, "transition": {"max": 1}}), models)
+    assert [g.name for g in zoned.genes()] == ["k_bottom", "k_top", "t_bottom", "t_top"] and zoned.dim == 4
+    for k in ([0.9, 0.1], [0.9, 0.9], [0.1, 0.9]):
+        assert zoned.decode([*k, 0.1, 0.1]).hash == plain.decode(k).hash  # width 0: the same recipe
+    r = zoned.decode([0.9, 0.1, 0.9, 0.9])  # m2's layer 0, layer 1 half m2 / half m1, m1's layer 2
+    assert r.method == "linear" and r.routing.frame == "m2"
+    assert [(s.model, s.layer) for s in r.routing.steps] == [("m2", 0), (MERGED, 1), ("m1", 2)]
+    assert {m.model: m.parameters["weight"] for m in r.models} == {"m2": [1.0, 0.5, 0.0], "m1": [0.0, 0.5, 1.0]}
+    paths = {k: str(v) for k, v in fam.items()}
+    materialize_to_disk(r, tmp_path / "zoned", paths=paths)
+    with (ModelFolder.open(tmp_path / "zoned") as out, ModelFolder.open(fam["m1"]) as m1,
+          ModelFolder.open(fam["m2"]) as m2):
+        assert sorted(out.tensor_names) == sorted(m1.tensor_names)
+        for name in m1.tensor_names:
+            layer = tensor_role(name).layer
+            want = (m1.get(name) + m2.get(name)) / 2 if layer == 1 else m1.get(name) if layer == 2 else m2.get(name)
+            torch.testing.assert_close(out.get(name), want, rtol=1e-6, atol=1e-6)
+    # mergekit takes the final norm and head from the last slice: m1's here, not the frame's
+    with pytest.raises(ConfigError, match="differs from the last routed model 'm1'.*final norm and LM head"):
+        to_mergekit_yaml(r)
+    with pytest.raises(ConfigError, match="differs from the last routed model 'm1'"):
+        to_mergekit_yaml(plain.decode([0.9, 0.1]))
+    both = zoned.decode([0.9, 0.9, 0.9, 0.1])  # m2 at both ends, layer 1 blended: linear slices
+    assert yaml.safe_load(to_mergekit_yaml(both)) == {"merge_method": "linear", "slices": [
+        {"sources": [{"model": "m2", "layer_range": [0, 1], "parameters": {"weight": 1.0}}]},
+        {"sources": [{"model": "m2", "layer_range": [1, 2], "parameters": {"weight": 0.5}},
+                     {"model": "m1", "layer_range": [1, 2], "parameters": {"weight": 0.5}}]},
+        {"sources": [{"model": "m2", "layer_range": [2, 3], "parameters": {"weight": 1.0}}]}]}
+    with pytest.raises(ConfigError, match="transition.init.bottom: 2 layers is outside 0..1"):
+        build_space(parse_template({"kind": "layer_swap", "transition": {"max": 1, "init": {"bottom": 2}}}), models)
+    with pytest.raises(ConfigError, match="transition.init: set without transition.max"):
+        build_space(parse_template({"kind": "layer_swap", "transition": {"init": {"top": 1}}}), models)
