@@ -60,6 +60,8 @@ start=$SECONDS
 echo "creating vLLM venv in $venv (repo: $repo)"
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# no byte-compiling at install (most of the install's CPU time: torch and vllm are large); modules compile on import
+nocompile=(--no-compile)
 
 # A constraints file keeps every resolution on the CPU torch build (an unpinned torch resolves to CUDA).
 constraints="$(mktemp)"
@@ -72,10 +74,10 @@ step() {
     exit 3
   fi
 }
-step "${pip[@]}" install -q -c "$constraints" "$torch_spec" "$vllm_spec" "transformers<5.20"
+step "${pip[@]}" install -q "${nocompile[@]}" -c "$constraints" "$torch_spec" "$vllm_spec" "transformers<5.20"
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-step "${pip[@]}" install -q -c "$constraints" pydantic pyyaml safetensors numpy tokenizers typer rich
-step "${pip[@]}" install -q -c "$constraints" --no-deps -e "$repo"
+step "${pip[@]}" install -q "${nocompile[@]}" -c "$constraints" pydantic pyyaml safetensors numpy tokenizers typer rich
+step "${pip[@]}" install -q "${nocompile[@]}" -c "$constraints" --no-deps -e "$repo"
 
 if ! installed; then
   echo "setup_vllm_venv: $venv was created but lacks vllm or this checkout's evomerge" >&2
