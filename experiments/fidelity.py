@@ -2,6 +2,7 @@
 
     python experiments/fidelity.py                 # test zoo, 3 experts, 40 evaluations per search (~15 min)
     python experiments/fidelity.py --size demo     # the demo zoo
+    python experiments/fidelity.py --real ZOO --evals 12 --subset 32 --quantile 0.34   # SmolLM2-135M, 2 experts
 
 On the tiny zoo (base + experts for add, rev, sort; 200 calibration examples per task, exact match), three searches
 run through the real driver (CMA-ES over per-layer task arithmetic, same seed and budget):
@@ -17,6 +18,11 @@ against the full-set score of the candidates that were promoted; (3) the evaluat
 (the archive's ``total`` timings: subset pass plus promoted full passes) and so evaluations per hour, against
 the ``full`` run in the same process; the promoted share and the best full-set mean normalized score found.
 Writes ``experiments/results/fidelity.md``.
+
+``--real ZOO`` runs the same three searches on the real-model zoo (``evomerge zoo build ZOO --size real``:
+SmolLM2-135M-Instruct and its experts for ``add`` and ``order``; 60 calibration prompts per task, greedy
+generation), over one task-arithmetic weight per model and module kind started at the best of a weight grid
+(``configs/real-demo.yaml``'s space), and writes ``experiments/results/fidelity-real.md``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ["add", "rev", "sort"]
 
 
-def _config(out: Path, zoo: Any, name: str, evals: int, fidelity: dict[str, Any]) -> Path:
+def _config(out: Path, zoo: Any, name: str, evals: int, fidelity: dict[str, Any], real: bool = False) -> Path:
     cfg = {
         "name": name, "seed": 0, "output_dir": str(out / "runs"),
         "sources": {"base": str(zoo.base), **{s: str(zoo.expert(s)) for s in TASKS}},
@@ -53,6 +59,12 @@ def _config(out: Path, zoo: Any, name: str, evals: int, fidelity: dict[str, Any]
         "budget": {"evaluations": evals}, "resources": {"threads_per_worker": 1},
         "fidelity": {"rescore_test": False, **fidelity},
     }
+    if real:  # configs/real-demo.yaml's search, on two of its experts
+        cfg["space"] = {"template": "builtin:task-arithmetic-per-layer", "overrides": {"granularity": "global"},
+                        "warm_start": {"weights": [0.4, 0.7, 1.0]}}
+        cfg["fitness"] = {"suite": "builtin:real", "tasks": list(TASKS), "scorer": "hf", "batch_size": 60}
+        cfg["optimizer"] = {"name": "cma_es", "options": {"popsize": 6, "sigma0": 0.15, "x0_first": True}}
+        cfg["resources"] = {"threads_per_worker": 2, "sorted_magnitude_cache": True}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -135,12 +147,17 @@ def main() -> None:
     ap.add_argument("--quantile", type=float, default=0.25)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("/tmp/evomerge-fidelity"))
-    ap.add_argument("--results", type=Path, default=REPO / "experiments/results/fidelity.md")
+    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--real", type=Path, default=None, help="a real-model zoo folder (built if missing)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    real = args.real is not None
+    if real:
+        TASKS[:] = ["add", "order"]
+    args.results = args.results or REPO / "experiments/results" / ("fidelity-real.md" if real else "fidelity.md")
     t0 = time.perf_counter()
-    zoo = build_zoo(args.out / f"zoo-{args.size}", size=args.size, seed=0)
+    zoo = build_zoo(args.real if real else args.out / f"zoo-{args.size}", size="real" if real else args.size, seed=0)
     t_zoo = time.perf_counter() - t0
     runs, walls = {}, {}
     specs = {"full": {"subset": None},
@@ -148,19 +165,26 @@ def main() -> None:
              "random": {"subset": args.subset, "subset_method": "random", "promote_quantile": args.quantile}}
     for name, fid in specs.items():
         t = time.perf_counter()
-        runs[name] = _rows(_run(_config(args.out, zoo, f"{name}-k{args.subset}-e{args.evals}", args.evals, fid)))
+        tag = ("real-" if real else "") + f"{name}-k{args.subset}-e{args.evals}"
+        runs[name] = _rows(_run(_config(args.out, zoo, tag, args.evals, fid, real)))
         walls[name] = time.perf_counter() - t
-    ks = sorted({args.subset // 2, args.subset, args.subset * 2})
+    n = len(runs["full"][0].result.tasks["add"].scores)
+    ks = sorted(k for k in {args.subset // 2, args.subset, args.subset * 2} if k < n)
     off = offline_errors(runs["full"], ks, args.seeds)
     ref = live(runs["full"])
-    n = len(runs["full"][0].result.tasks["add"].scores)
+    cmd = f"--real {args.real}" if real else f"--size {args.size}"
+    what = ("real zoo (SmolLM2-135M-Instruct; 2 experts: add, order" if real else
+            f"zoo `{args.size}` ({len(TASKS)} experts: {', '.join(TASKS)}")
+    search = ("CMA-ES over one task-arithmetic weight per model and module kind (popsize 6, sigma0 0.15, warm start "
+              "at the best of weights 0.4 / 0.7 / 1.0), 2 threads" if real else
+              "CMA-ES over per-layer task arithmetic (popsize 8, sigma0 0.25), 1 thread")
     lines = [
         "# Cheaper fitness: calibration-subset estimator and promotion",
         "",
-        f"`python experiments/fidelity.py --size {args.size} --evals {args.evals} --subset {args.subset} "
-        f"--quantile {args.quantile}` — zoo `{args.size}` (3 experts: {', '.join(TASKS)}; {n} calibration "
-        f"examples per task, greedy exact match), CMA-ES over per-layer task arithmetic (popsize 8, sigma0 0.25), "
-        f"{args.evals} evaluations per search, 1 thread, this machine (2 shared cores). Zoo {t_zoo:.0f} s "
+        f"`python experiments/fidelity.py {cmd} --evals {args.evals} --subset {args.subset} "
+        f"--quantile {args.quantile}` — {what}; {n} calibration "
+        f"examples per task, greedy exact match), {search}, promote_confidence at its default (0.9), "
+        f"{args.evals} evaluations per search, this machine (2 shared cores). Zoo {t_zoo:.0f} s "
         f"(0 when reused); search wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) + ".",
         "",
         f"## Estimator error, offline: every searched candidate of the `full` run ({off[('anchor', args.subset)]['n'] // args.seeds}"
@@ -168,7 +192,7 @@ def main() -> None:
         "",
         "Error = estimate from the K examples the design picks − the candidate's full-set task score (exact match, "
         "raw). *within* = share of task estimates within ±0.03; *cover* = share within 2 standard errors; "
-        "*mean*: the error of the mean over the 3 tasks.",
+        f"*mean*: the error of the mean over the {len(TASKS)} tasks.",
         "",
         "| design | K (share) | MAE | RMSE | p95 abs | within ±0.03 | cover 2 SE | mean-over-tasks MAE | mean within ±0.03 |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -7,7 +7,7 @@
 
 Methods: consensus merging with TALL masks over task arithmetic (``consensus_ta``), PCB-merging (``pcb``),
 WIDEN (``widen``), Iso-C (``iso_c``), LiNeS over task arithmetic (the ``lines`` space) and layer swapping (the
-``layer_swap`` space). For each problem (the demo zoo's 2-expert add/rev and 3-expert add/rev/sort problems of
+``layer_swap`` space, without and with transition zones). For each problem (the demo zoo's 2-expert add/rev and 3-expert add/rev/sort problems of
 ``study.py``, or the real zoo's three experts on ``builtin:real``) it scores, with the study's scorer:
 
 * *hand-set*: the method at its paper's default parameters (each method's ``ParamSpec`` defaults, whose
@@ -21,7 +21,7 @@ WIDEN (``widen``), Iso-C (``iso_c``), LiNeS over task arithmetic (the ``lines`` 
 The genes (one per model for per-model parameters, ``granularity: global``): consensus ``tall_lambda`` per
 model, ``k`` and ``lambda``; PCB ``density`` per model and ``lambda``; WIDEN ``weight`` per model and its two
 thresholds; Iso-C ``weight`` per model and ``lambda``; LiNeS ``alpha`` and ``beta``; layer swapping ``k_bottom``
-and ``k_top``. References: task arithmetic at the best λ of the study's grid (chosen on calibration) and the
+and ``k_top`` (and ``t_bottom``, ``t_top`` with transition zones). References: task arithmetic at the best λ of the study's grid (chosen on calibration) and the
 multitask model. Everything is selected on calibration and reported on the held-out test split, relative to
 each task's expert. Results: ``experiments/results/methods_study.md`` (a section per zoo) and ``.json``.
 """
@@ -68,6 +68,10 @@ def methods(prob: Problem) -> list[tuple[str, str, str, dict[str, Any], str]]:
                 ranges={"lambda": [0.5, 6.0]}), "cma_es"),
         ("lines-ta", "LiNeS over TA, α=1/n, β=0.5", "builtin:lines-task-arithmetic", {}, "cma_es"),
         ("layer-swap", "layer swap, 3/16 bottom + 1/16 top", "builtin:layer-swap", swap_overrides(prob), "random"),
+        # the paper's transition zones: up to 2 blended layers next to each swapped end, x0 one at the bottom
+        ("layer-swap-zones", "layer swap, 3/16 bottom + 1/16 top, 1 blended layer above the bottom",
+         "builtin:layer-swap", {**swap_overrides(prob), "transition": {"max": 2, "init": {"bottom": 1, "top": 0}}},
+         "random"),
     ]
 
 

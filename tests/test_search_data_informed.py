@@ -71,3 +71,41 @@ def test_a_data_informed_space_without_data_is_refused_at_preflight(zoo_test, tm
     with pytest.raises(ConfigError, match="space.template: method 'fisher' reads calibration statistics"):
         preflight(_cfg(zoo_test, tmp_path / "runs", "builtin:fisher-global"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_search_over_aims_omega_computes_the_activations_once_and_scores_in_place_as_on_disk(zoo_test, tmp_path,
+                                                                                               caplog):
+    """``aim:`` makes AIM's ω a gene (x0: ω = 0, plain task arithmetic); the base's activations are computed before
+    the search although x0 reads none, and a candidate with ω > 0 scores in place as its merge on disk."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.merge.materialize import materialize_to_disk
+    from evomerge.merge.stats import recipe_stats
+    from evomerge.results import RunResults
+    from evomerge.scoring.base import make_scorer
+    from evomerge.scoring.suite import load_suite
+
+    caplog.set_level("INFO", logger="evomerge")
+    run_dir = start_run(_cfg(zoo_test, tmp_path / "runs", "builtin:task-arithmetic-aim", data=DATA))
+    assert _computed(caplog) == 1  # the base's activations
+    searched = [r for r in RunResults(run_dir).calib if r.candidate_id >= 0]
+    omegas = [r.recipe.data.aim for r in searched]
+    assert len(searched) == 6 and all(r.ok for r in searched) and len(set(omegas)) == 6 and max(omegas) > 0.05
+    rec = max(searched, key=lambda r: r.recipe.data.aim)
+    paths = {"base": str(zoo_test.base), "add": str(zoo_test.expert("add")), "rev": str(zoo_test.expert("rev"))}
+    stats, records = recipe_stats(rec.recipe, paths, run_dir / "cache" / "stats")
+    assert not any(r.computed for r in records)
+    folder = materialize_to_disk(rec.recipe, tmp_path / "merged", paths=paths, stats=stats)
+    got = make_scorer("hf", batch_size=32).score(AutoModelForCausalLM.from_pretrained(folder).eval(),
+                                                 AutoTokenizer.from_pretrained(zoo_test.base),
+                                                 load_suite("builtin:zoo-2"), split="calibration")
+    for task, ts in rec.result.tasks.items():
+        assert got.tasks[task].scores.tolist() == ts.scores.tolist(), task
+    with pytest.raises(ConfigError, match="aim: AIM adjusts the merge.*give the section a data: block"):
+        preflight(_cfg(zoo_test, tmp_path / "runs", "builtin:task-arithmetic-aim", name="nodata"))
+    with pytest.raises(ConfigError, match="data.aim: a fixed ω beside the aim: gene"):
+        preflight(_cfg(zoo_test, tmp_path / "runs", "builtin:task-arithmetic-aim", name="both",
+                       data={**DATA, "aim": 0.3}))
+    with pytest.raises(ConfigError, match=r"aim.range.*0 <= low < high <= 1"):
+        preflight(_cfg(zoo_test, tmp_path / "runs", "builtin:task-arithmetic-aim", name="range", data=DATA,
+                       aim={"range": [0.0, 2.0]}))

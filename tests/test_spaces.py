@@ -74,6 +74,8 @@ def _space(template, methods):
     models = MODELS
     if getattr(tpl, "method", None) == "slerp":
         models = SpaceModels(("base", "a"), 5, base="base")
+    if getattr(tpl, "aim", None) is not None and tpl.data is None:  # AIM's gene reads calibration data
+        tpl = parse_template(tpl.model_dump(mode="json") | {"data": {"suite": "builtin:zoo-2"}})
     return build_space(tpl, models, methods=methods)
 
 

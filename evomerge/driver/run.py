@@ -174,12 +174,16 @@ def search_stats(prep: Prepared, run_dir: Path) -> dict[str, tuple[str, tuple[st
     the calibration examples and the settings, :func:`evomerge.merge.stats.cache_key`).
 
     Every recipe of a params space shares the template's method and ``data:`` block, so ``x0``'s needs are
-    every candidate's. Returns per model name the cached file and its kinds (what the workers load)."""
-    x0_recipe = prep.space.decode(prep.space.x0)
-    need = recipe_kinds(x0_recipe)
+    every candidate's (with AIM's ω as a gene, x0's at the gene's high). Returns per model name the cached file and its kinds (what the workers load)."""
+    genome = prep.space.x0.copy()
+    block = prep.space.param_genes
+    if block is not None:  # AIM's ω as a gene: the probe takes it at its high, so the activations are computed
+        genome[: block.dim] = block.stats_unit()
+    probe = prep.space.decode(genome)
+    need = recipe_kinds(probe)
     if not need:
         return {}
-    _, records = recipe_stats(x0_recipe, prep.cfg.sources, run_dir / CACHE_DIR / STATS_DIR, device="cpu")
+    _, records = recipe_stats(probe, prep.cfg.sources, run_dir / CACHE_DIR / STATS_DIR, device="cpu")
     for r in records:
         log.info("calibration statistics %s: %s (%.1fs)", "computed" if r.computed else "loaded", r.path,
                  r.seconds)

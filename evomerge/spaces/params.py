@@ -76,6 +76,18 @@ class ParamGenes:
         self.slots = self._slots()
         self.fixed = self._fixed()
         self.genes, self._x0 = self._layout()
+        #: AIM's ω as the block's last gene (``aim:``), or None
+        self.aim: Transform | None = None
+        if section.aim is not None:
+            if section.data is None:
+                raise ConfigError(f"{self._field('aim')}: AIM adjusts the merge by the base's activations on "
+                                  "calibration data; give the section a data: block (suite, examples …)")
+            if section.data.aim > 0:
+                raise ConfigError(f"{self._field('data.aim')}: a fixed ω beside the aim: gene; drop one of them")
+            self.aim = Transform(*section.aim.range)
+            self.genes.append(GeneInfo("aim", "AIM's ω (activation-informed adjustment towards the base)",
+                                       self.aim.low, self.aim.high, self.aim.describe(), section.aim.init))
+            self._x0.append(self.aim.gene(section.aim.init))
 
     # ------------------------------------------------------------- construction
     def _field(self, name: str) -> str:
@@ -313,6 +325,9 @@ class ParamGenes:
                         v = float(evaluate(value, role(slot.key, a), self.num_layers))
                         v = min(max(v, p.transform.low), p.transform.high)
                         out.append(p.transform.gene(v))
+        if self.aim is not None:
+            w = recipe.data.aim if recipe.data is not None else 0.0
+            out.append(self.aim.gene(min(max(w, self.aim.low), self.aim.high)))
         return np.asarray(out, dtype=np.float64)
 
     def recipe_fields(self, unit: Array) -> dict[str, Any]:
@@ -325,9 +340,22 @@ class ParamGenes:
             "parameters": glob,
             "seed": s.seed,
             "dtype": s.dtype,
-            "data": s.data,
+            "data": self._data(unit),
             **self.models.vocab_fields,
         }
+
+    def _data(self, unit: Array) -> Any:
+        data = self.section.data
+        if self.aim is None or data is None:
+            return data
+        return data.model_copy(update={"aim": self.aim.value(float(unit[self.dim - 1]))})
+
+    def stats_unit(self) -> Array:
+        """A point whose recipe reads every statistic any point of the block reads (the aim gene at its high)."""
+        unit = self.x0.copy()
+        if self.aim is not None:
+            unit[self.dim - 1] = 1.0
+        return unit
 
 
 def check_recipe(recipe: Recipe, method: MergeMethod, where: str) -> None:

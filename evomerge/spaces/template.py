@@ -56,6 +56,28 @@ def _check_range(name: str, value: Range) -> Range:
     return value
 
 
+class AimGene(BaseModel):
+    """AIM's ω as a gene (``aim:`` of a params section): searched over ``range`` (within ``[0, 1]``) from ``init``."""
+
+    model_config = _FROZEN
+    range: tuple[float, float] = (0.0, 1.0)
+    init: float = 0.0
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError(f"[{v[0]}, {v[1]}] must satisfy 0 <= low < high <= 1 (ω is a share)")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AimGene:
+        lo, hi = self.range
+        if not lo <= self.init <= hi:
+            raise ValueError(f"init: {self.init} is outside the range [{lo}, {hi}]")
+        return self
+
+
 class ParamsSection(BaseModel):
     """Parameter space: one gene per (layer group x module kind x merged model x searched parameter)."""
 
@@ -80,6 +102,8 @@ class ParamsSection(BaseModel):
     #: Calibration data of a data-informed method (``fisher``, ``regmean``) or AIM (``data.aim``): the search
     #: driver computes these statistics once per source before the search; every decoded recipe carries it.
     data: DataSpec | None = None
+    #: AIM's ω searched as one more gene (the ``data:`` block gives the statistics; its fixed ``aim`` stays 0).
+    aim: AimGene | None = None
 
     @field_validator("ranges")
     @classmethod
