@@ -17,7 +17,7 @@ def test_quick_study_produces_the_table(zoo_test, tmp_path):
     out = tmp_path / "study"
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "study.py"), "--quick", "--zoo", str(zoo_test.root),
-         "--evals", "6", "--out", str(out)],
+         "--evals", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,9 +31,9 @@ def test_quick_study_produces_the_table(zoo_test, tmp_path):
     data = json.loads((out / "study-quick.json").read_text())
     assert [r["search"] for r in data["results"]] == list(labels)
     assert "Seeds whose picked merge holds >= 0.97 of every expert on test: cma_es " in table
-    assert "Random search over the warm space (18 evaluations, x0 first): reached 0.95" in table
+    assert "Random search over the warm space (12 evaluations, x0 first): reached 0.95" in table
     for r in data["results"]:
-        assert r["evaluations"] == r["budget"] == (18 if r["search"] in ("random-warm", "cma_es-warm-long") else 6)
+        assert r["evaluations"] == r["budget"] == (12 if r["search"] in ("random-warm", "cma_es-warm-long") else 4)
         assert all(0.0 <= v <= 1.0 for v in r["best_test"].values())
         assert Path(r["run_dir"], "report", "pareto.png").is_file()
     assert (out / "study-quick-pareto.png").is_file()
