@@ -109,3 +109,60 @@ def test_a_search_over_aims_omega_computes_the_activations_once_and_scores_in_pl
     with pytest.raises(ConfigError, match=r"aim.range.*0 <= low < high <= 1"):
         preflight(_cfg(zoo_test, tmp_path / "runs", "builtin:task-arithmetic-aim", name="range", data=DATA,
                        aim={"range": [0.0, 2.0]}))
+
+
+
+def _lewis_cfg(zoo, out: Path, name: str, template: str = "builtin:ties-per-layer", **space) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": name, "output_dir": str(out), "base_model": "base", "seed": 1,
+        "sources": {"base": str(zoo.base), "add": str(zoo.expert("add")), "rev": str(zoo.expert("rev"))},
+        "space": {"template": template, **space},
+        "optimizer": {"name": "cma_es", "options": {"popsize": 3, "x0_first": True}},
+        "budget": {"evaluations": 4}, "fitness": {"suite": "builtin:zoo-2", "batch_size": 32},
+        "resources": {"threads_per_worker": 1}})
+
+
+def test_lewis_start_begins_a_per_layer_ties_search_at_lewis_densities_and_resumes_exactly(zoo_test, tmp_path,
+                                                                                            caplog):
+    from transformers import AutoTokenizer
+
+    from evomerge.merge.lewis import lewis_recipe
+    from evomerge.merge.stats import MergeStats, calibration_requests, load_or_collect
+    from evomerge.recipe import DataSpec, Recipe
+    from evomerge.results import RunResults
+    from evomerge.scoring.suite import load_suite
+
+    caplog.set_level("INFO", logger="evomerge")
+    lewis = {"suite": "builtin:zoo-2", "examples": 3}
+    run = start_run(_lewis_cfg(zoo_test, tmp_path / "runs", "lewis", lewis_start=lewis))
+    msgs = [r.getMessage() for r in caplog.records if "activations of" in r.getMessage()]
+    assert len(msgs) == 3 and all("computed" in m for m in msgs)  # base, add, rev: once each
+    first = RunResults(run).by_candidate(0).recipe
+    # by hand, from the cached activations: the template's start (density 0.5) with LEWIS's per-layer densities
+    spec = DataSpec(suite="builtin:zoo-2", examples=3)
+    reqs = calibration_requests(load_suite(spec.suite), AutoTokenizer.from_pretrained(zoo_test.base), spec)
+    paths = {"base": str(zoo_test.base), "add": str(zoo_test.expert("add")), "rev": str(zoo_test.expert("rev"))}
+    acts = {}
+    for m, p in paths.items():
+        acts[m], rec = load_or_collect(p, reqs, ("act",), run / "cache" / "stats")
+        assert not rec.computed
+    start = Recipe.model_validate({**first.model_dump(), "models": [
+        {"model": e.model, "parameters": {**e.parameters, "density": 0.5}} for e in first.models]})
+    layers = len(first.models[0].parameters["density"])  # the test zoo's layers
+    want = lewis_recipe(start, MergeStats(acts), layers, density=0.5, spread=1.0)
+    for got_e, want_e in zip(first.models, want.models, strict=True):
+        assert got_e.parameters["density"] == pytest.approx(want_e.parameters["density"], abs=1e-6)
+        assert len(set(want_e.parameters["density"])) > 1  # per layer, not uniform
+    rows, state = archive_rows(run), decided_state(run)
+    caplog.clear()
+    resume_run(run)
+    assert not any("computed" in r.getMessage() for r in caplog.records if "activations of" in r.getMessage())
+    assert archive_rows(run) == rows and decided_state(run) == state
+    out = tmp_path / "refused"
+    with pytest.raises(ConfigError, match="space.lewis_start: method 'task_arithmetic' has no per-model density"):
+        preflight(_lewis_cfg(zoo_test, out, "ta", "builtin:task-arithmetic-per-layer", lewis_start=lewis))
+    with pytest.raises(ConfigError, match="space.lewis_start: the template's granularity is global"):
+        preflight(_lewis_cfg(zoo_test, out, "g", lewis_start=lewis, overrides={"granularity": "global"}))
+    with pytest.raises(ValueError, match="warm_start and lewis_start both choose the start point"):
+        _lewis_cfg(zoo_test, out, "w", lewis_start=lewis, warm_start={"weights": [0.5]})
+    assert not out.exists()

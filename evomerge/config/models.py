@@ -26,6 +26,21 @@ class ZooConfig(BaseModel):
     seed: int = 0
 
 
+class LewisStartConfig(BaseModel):
+    """``space.lewis_start``: a per-layer density search starts at LEWIS's per-layer densities (arXiv 2503.03874)."""
+
+    model_config = _FROZEN
+    suite: str = Field(description="task suite whose calibration prompts the activations are taken on")
+    tasks: list[str] | None = Field(default=None, description="subset of the suite's tasks (default: all)")
+    examples: int | None = Field(default=None, ge=1, description="calibration examples per task (default: all)")
+    density: float | None = Field(default=None, gt=0, le=1,
+                                  description="mean density per model (default: the template's start density)")
+    spread: float = Field(default=1.0, ge=0, le=1,
+                          description="0: the uniform density; 1: densities proportional to layer importance")
+    low: float = Field(default=0.05, gt=0, le=1, description="smallest per-layer density")
+    high: float = Field(default=1.0, gt=0, le=1, description="largest per-layer density")
+
+
 class WarmStartConfig(BaseModel):
     """Start the search at the best task-arithmetic merge of a grid of weights (scored before the search)."""
 
@@ -58,11 +73,17 @@ class SpaceConfig(BaseModel):
                                   "search), encoded in this params space (grouped-then-refined: search per module "
                                   "kind, then per projection from that winner); or the start.json (or its folder) "
                                   "that `evomerge adamerge` fitted for this space")
+    lewis_start: LewisStartConfig | None = Field(
+        default=None, description="start a per-layer density search (ties, dare_ties, della …) at LEWIS's per-layer "
+                                  "densities from the models' activations on calibration prompts (computed once "
+                                  "into the run folder)")
 
     @model_validator(mode="after")
     def _one_start(self) -> SpaceConfig:
-        if self.start_from is not None and self.warm_start is not None:
-            raise ValueError("start_from and warm_start both choose the start point; give one of them")
+        given = [n for n in ("start_from", "warm_start", "lewis_start") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} {'both' if len(given) == 2 else 'all'} choose the start point; "
+                             "give one of them")
         return self
 
 

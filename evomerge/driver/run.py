@@ -117,6 +117,10 @@ def preflight(cfg: RunConfig) -> Prepared:
     # an optimizer that recombines segments (M2N2 over recipes) gets the space's segment structure, if any
     segments = space.prepare_segments(folders) if "segments" in OPTIMIZERS.capabilities(cfg.optimizer.name) else None
     x0 = space.x0 if cfg.space.start_from is None else start_point(cfg.space.start_from, space)
+    if cfg.space.lewis_start is not None:  # activations computed once into the run folder (a resume loads them)
+        from evomerge.driver.lewis_start import lewis_start_point
+
+        x0 = lewis_start_point(cfg, space, x0, Path(cfg.output_dir) / cfg.name / CACHE_DIR / STATS_DIR)
     problem = Problem(space.dim, space.lower, space.upper, x0, tuple(tasks), segments)
     factory = OPTIMIZERS.get(cfg.optimizer.name)
     run_options = cfg.optimizer.options.for_run(workers=cfg.resources.workers, evaluations=cfg.budget.evaluations)
@@ -174,7 +178,8 @@ def search_stats(prep: Prepared, run_dir: Path) -> dict[str, tuple[str, tuple[st
     the calibration examples and the settings, :func:`evomerge.merge.stats.cache_key`).
 
     Every recipe of a params space shares the template's method and ``data:`` block, so ``x0``'s needs are
-    every candidate's (with AIM's ω as a gene, x0's at the gene's high). Returns per model name the cached file and its kinds (what the workers load)."""
+    every candidate's (with AIM's ω as a gene, x0's at the gene's high). Returns per model name the cached file
+    and its kinds (what the workers load)."""
     genome = prep.space.x0.copy()
     block = prep.space.param_genes
     if block is not None:  # AIM's ω as a gene: the probe takes it at its high, so the activations are computed
