@@ -124,8 +124,8 @@ def run_zoo(zoo: Any, probs: list[Problem], evals: int, tune: set[str] | None, o
 
 def table(sections: list[dict[str, Any]], title: str, command: str) -> str:
     lines = [f"## {title}", "", f"Command: `{command}`. {date.today()}, {platform.machine()}, torch "
-             f"{torch.__version__}, one thread, seed 0 (one seed). Held-out test exact match relative to each "
-             "task's expert (1.0 = as good as the expert); *cal. mean* the same on calibration. Searched rows: "
+             f"{torch.__version__}, {torch.get_num_threads()} thread(s), seed 0 (one seed). Held-out test exact "
+             "match relative to each task's expert (1.0 = as good as the expert); *cal. mean* the same on calibration. Searched rows: "
              "each run's best candidate on calibration (mean normalized score), rescored on test.", ""]
     for sec in sections:
         tasks, expert = sec["tasks"], sec["experts"]
@@ -162,10 +162,14 @@ def main() -> None:
     ap.add_argument("--evals", type=int, default=30, help="evaluations per tuning search")
     ap.add_argument("--tune", default=None, help="comma-separated methods to search (default: all; 'none': none)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the hand-set rows and each search)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    import study
+
+    study.THREADS = args.threads
     tune = None if args.tune is None else set() if args.tune == "none" else set(args.tune.split(","))
     if args.real is not None:
         from evomerge.testing.real import RealManifest
@@ -173,7 +177,8 @@ def main() -> None:
         if not (args.real / "zoo.json").is_file():
             raise SystemExit(f"--real: {args.real}/zoo.json not found (the real zoo is not built)")
         zoo, probs, key = RealManifest.load(args.real), real_problems(), "real"
-        command = f"python experiments/methods_study.py --real ZOO --evals {args.evals} --tune {args.tune or 'all'}"
+        command = (f"python experiments/methods_study.py --real ZOO --evals {args.evals} --tune {args.tune or 'all'}"
+                   + (f" --threads {args.threads}" if args.threads != 1 else ""))
     else:
         from evomerge.testing.zoo import build_zoo
 

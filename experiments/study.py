@@ -170,6 +170,7 @@ class Scorer:
 
 
 TA_GRID = (0.3, 0.5, 0.7, 0.9, 1.1)
+THREADS = 1  # torch threads of each search's worker (methods_study.py --threads)
 
 
 def extra_baselines(sc: Scorer, experts: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
@@ -220,7 +221,7 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
         "fitness": {"suite": prob.suite, "scorer": "hf", "batch_size": 200},
         "optimizer": {"name": search.optimizer, "options": search.options},
         "budget": {"evaluations": evals * search.budget},
-        "resources": {"threads_per_worker": 1},
+        "resources": {"threads_per_worker": THREADS},
     }
     path = out_dir / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
