@@ -16,6 +16,9 @@ Decoded values go into the recipe as a scalar (global granularity), a per-layer 
 ``num_layers`` (value ``i`` for layer ``i``; groups repeat their value over their layers), or a
 ``{kind: …, default: …}`` dict when kinds are split. ``x0`` decodes to the hand-set merge of the
 template's ``init`` values (``"1/n"`` = one over the number of merged models) or the method's defaults.
+
+``aim: {range, init}`` adds one last gene: AIM's ω (arXiv 2502.02421), written into the ``data:`` block of
+every decoded recipe (the section must have one: the adjustment reads the base's activations on its data).
 """
 
 from __future__ import annotations
