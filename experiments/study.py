@@ -117,6 +117,8 @@ def budget_problems(quick: bool) -> list[Problem]:
     started at task arithmetic at the best λ of the grid, for budgets of tens of evaluations."""
     searches = [
         Search("bo", "bo", {}, template=WARM_TEMPLATE, warm=True, note="GP + qLogNEI, x0 = best λ"),
+        Search("bo-tr", "bo", {"trust_region": True}, template=WARM_TEMPLATE, warm=True,
+               note="GP + qLogNEI in a trust region, x0 = best λ"),
         Search("optuna-tpe", "optuna", {"sampler": "TPESampler"}, template=WARM_TEMPLATE, warm=True,
                note="TPE, x0 = best λ"),
         Search("cma_es-warm", "cma_es", {"popsize": 8, "sigma0": 0.1, "x0_first": True}, template=WARM_TEMPLATE,

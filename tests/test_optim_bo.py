@@ -173,3 +173,67 @@ def test_saas_model_proposes_and_resumes_exactly():
     assert [c.meta["phase"] for c in a] == ["model", "model"]
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.genome, y.genome)
+
+
+def test_trust_region_design_and_proposals_lie_in_the_box_around_the_best():
+    problem = Problem.unit_cube(4, x0=[0.5, 0.2, 0.05, 0.5])
+    opt = bo(problem, seed=8, n_init=6, trust_region=True, tr_length=0.2)
+    design = opt.ask(6)
+    assert [c.meta.get("design") for c in design] == ["x0"] + ["sobol-region"] * 5
+    gs = np.stack([c.genome for c in design[1:]])
+    # the design's box: side 0.2 around x0, clipped to the bounds (the gene at 0.05 reaches down to 0)
+    assert np.all(np.abs(gs - problem.x0) <= 0.1 + 1e-12) and gs[:, 2].min() >= 0
+    assert len(np.unique(gs.round(12), axis=0)) == 5
+    tell_all(opt, design)
+    tr = opt.region()
+    best = max(design, key=lambda c: score(c.genome)[0])
+    np.testing.assert_array_equal(tr["center"], best.genome)
+    for _ in range(3):
+        (c,) = opt.ask(1)
+        assert c.meta["phase"] == "model"
+        lo, hi = opt._box(tr["center"], tr["length"], opt._lengthscales(opt._model(*opt._training_data())))
+        assert np.all(c.genome >= lo - 1e-9) and np.all(c.genome <= hi + 1e-9)
+        assert np.all(hi - lo < 1.0)  # a box, not the whole space
+        tell_all(opt, [c])
+        tr = opt.region()
+    # without the region the same seed's design covers the whole cube
+    wide = np.stack([c.genome for c in bo(problem, seed=8, n_init=6).ask(6)[1:]])
+    assert np.abs(wide - problem.x0).max() > 0.1
+
+
+def test_trust_region_grows_on_successes_halves_on_failures_and_restarts():
+    problem = Problem.unit_cube(2, x0=[0.0, 0.0])
+    values = [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.5]
+    opt = bo(problem, seed=0, n_init=len(values), trust_region=True, tr_length=0.4, tr_successes=2,
+             tr_failures=2, tr_length_min=0.15)
+    lengths = []
+    for c, v in zip(opt.ask(len(values)), values, strict=True):
+        opt.tell(Observation(c.id, objectives=[v]))
+        lengths.append(opt.region()["length"])
+    # 0.1 sets the center; 0.2, 0.3: two successes double it; then two failures halve it each time, and
+    # below tr_length_min (0.1 < 0.15) it restarts at tr_length
+    assert lengths == [0.4, 0.4, 0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.4, 0.4]
+    tr = opt.region()
+    assert tr["restarts"] == 1 and tr["best"] == 0.5 and tr["successes"] == 1 and tr["failures"] == 0
+
+
+@pytest.mark.parametrize("options", [{"tr_length": 0.3}, {"tr_failures": 3}, {"nuts_warmup": 8},
+                                     {"model": "saas", "refit_every": 2}])
+def test_an_option_of_a_mode_the_run_does_not_use_is_refused(options):
+    with pytest.raises(ConfigError, match=next(iter(k for k in options if k != "model"))):
+        bo(Problem.unit_cube(2), **options)
+    with pytest.raises(ConfigError, match="tr_length"):
+        bo(Problem.unit_cube(2), trust_region=True, tr_length=0.01, tr_length_min=0.05)
+
+
+def test_trust_region_state_round_trip_is_exact():
+    problem = Problem.unit_cube(4, x0=[0.4] * 4)
+    a = bo(problem, seed=9, n_init=4, trust_region=True, tr_failures=1)
+    tell_all(a, a.ask(4))
+    tell_all(a, a.ask(2))
+    fresh = bo(problem, seed=1, n_init=4, trust_region=True, tr_failures=1)
+    fresh.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for k in ("length", "successes", "failures", "restarts", "best"):
+        assert a.region()[k] == fresh.region()[k]
+    for x, y in zip(a.ask(2), fresh.ask(2), strict=True):
+        np.testing.assert_array_equal(x.genome, y.genome)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 __all__ = [
     "CmaEsOptions",
@@ -200,9 +200,40 @@ class BoOptions(OptimizerOptions):
                                                 "earlier ones pending (otherwise jointly, q = n)")
     refit_every: int = Field(1, ge=1, description="gp: refit the hyperparameters once this many new successes "
                                                   "arrived (in between the GP keeps the last ones)")
+    trust_region: bool = Field(
+        False, description="TuRBO-style local search: the initial design and every acquisition lie in a box around "
+                           "the best candidate so far (at first the space's start point), its sides scaled by the "
+                           "GP's lengthscales; it doubles after tr_successes improvements in a row and halves after "
+                           "tr_failures non-improvements in a row")
+    tr_length: float = Field(0.4, gt=0, le=1, description="trust_region: initial side length of the box, as a "
+                                                          "fraction of each gene's range")
+    tr_length_min: float = Field(0.0125, gt=0, le=1, description="trust_region: below this side length the box "
+                                                                 "restarts at tr_length around the best candidate")
+    tr_length_max: float = Field(1.0, gt=0, le=2, description="trust_region: the box never grows past this")
+    tr_successes: int = Field(3, ge=1, description="trust_region: improvements in a row that double the box")
+    tr_failures: int | None = Field(
+        None, ge=1, description="trust_region: non-improvements in a row that halve the box; unset: "
+                                "min(max(4, dim // 4), 10)")
     nuts_warmup: int = Field(128, ge=1, description="saas: NUTS warm-up steps")
     nuts_samples: int = Field(64, ge=1, description="saas: NUTS samples drawn after warm-up")
     nuts_thinning: int = Field(16, ge=1, description="saas: keep every this-many-th NUTS sample")
+
+    @model_validator(mode="after")
+    def _modes(self) -> Self:
+        # an option of a mode the run does not use would be parsed and ignored: refuse it (by value, not by
+        # presence, so that a dump of every option parses again)
+        inactive = {"gp": ("nuts_warmup", "nuts_samples", "nuts_thinning"), "saas": ("refit_every",)}[self.model]
+        if not self.trust_region:
+            inactive += ("tr_length", "tr_length_min", "tr_length_max", "tr_successes", "tr_failures")
+        for name in inactive:
+            if getattr(self, name) != type(self).model_fields[name].default:
+                mode = name.split("_")[0] if name.startswith(("nuts", "tr")) else "gp"
+                need = {"nuts": "model: saas", "tr": "trust_region: true", "gp": "model: gp"}[mode]
+                raise ValueError(f"{name} applies only with {need}")
+        if self.trust_region and not self.tr_length_min <= self.tr_length <= self.tr_length_max:
+            raise ValueError(f"tr_length {self.tr_length} must lie in [tr_length_min, tr_length_max] = "
+                             f"[{self.tr_length_min}, {self.tr_length_max}]")
+        return self
 
 
 class BoConfig(BaseModel):
