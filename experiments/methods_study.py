@@ -86,8 +86,10 @@ def real_problems() -> list[Problem]:
 
 
 def run_zoo(zoo: Any, probs: list[Problem], evals: int, tune: set[str] | None, out: Path, seed: int,
-            save: Any) -> list[dict[str, Any]]:
-    """Every problem's rows; ``save(sections)`` is called after the hand-set rows and after each search."""
+            save: Any, previous: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """Every problem's rows; ``save(sections)`` is called after the hand-set rows and after each search.
+    ``previous`` (problem name -> its earlier runs): a method left out of ``tune`` keeps its earlier tuned row
+    when it has one with the same number of evaluations."""
     cma = {"popsize": 6, "sigma0": 0.2, "x0_first": True}
     sections = []
     for prob in probs:
@@ -112,6 +114,9 @@ def run_zoo(zoo: Any, probs: list[Problem], evals: int, tune: set[str] | None, o
         save(sections)
         for label, _, ref, over, opt in cases:
             if tune is not None and label not in tune:
+                kept = [r for r in (previous or {}).get(prob.name, [])
+                        if r["search"] == label and r["evaluations"] == evals]
+                runs.extend(kept[:1])
                 continue
             search = Search(label, opt, cma if opt == "cma_es" else {"x0_first": True}, template=ref,
                             overrides=over, note=(over.get("description") or ref.split(":")[-1]))
@@ -160,7 +165,8 @@ def main() -> None:
                                                 "build DIR --size real`)")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "methods_study")
     ap.add_argument("--evals", type=int, default=30, help="evaluations per tuning search")
-    ap.add_argument("--tune", default=None, help="comma-separated methods to search (default: all; 'none': none)")
+    ap.add_argument("--tune", default=None, help="comma-separated methods to search (default: all; 'none': none); "
+                    "the others keep their tuned rows from the earlier results with the same --evals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the hand-set rows and each search)")
     args = ap.parse_args()
@@ -195,7 +201,10 @@ def main() -> None:
                  if (f := res / f"methods_study-{k}.json").is_file()]
         (res / "methods_study.md").write_text("\n".join([HEADER, *parts]) + "\n")
 
-    sections = run_zoo(zoo, probs, args.evals, tune, args.out / key, args.seed, save)
+    earlier = res / f"methods_study-{key}.json"
+    previous = ({sec["problem"]: sec["runs"] for sec in json.loads(earlier.read_text())["sections"]}
+                if tune is not None and earlier.is_file() else None)
+    sections = run_zoo(zoo, probs, args.evals, tune, args.out / key, args.seed, save, previous)
     print(table(sections, title, command))
 
 
