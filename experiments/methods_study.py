@@ -199,6 +199,8 @@ def main() -> None:
                                                                   default=str))
         parts = [json.loads(f.read_text())["text"] for k in ("demo", "real")
                  if (f := res / f"methods_study-{k}.json").is_file()]
+        notes = res / "methods_study-notes.md"  # the written notes on the figures, kept across reruns
+        parts += [notes.read_text()] if notes.is_file() else []
         (res / "methods_study.md").write_text("\n".join([HEADER, *parts]) + "\n")
 
     earlier = res / f"methods_study-{key}.json"
