@@ -19,7 +19,7 @@ from evomerge.archive import Archive
 from evomerge.cli import app
 from evomerge.driver.lock import LOCK_FILE, RunLock
 from evomerge.driver.run import resume_run, start_run
-from evomerge.errors import RunFolderError, RunStopped
+from evomerge.errors import CheckpointError, RunFolderError, RunStopped
 from evomerge.results import RunResults
 from evomerge.testing.family import build_family, write_perplexity_suite, write_run_config
 
@@ -122,9 +122,12 @@ def test_sigterm_to_the_cli_exits_143_with_one_line_saying_how_to_resume(setup, 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:  # wait for the search to begin
         if (run_dir / "archive.sqlite").exists():
-            with Archive(run_dir / "archive.sqlite", readonly=True) as a:
-                if a.count() >= 8:
-                    break
+            try:
+                with Archive(run_dir / "archive.sqlite", readonly=True) as a:
+                    if a.count() >= 8:
+                        break
+            except CheckpointError:  # the file exists a moment before the run has written its schema
+                pass
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
