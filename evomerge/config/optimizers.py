@@ -222,14 +222,16 @@ class BoOptions(OptimizerOptions):
     def _modes(self) -> Self:
         # an option of a mode the run does not use would be parsed and ignored: refuse it (by value, not by
         # presence, so that a dump of every option parses again)
-        inactive = {"gp": ("nuts_warmup", "nuts_samples", "nuts_thinning"), "saas": ("refit_every",)}[self.model]
-        if not self.trust_region:
-            inactive += ("tr_length", "tr_length_min", "tr_length_max", "tr_successes", "tr_failures")
-        for name in inactive:
-            if getattr(self, name) != type(self).model_fields[name].default:
-                mode = name.split("_")[0] if name.startswith(("nuts", "tr")) else "gp"
-                need = {"nuts": "model: saas", "tr": "trust_region: true", "gp": "model: gp"}[mode]
-                raise ValueError(f"{name} applies only with {need}")
+        inactive = {
+            "model: saas": ("nuts_warmup", "nuts_samples", "nuts_thinning") if self.model != "saas" else (),
+            "model: gp": ("refit_every",) if self.model != "gp" else (),
+            "trust_region: true": () if self.trust_region else (
+                "tr_length", "tr_length_min", "tr_length_max", "tr_successes", "tr_failures"),
+        }
+        for need, names in inactive.items():
+            for name in names:
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"{name} applies only with {need}")
         if self.trust_region and not self.tr_length_min <= self.tr_length <= self.tr_length_max:
             raise ValueError(f"tr_length {self.tr_length} must lie in [tr_length_min, tr_length_max] = "
                              f"[{self.tr_length_min}, {self.tr_length_max}]")
