@@ -240,35 +240,42 @@ def adamerge(
     config: Annotated[Path, typer.Argument(help="Run config YAML (its sources, space, suite and seed).")],
     steps: Annotated[int, typer.Option(help="Adam steps.")] = 30,
     lr: Annotated[float, typer.Option(help="Adam learning rate, in genome units.")] = 0.01,
-    refresh: Annotated[int, typer.Option(help="Regenerate the greedy continuations every N steps.")] = 3,
+    objective: Annotated[str, typer.Option(
+        help="entropy (of the model's own answers, unlabeled) or likelihood (of the reference answers).")] = "entropy",
+    refresh: Annotated[int | None, typer.Option(
+        help="Regenerate the greedy continuations every N steps (entropy; default 3).")] = None,
     subset: Annotated[int | None, typer.Option(help="Examples per task at each step (default: all).")] = None,
     balance: Annotated[float | None, typer.Option(
-        help="Weigh tasks by a softmax (this temperature) of their entropy relative to the start.")] = None,
+        help="Weigh tasks by a softmax (this temperature) of their loss relative to the start.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default: fitness.batch_size).")]
     = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: OUTPUT_DIR/adamerging-NAME).")] = None,
     score: Annotated[bool, typer.Option(help="Score the start and fitted recipes on calibration.")] = True,
 ) -> None:
-    """Fit the config's task-arithmetic space by AdaMerging (entropy minimization on the unlabeled calibration
-    prompts); writes recipe.yaml, start.json (for space.start_from), log.jsonl and summary.json."""
+    """Fit the config's task-arithmetic space by AdaMerging (gradient descent on the entropy of the merged model's
+    answers to the calibration prompts, or on the likelihood of their reference answers); writes recipe.yaml,
+    start.json (for space.start_from), log.jsonl and summary.json."""
     import json
 
     from evomerge.driver.adamerging import AdaMergingConfig, run_adamerging
     from evomerge.errors import ConfigError
 
     try:
-        settings = AdaMergingConfig(steps=steps, lr=lr, refresh=refresh, subset=subset, balance=balance,
-                                    batch_size=batch_size)
+        given = {"refresh": refresh} if refresh is not None else {}
+        settings = AdaMergingConfig(objective=objective, steps=steps, lr=lr, subset=subset, balance=balance,
+                                    batch_size=batch_size, **given)
     except ValueError as exc:
-        raise ConfigError(f"adamerge options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        err = exc.errors()[0]
+        where = f"{err['loc'][0]}: " if err["loc"] else ""
+        raise ConfigError(f"adamerge options: {where}{err['msg'].removeprefix('Value error, ')}") from None
 
     def show(rec: dict[str, Any]) -> None:
-        typer.echo(f"step {rec['step']:4d}  entropy {rec['entropy']:.4f}", err=True)
+        typer.echo(f"step {rec['step']:4d}  {objective} {rec['loss']:.4f}", err=True)
 
     folder = run_adamerging(config, settings, out, score=score, progress=show)
     summary = json.loads((folder / "summary.json").read_text())
     cost = summary["cost"]
-    typer.echo(f"wrote {folder}: entropy {summary['entropy']['start']:.4f} -> {summary['entropy']['fitted']:.4f}, "
+    typer.echo(f"wrote {folder}: {objective} {summary['loss']['start']:.4f} -> {summary['loss']['fitted']:.4f}, "
                f"{cost['fit_s']:.1f} s" + (f" = {cost['evaluations']:.1f} evaluations" if cost["evaluations"] else ""))
     for label, means in summary["calibration"].items():
         typer.echo(f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))

@@ -74,7 +74,7 @@ def fitted(setup):
 
 
 def test_entropy_decreases_over_the_steps(fitted):
-    entropy = [h["entropy"] for h in fitted.history]
+    entropy = [h["loss"] for h in fitted.history]
     assert len(entropy) == 5 and all(np.isfinite(entropy))
     assert entropy[-1] < entropy[0] * 0.98
     assert not np.array_equal(fitted.genome, fitted.x0)
@@ -198,3 +198,57 @@ def test_balance_weighs_most_the_task_whose_entropy_fell_least(setup):
         w = dict(zip(first, rec["weights"], strict=True))
         assert sum(w.values()) == pytest.approx(1.0)
         assert max(w, key=w.get) == max(ratio, key=ratio.get)
+
+
+def test_the_likelihood_objective_is_the_reference_answers_nll_and_falls(setup):
+    """``likelihood``: the step-0 loss is the mean per-token NLL of each task's reference answers (answer + stop
+    string after the scorer's prompt ids), computed here by the live model merged in place at the start; the fit
+    lowers it without a generation pass."""
+    space, worker = setup["prep"].space, setup["worker"]
+    res = _fitter(setup, steps=4, lr=0.05, objective="likelihood").fit()
+    worker.merger.apply(space.decode(space.x0))
+    worker._merged = None
+    tok = worker.tokenizer
+    want = []
+    for task in worker.suite.tasks:
+        nll = count = 0.0
+        for ex in task.examples("calibration"):
+            prompt = tok(task.spec.fewshot_prefix + ex.prompt, add_special_tokens=False)["input_ids"]
+            answer = tok(ex.answer + "\n", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + answer])
+            labels = ids.clone()
+            labels[0, :len(prompt)] = -100
+            with torch.no_grad():
+                out = worker.model(input_ids=ids, labels=labels)
+            nll += float(out.loss) * len(answer)
+            count += len(answer)
+        want.append(nll / count)
+    assert res.history[0]["tasks"] == pytest.approx(dict(zip([t.name for t in worker.suite.tasks], want,
+                                                                strict=True)), rel=1e-4)
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0] * 0.98 and not np.array_equal(res.genome, res.x0)
+    assert res.cost.generation_passes == 0 and res.cost.gradient_passes == 4
+    entropy = _fitter(setup, steps=4, lr=0.05).fit()
+    assert not np.allclose(entropy.genome, res.genome)  # the objective changes the fit
+
+
+def test_the_likelihood_objective_refuses_refresh(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    with pytest.raises(ValueError, match="refresh"):
+        AdaMergingConfig(objective="likelihood", refresh=2)
+    cfg = setup["cfg"].model_dump(mode="json") | {"output_dir": str(tmp_path / "runs")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for flags, field in ((["--objective", "likelihood", "--refresh", "2"], "refresh"),
+                         (["--objective", "accuracy"], "objective")):
+        res = CliRunner().invoke(app, ["adamerge", str(path), "--steps", "1", *flags])
+        assert res.exit_code == 2 and field in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "runs").exists()
+    res = CliRunner().invoke(app, ["adamerge", str(path), "--steps", "1", "--objective", "likelihood",
+                                   "--no-score"])
+    assert res.exit_code == 0 and "likelihood" in res.output, res.output
+    summary = json.loads((tmp_path / "runs" / "adamerging-ada" / "summary.json").read_text())
+    assert summary["objective"] == "likelihood" and summary["loss"]["fitted"] < summary["loss"]["start"]

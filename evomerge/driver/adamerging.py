@@ -1,9 +1,10 @@
-"""AdaMerging: the coefficients of task arithmetic fitted by entropy minimization on unlabeled calibration inputs.
+"""AdaMerging: the coefficients of task arithmetic fitted by gradient descent on the calibration inputs.
 
 After Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning" (ICLR 2024, arXiv 2310.02575):
 the merged model ``base + lambda * sum_i w_i d_i`` is built *functionally* from the resident base and task
-vectors (``torch.func.functional_call``), so the gradient of its mean prediction entropy on unlabeled inputs
-reaches the merge coefficients and nothing else, and Adam descends on them.
+vectors (``torch.func.functional_call``), so the gradient of its loss on the calibration inputs (the paper's mean
+prediction entropy on unlabeled inputs, or the likelihood of the reference answers) reaches the merge
+coefficients and nothing else, and Adam descends on them.
 
 What is fitted: the genome of the run config's own search space, which must be a ``params`` space over
 ``task_arithmetic`` that searches only ``weight`` (``builtin:task-arithmetic-per-layer``: one weight per layer,
@@ -13,7 +14,9 @@ restated here, and checked at a random genome); Adam steps are projected back on
 genome and a :class:`~evomerge.recipe.Recipe` of that space, so ``evomerge merge``, export and a search started
 from it (``space.start_from``) use it as any candidate.
 
-The objective (no answers are read):
+Two objectives (``objective``):
+
+``entropy`` (the paper's; no answers are read):
 
 * ``generate`` tasks: the merged model's own greedy continuation of each calibration prompt (regenerated every
   ``refresh`` steps with the current merge, merged in place exactly as a candidate would be, cut after the first
@@ -21,14 +24,21 @@ The objective (no answers are read):
   positions that predict the continuation's tokens: the entropy of the model's answer;
 * ``perplexity`` tasks: the entropy at every position that predicts a text token.
 
-Each task's mean entropy (over its positions) weighs equally and the loss is their mean; with ``balance`` a
-task's weight is a softmax of its entropy relative to its start (read at the previous step), a soft form of
+``likelihood`` (the calibration set is labeled, so the merge can be fitted to its answers, as a search's
+fitness is): the mean negative log-likelihood of each ``generate`` example's reference answer followed by the
+task's first stop string (the text an exact-match completion is), teacher-forced after the same prompt ids the
+scorer generates from (few-shot prefix, chat template); of the text for ``perplexity`` tasks. Nothing is
+generated, so a step costs one forward+backward pass and no greedy pass.
+
+Each task's mean loss (over its positions) weighs equally and the loss is their mean; with ``balance`` a
+task's weight is a softmax of its loss relative to its start (read at the previous step), a soft form of
 the worst task. ``choice`` and ``lmeval`` tasks are refused. ``subset`` draws that many examples per task afresh at every step (seeded), else every
 calibration example is used at every step.
 
 Cost, in the units of a search: one *evaluation* is one calibration scoring pass of one candidate. A fit of
 ``steps`` steps runs ``steps`` forward+backward passes over the drawn inputs and ``ceil(steps / refresh) + 1``
-greedy generation passes (every step with ``subset``; the last one measures the fitted genome's entropy), each
+greedy generation passes (``entropy`` only; every step with ``subset``; the last one measures the fitted genome's
+entropy), each
 about one scoring pass of the generate tasks; :func:`run_adamerging` also scores the start recipe once on
 calibration and states the fit's wall time in multiples of that scoring pass (:class:`FitCost`).
 
@@ -49,11 +59,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
@@ -68,15 +78,25 @@ class AdaMergingConfig(BaseModel):
     """The options of one fit (the ``evomerge adamerge`` flags)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    objective: Literal["entropy", "likelihood"] = Field(
+        default="entropy", description="entropy of the merged model's own answers (unlabeled, the paper's) or the "
+        "negative log-likelihood of the calibration set's reference answers")
     steps: int = Field(default=30, ge=0, description="Adam steps on the genome")
     lr: float = Field(default=0.01, gt=0, description="Adam learning rate, in genome units ([0, 1] per gene)")
     refresh: int = Field(default=3, ge=1, description="regenerate the greedy continuations every this many steps")
     subset: int | None = Field(default=None, ge=1, description="examples per task at each step (default: all)")
     balance: float | None = Field(
-        default=None, ge=0, description="weigh the tasks by a softmax (this temperature) of each task's entropy "
-        "relative to its start, so the task whose entropy fell least weighs most (default: equal weights)")
+        default=None, ge=0, description="weigh the tasks by a softmax (this temperature) of each task's loss "
+        "relative to its start, so the task whose loss fell least weighs most (default: equal weights)")
     batch_size: int | None = Field(default=None, ge=1,
                                    description="sequences per forward pass (default: the run's fitness.batch_size)")
+
+    @model_validator(mode="after")
+    def _refresh_needs_entropy(self) -> AdaMergingConfig:
+        if self.objective == "likelihood" and "refresh" in self.model_fields_set:
+            raise ValueError("refresh: regenerates the model's own answers, which the likelihood objective does not "
+                             "use (it reads the reference answers)")
+        return self
 
 
 # --------------------------------------------------------------------------- the genome -> weights map
@@ -167,10 +187,12 @@ class _Task:
     max_new_tokens: int = 0
     stops: tuple[str, ...] = ()
     continuations: list[list[int]] = field(default_factory=list)
+    answers: list[list[int]] = field(default_factory=list)  # reference answer ids (objective likelihood)
 
 
-def calibration_inputs(suite: Any, tokenizer: Any) -> list[_Task]:
-    """Token ids of every calibration input (prompts only: no answer is read)."""
+def calibration_inputs(suite: Any, tokenizer: Any, answers: bool = False) -> list[_Task]:
+    """Token ids of every calibration input; with ``answers``, also each generate example's reference answer and
+    the task's first stop string, encoded on their own (the tokens a completion after the prompt ids is)."""
     from evomerge.scoring.requests import check_chat_templates, encode, generation_prompts
     from evomerge.scoring.suite import GenerateTask, PerplexityTask
 
@@ -180,8 +202,19 @@ def calibration_inputs(suite: Any, tokenizer: Any) -> list[_Task]:
         spec = task.spec
         examples = task.examples("calibration")
         if isinstance(spec, GenerateTask):
-            out.append(_Task(task.name, "generate", generation_prompts(tokenizer, task, spec, examples),
-                             spec.max_new_tokens, tuple(spec.stop)))
+            t = _Task(task.name, "generate", generation_prompts(tokenizer, task, spec, examples),
+                      spec.max_new_tokens, tuple(spec.stop))
+            if answers:
+                end = spec.stop[0] if spec.stop else ""
+                t.answers = [list(tokenizer(ex.answer + end, add_special_tokens=False)["input_ids"])
+                             for ex in examples]
+                eos = tokenizer.eos_token_id
+                if not end and eos is not None:  # no stop string: the completion ends at EOS
+                    t.answers = [a + [eos] for a in t.answers]
+                empty = next((ex for ex, a in zip(examples, t.answers, strict=True) if not a), None)
+                if empty is not None:
+                    raise ConfigError(f"{empty.source}: the reference answer encodes to no tokens")
+            out.append(t)
         elif isinstance(spec, PerplexityTask):
             texts = [encode(tokenizer, ex.prompt)[: (spec.max_tokens or 10**9) + 1] for ex in examples]
             out.append(_Task(task.name, "perplexity", [t for t in texts if len(t) >= 2]))
@@ -228,9 +261,10 @@ def continue_greedily(model: Any, tokenizer: Any, task: _Task, idx: Sequence[int
             task.continuations[i] = _cut(tokenizer, gen[j, width:].tolist(), task.stops, eos) or [pad]
 
 
-def _entropy_batch(model: Any, params: dict[str, torch.Tensor], seqs: list[list[int]], starts: list[int],
-                   pad: int) -> torch.Tensor:
-    """Summed next-token entropy over the positions ``starts[j]-1 .. len-2`` of each sequence (right padded)."""
+def _loss_batch(model: Any, params: dict[str, torch.Tensor], seqs: list[list[int]], starts: list[int],
+                pad: int, objective: str = "entropy") -> torch.Tensor:
+    """Summed next-token entropy (or negative log-likelihood of the next token, ``likelihood``) over the
+    positions ``starts[j]-1 .. len-2`` of each sequence (right padded)."""
     from torch.func import functional_call
 
     device = next(iter(params.values())).device
@@ -245,6 +279,11 @@ def _entropy_batch(model: Any, params: dict[str, torch.Tensor], seqs: list[list[
     logits = functional_call(model, params, args=(), kwargs={"input_ids": ids.to(device),
                                                              "attention_mask": mask.to(device)}).logits
     logp = torch.log_softmax(logits[pick.to(device)].float(), dim=-1)
+    if objective == "likelihood":
+        target = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            target[j, :len(s) - 1] = torch.tensor(s[1:])
+        return -logp.gather(1, target[pick].to(device)[:, None]).sum()
     return -(logp.exp() * logp).sum()
 
 
@@ -285,7 +324,7 @@ class AdaMerging:
         self.rows = sources.row_index(self.wmap._plan)
         self.targets = self._live_names(worker.model, worker.merger.targets)
         worker.model.requires_grad_(False)  # the live weights are replaced by the merged tensors in each forward
-        self.tasks = calibration_inputs(worker.suite, worker.tokenizer)
+        self.tasks = calibration_inputs(worker.suite, worker.tokenizer, settings.objective == "likelihood")
         tok = worker.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -317,14 +356,17 @@ class AdaMerging:
                 continue_greedily(self.worker.model, self.worker.tokenizer, task, idx, self.batch_size)
 
     def _sequences(self, task: _Task, idx: list[int]) -> tuple[list[list[int]], list[int]]:
+        if task.kind == "generate" and self.settings.objective == "likelihood":
+            return ([task.prompts[i] + task.answers[i] for i in idx], [len(task.prompts[i]) for i in idx])
         if task.kind == "generate":
             return ([task.prompts[i] + task.continuations[i] for i in idx], [len(task.prompts[i]) for i in idx])
         return [task.prompts[i] for i in idx], [1] * len(idx)
 
-    def task_entropies(self, u: torch.Tensor, drawn: list[list[int]], weights: np.ndarray | None = None
-                       ) -> list[float]:
-        """Each task's mean entropy at genome ``u``; with ``weights`` (one per task), the gradient of
-        ``sum_t weights[t] * H_t`` is accumulated into ``u.grad`` (without, nothing is differentiated)."""
+    def task_losses(self, u: torch.Tensor, drawn: list[list[int]], weights: np.ndarray | None = None
+                    ) -> list[float]:
+        """Each task's mean loss (entropy or NLL, per ``objective``) at genome ``u``; with ``weights`` (one per
+        task), the gradient of ``sum_t weights[t] * L_t`` is accumulated into ``u.grad`` (without, nothing is
+        differentiated)."""
         out = []
         for t, (task, idx) in enumerate(zip(self.tasks, drawn, strict=True)):
             seqs, starts = self._sequences(task, idx)
@@ -335,11 +377,11 @@ class AdaMerging:
                 part = order[b:b + self.batch_size]
                 with torch.set_grad_enabled(weights is not None):
                     params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows)
-                    h = _entropy_batch(self.worker.model, params, [seqs[j] for j in part],
-                                       [starts[j] for j in part], self.pad) / positions
+                    h = _loss_batch(self.worker.model, params, [seqs[j] for j in part],
+                                    [starts[j] for j in part], self.pad, self.settings.objective) / positions
                 if not torch.isfinite(h):
-                    raise ConfigError(f"task {task.name!r}: the merged model's entropy is not finite (NaN/inf "
-                                      "weights or logits)")
+                    raise ConfigError(f"task {task.name!r}: the merged model's {self.settings.objective} is not "
+                                      "finite (NaN/inf weights or logits)")
                 if weights is not None:
                     (h * float(weights[t])).backward()
                 total += float(h.detach())
@@ -347,12 +389,12 @@ class AdaMerging:
         return out
 
     def loss_and_grad(self, u: torch.Tensor, drawn: list[list[int]]) -> float:
-        """Mean over tasks of each task's mean entropy; accumulates its gradient into ``u.grad``."""
-        return float(np.mean(self.task_entropies(u, drawn, np.full(len(self.tasks), 1.0 / len(self.tasks)))))
+        """Mean over tasks of each task's mean loss; accumulates its gradient into ``u.grad``."""
+        return float(np.mean(self.task_losses(u, drawn, np.full(len(self.tasks), 1.0 / len(self.tasks)))))
 
     def _weights(self, last: list[float] | None, first: list[float] | None) -> np.ndarray:
-        """The tasks' weights in the loss: equal, or with ``balance`` a softmax of each task's entropy relative
-        to its entropy at the start (from the last step), so the task whose entropy fell least weighs most."""
+        """The tasks' weights in the loss: equal, or with ``balance`` a softmax of each task's loss relative
+        to its loss at the start (from the last step), so the task whose loss fell least weighs most."""
         n = len(self.tasks)
         if self.settings.balance is None or last is None or first is None:
             return np.full(n, 1.0 / n)
@@ -376,18 +418,18 @@ class AdaMerging:
         was_training = model.training
         model.eval()
         try:
-            for step in range(s.steps + 1):  # the last pass only measures the final genome's entropy
+            for step in range(s.steps + 1):  # the last pass only measures the final genome's loss
                 drawn = self._draw(rng)
-                if step % s.refresh == 0 or s.subset or step == s.steps:
+                if s.objective == "entropy" and (step % s.refresh == 0 or s.subset or step == s.steps):
                     self._regenerate(u.detach().numpy(), drawn)
                     gens += 1
                 opt.zero_grad()
                 weights = None if step == s.steps else self._weights(last, first)
-                per_task = self.task_entropies(u, drawn, weights)
+                per_task = self.task_losses(u, drawn, weights)
                 grads += weights is not None
                 first = per_task if first is None else first
                 last = per_task
-                rec = {"step": step, "entropy": float(np.mean(per_task)),
+                rec = {"step": step, "loss": float(np.mean(per_task)),
                        "tasks": dict(zip((t.name for t in self.tasks), per_task, strict=True)),
                        "genome": u.detach().tolist()}
                 if weights is not None and s.balance is not None:
@@ -469,7 +511,8 @@ def write_fit(folder: Path, result: FitResult, settings: AdaMergingConfig, space
             f.write(json.dumps(rec) + "\n")
     (folder / "summary.json").write_text(json.dumps({
         "settings": settings.model_dump(), "cost": asdict(result.cost), "recipe_hash": result.recipe.hash,
-        "entropy": {"start": result.history[0]["entropy"], "fitted": result.history[-1]["entropy"]},
+        "objective": settings.objective,
+        "loss": {"start": result.history[0]["loss"], "fitted": result.history[-1]["loss"]},
         "calibration": scores, "dim": int(space.dim)}, indent=1))
 
 
