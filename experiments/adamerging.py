@@ -2,11 +2,13 @@
 
     python experiments/adamerging.py                      # demo zoo, both problems, fit + warm-started search
     python experiments/adamerging.py --search-evals 0     # the fits only
+    python experiments/adamerging.py --objective likelihood   # fitted to the reference answers (supervised)
 
 For each problem (the study's: zoo-2 with add, rev; zoo with add, rev, sort) it fits the per-layer, per-module-kind
 task-arithmetic space (``builtin:task-arithmetic-per-layer``, the space of the study's warm CMA-ES) by AdaMerging
 (``evomerge.driver.adamerging``: Adam on the prediction entropy of the merged model's own greedy answers to the
-unlabeled calibration prompts), from two starts: the template's plain start (every weight 1/n) and task arithmetic
+unlabeled calibration prompts, or with ``--objective likelihood`` on the negative log-likelihood of the calibration
+set's reference answers), from two starts: the template's plain start (every weight 1/n) and task arithmetic
 at the best λ of the study's calibration grid (the grid costs its 5 evaluations). Then a CMA-ES search of the same
 space starts from the fitted genome (``space.start_from``; popsize 8, sigma0 0.1, x0 evaluated first), scalarized
 by the mean over tasks and by the worst task, as the study's warm searches. Every merge is reported on the
@@ -42,6 +44,7 @@ from evomerge.testing.zoo import build_zoo
 log = logging.getLogger("adamerging")
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "builtin:task-arithmetic-per-layer"
+SPACE = {"template": TEMPLATE}  # the fitted and searched space (--template)
 GRID = (0.3, 0.5, 0.7, 0.9, 1.1)
 PROBLEMS = {"2 experts (add, rev)": (["add", "rev"], "builtin:zoo-2"),
             "3 experts (add, rev, sort)": (["add", "rev", "sort"], "builtin:zoo")}
@@ -49,7 +52,7 @@ PROBLEMS = {"2 experts (add, rev)": (["add", "rev"], "builtin:zoo-2"),
 
 def config(zoo: Any, experts: list[str], suite: str, name: str, out: Path, *, seed: int = 0, init: float | None = None,
            start_from: str | None = None, search: dict[str, Any] | None = None, evals: int = 1) -> RunConfig:
-    space: dict[str, Any] = {"template": TEMPLATE}
+    space: dict[str, Any] = {"template": SPACE["template"]}
     if init is not None:
         space["overrides"] = {"init": {"weight": init}}
     if start_from is not None:
@@ -107,9 +110,13 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
     rows: list[dict[str, Any]] = [
         {"label": f"task arithmetic, best λ={best_lam} (calibration grid, study baseline)",
          "scores": grid[best_lam], "cost_evals": len(GRID)}]
-    settings = AdaMergingConfig(steps=args.steps, lr=args.lr, refresh=args.refresh, subset=args.subset,
-                                balance=args.balance)
-    for start, init in (("1/n", None), (f"λ={best_lam}", best_lam)):
+    entropy = args.objective == "entropy"
+    settings = AdaMergingConfig(objective=args.objective, steps=args.steps, lr=args.lr, subset=args.subset,
+                                balance=args.balance, **({"refresh": args.refresh} if entropy else {}))
+    tag = ("" if entropy else "-nll") + ("" if args.template == TEMPLATE else "-" + args.template.split(":")[-1])
+    starts = [(s, i) for s, i, key in (("1/n", None, "1/n"), (f"λ={best_lam}", best_lam, "grid"))
+              if key in args.starts.split(",")]
+    for start, init in starts:
         scfg = config(zoo, experts, suite, f"fit-{slug}", out, init=init)
         sprep = preflight(scfg)
         fitter = AdaMerging(sprep.space, worker, settings, seed=0, batch_size=200)
@@ -118,24 +125,26 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
         fit.cost.eval_s = eval_s
         fit.cost.evaluations = fit.cost.fit_s / eval_s
         fitted, _ = score(worker, fit.recipe)
-        folder = out / f"fit-{slug}-{'n' if init is None else 'grid'}"
+        folder = out / f"fit-{slug}-{'n' if init is None else 'grid'}{tag}"
         folder.mkdir(parents=True, exist_ok=True)
         write_fit(folder, fit, settings, sprep.space, {"start": x0_scores["calibration"],
                                                       "fitted": fitted["calibration"]})
         extra = 0 if init is None else len(GRID)
         rows.append({"label": f"start of the fit: task arithmetic, weight {init or f'1/{len(experts)}'}",
                      "scores": x0_scores, "cost_evals": extra})
-        rows.append({"label": f"**AdaMerging** from {start} ({args.steps} steps, lr {args.lr}"
+        name = "AdaMerging" if entropy else "AdaMerging on the answers' likelihood"
+        rows.append({"label": f"**{name}** from {start} ({args.steps} steps, lr {args.lr}"
                      + (f", balance {args.balance:g})" if args.balance is not None else ")"), "scores": fitted,
-                     "cost_evals": extra + fit.cost.evaluations, "entropy": [fit.history[0]["entropy"],
-                                                                             fit.history[-1]["entropy"]],
+                     "cost_evals": extra + fit.cost.evaluations, "loss": [fit.history[0]["loss"],
+                                                                          fit.history[-1]["loss"]],
                      "fit": {"wall_s": fit.cost.fit_s, "eval_s": eval_s, "generation_passes": fit.cost.generation_passes,
                              "gradient_passes": fit.cost.gradient_passes}, "folder": str(folder)})
-        log.info("%s: AdaMerging from %s: test %s (entropy %.4f -> %.4f, %.1f evaluations)", label, start,
-                 fitted["test"], fit.history[0]["entropy"], fit.history[-1]["entropy"], fit.cost.evaluations)
+        log.info("%s: %s from %s: test %s (%s %.4f -> %.4f, %.1f evaluations)", label, name, start,
+                 fitted["test"], args.objective, fit.history[0]["loss"], fit.history[-1]["loss"],
+                 fit.cost.evaluations)
         for pick in (("mean", "worst") if args.search_evals and init is not None else ()):
             rows += search_rows(zoo, experts, suite, out, init, folder / START_FILE, pick, args,
-                                extra + fit.cost.evaluations, f"CMA-ES from AdaMerging ({start})")
+                                extra + fit.cost.evaluations, f"CMA-ES from {name} ({start})", tag)
     for pick in ("mean", "worst") if args.search_evals else ():  # the study's warm search, on this zoo
         rows += search_rows(zoo, experts, suite, out, best_lam, None, pick, args, len(GRID),
                             f"CMA-ES from task arithmetic λ={best_lam} (the study's warm search)")
@@ -151,13 +160,13 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
 
 
 def search_rows(zoo: Any, experts: list[str], suite: str, out: Path, init: float, start: Path | None, pick: str,
-                args: argparse.Namespace, cost: float, label: str) -> list[dict[str, Any]]:
+                args: argparse.Namespace, cost: float, label: str, tag: str = "") -> list[dict[str, Any]]:
     """Warm CMA-ES searches of the space (from a fitted genome, or from the template's start at ``init``), one per
     seed: one row holding their mean test scores per task and each seed's row."""
     slug = "-".join(experts)
     seeds = []
     for seed in range(args.seeds):
-        name = f"search-{slug}-{'ada' if start else 'ta'}-{pick}" + (f"-s{seed}" if seed else "")
+        name = f"search-{slug}-{'ada' + tag if start else 'ta'}-{pick}" + (f"-s{seed}" if seed else "")
         run_dir = out / "runs" / name
         search = {"name": "cma_es", "options": {"popsize": 8, "sigma0": 0.1, "x0_first": True,
                                                 **({"scalarize": "worst"} if pick == "worst" else {})}}
@@ -207,13 +216,14 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> 
     return "\n".join(lines)
 
 
-DEFAULTS = {"steps": 30, "lr": 0.01, "refresh": 3, "subset": None, "balance": None, "seeds": 1, "search_evals": 150}
+DEFAULTS = {"template": TEMPLATE, "starts": "1/n,grid", "objective": "entropy", "steps": 30, "lr": 0.01, "refresh": 3, "subset": None, "balance": None, "seeds": 1, "search_evals": 150}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (built if missing)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--objective", choices=("entropy", "likelihood"), default=DEFAULTS["objective"])
     ap.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     ap.add_argument("--refresh", type=int, default=DEFAULTS["refresh"])
@@ -222,10 +232,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds of each search")
     ap.add_argument("--search-evals", type=int, default=DEFAULTS["search_evals"])
     ap.add_argument("--only", default=None, help="'2' or '3': one problem")
+    ap.add_argument("--template", default=DEFAULTS["template"],
+                    help="the fitted space (a task-arithmetic weight space, e.g. builtin:task-arithmetic-per-projection)")
+    ap.add_argument("--starts", default=DEFAULTS["starts"], help="which fits: 1/n, grid (task arithmetic at the best λ)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     torch.set_num_threads(1)
+    SPACE["template"] = args.template
     zoo = build_zoo(args.zoo or REPO / "zoo" / "demo", size="demo", seed=0)
     out = args.out or REPO / "experiments" / "results" / "adamerging"
     out.mkdir(parents=True, exist_ok=True)

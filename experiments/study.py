@@ -63,6 +63,10 @@ class Search:
     note: str = ""
     budget: int = 1  # multiple of the problem's evaluation budget (longer runs for the goals' comparisons)
     start_from: str | None = None  # space.start_from: a recipe YAML whose encoding is the optimizer's start
+    # AdaMerging settings (evomerge.driver.adamerging.AdaMergingConfig): the search starts at a gradient fit of
+    # the space run first (per seed), whose cost in evaluations (its wall time over one calibration scoring
+    # pass, rounded up) is taken from the search's budget and added to its evaluation counts
+    fit: dict[str, Any] | None = None
 
     @property
     def pick(self) -> str:
@@ -124,6 +128,14 @@ def budget_problems(quick: bool) -> list[Problem]:
         Search("cma_es-warm", "cma_es", {"popsize": 8, "sigma0": 0.1, "x0_first": True}, template=WARM_TEMPLATE,
                warm=True, note="x0 = best λ"),
         Search("random-warm", "random", {}, template=WARM_TEMPLATE, warm=True, note="x0 = best λ"),
+        # fit-then-search: the likelihood of the calibration answers, 40 Adam steps on 32 examples per task
+        # (about 15 evaluations), then bo in a trust region from the fitted genome for the rest of the budget
+        Search("fit-bo-tr", "bo", {"trust_region": True}, template=WARM_TEMPLATE, warm=True,
+               fit={"objective": "likelihood", "steps": 40, "lr": 0.03, "subset": 32},
+               note="likelihood fit from best λ, then GP + qLogNEI in a trust region"),
+        Search("fit-cma_es", "cma_es", {"popsize": 8, "sigma0": 0.1, "x0_first": True}, template=WARM_TEMPLATE,
+               warm=True, fit={"objective": "likelihood", "steps": 40, "lr": 0.03, "subset": 32},
+               note="likelihood fit from best λ, then CMA-ES"),
     ]
     # the 3-expert goal's reference: warm CMA-ES at 3x the budget (150 evaluations) on the same zoo
     long = Search("cma_es-warm-150", "cma_es", {"popsize": 8, "sigma0": 0.1, "x0_first": True},
@@ -203,6 +215,23 @@ def warm_overrides(template: str, lam: float) -> dict[str, Any]:
     return {"params": t["params"]} if t["kind"] == "hybrid" else {"init": t["init"]}
 
 
+def fit_start(cfg: dict[str, Any], settings: dict[str, Any], folder: Path) -> tuple[int, float]:
+    """Fit the search's space by AdaMerging into ``folder`` (once; a finished fit is reread); its cost in
+    evaluations, rounded up, and its wall time."""
+    import math
+
+    from evomerge.config import RunConfig
+    from evomerge.driver.adamerging import AdaMergingConfig, run_adamerging
+
+    if not (folder / "summary.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        run_adamerging(RunConfig.model_validate(cfg), AdaMergingConfig(**settings), folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary["settings"] != AdaMergingConfig(**settings).model_dump():
+        raise SystemExit(f"{folder} holds another fit ({summary['settings']}); move it away")
+    return math.ceil(summary["cost"]["evaluations"]), float(summary["cost"]["fit_s"])
+
+
 def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals: int, out_dir: Path,
                ta_best: tuple[float, dict[str, float]]) -> dict[str, Any]:
     """Run (or reread) one search; ``ta_best`` is (λ, calibration means) of task arithmetic at the best λ."""
@@ -225,6 +254,11 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
         "budget": {"evaluations": evals * search.budget},
         "resources": {"threads_per_worker": THREADS},
     }
+    spent, fit_s = 0, 0.0
+    if search.fit is not None:
+        spent, fit_s = fit_start(cfg, search.fit, out_dir / "fits" / name)
+        cfg["space"]["start_from"] = str(out_dir / "fits" / name)
+        cfg["budget"]["evaluations"] -= spent
     path = out_dir / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -246,7 +280,7 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
     else:
         start_run(path)
     evs = read_events(run_dir / "events.jsonl")  # the run's own wall time (also when it was run earlier)
-    wall = evs[-1]["t"] - evs[0]["t"] if len(evs) > 1 else time.perf_counter() - t0
+    wall = (evs[-1]["t"] - evs[0]["t"] if len(evs) > 1 else time.perf_counter() - t0) + fit_s
     done = [e for e in evs if e.get("event") == "done"]
     optimizer_s = done[-1].get("optimizer_s") if done else None  # the optimizer's ask + tell, in the last process
     res = RunResults(run_dir)
@@ -259,9 +293,9 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
     ta_rel = res.relative_to_expert(ta_best[1])
     ta_mean, ta_worst = float(np.mean(list(ta_rel.values()))), float(min(ta_rel.values()))
 
-    def first(arr, thr):
+    def first(arr, thr):  # evaluations until then, the fit's included
         hit = np.flatnonzero(np.asarray(arr) >= thr)
-        return int(hit[0]) + 1 if hit.size else None
+        return int(hit[0]) + 1 + spent if hit.size else None
 
     if search.pick == "worst":  # max-min, ties to the better mean: a Pareto-front member, so rescored on test
         def key(r):
@@ -274,7 +308,7 @@ def run_search(zoo: ZooManifest, prob: Problem, search: Search, seed: int, evals
     cal = best.result.task_means() if best else None
     return {
         "problem": prob.name, "search": search.label, "note": search.note, "pick": search.pick, "seed": seed,
-        "evaluations": len(searched), "budget": evals * search.budget, "wall_s": wall, "optimizer_s": optimizer_s, "tasks": tasks, "expert_cal": res.high,
+        "evaluations": len(searched), "fit_evals": spent, "budget": evals * search.budget, "wall_s": wall, "optimizer_s": optimizer_s, "tasks": tasks, "expert_cal": res.high,
         "best_candidate": best.candidate_id if best else None, "best_cal": cal, "best_test": test,
         "best_test_rel": res.relative_to_expert(test, "test") if test else None,
         "best_cal_rel": res.relative_to_expert(cal) if cal else None,
@@ -299,6 +333,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--evals", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated search labels to run (default: all)")
+    ap.add_argument("--experts", type=int, default=None, help="only the problem with this many experts")
     ap.add_argument("--block", choices=("main", "budget50"), default="main",
                     help="main: the study above; budget50: bo, Optuna TPE, warm CMA-ES and random search in the "
                          "warm space at 50 evaluations")
@@ -317,6 +352,8 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     results, extras = [], {}
     for prob in (problems if args.block == "main" else budget_problems)(args.quick):
+        if args.experts is not None and len(prob.experts) != args.experts:
+            continue
         sc = Scorer(zoo, prob.suite, prob.experts)
         extras[prob.name], lam = extra_baselines(sc, prob.experts)
         ta_cal = next(v["calibration"] for v in extras[prob.name].values() if v.get("ta_best"))

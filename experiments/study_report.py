@@ -18,6 +18,13 @@ def _rel(means: dict[str, float], experts_test: dict[str, float], tasks: list[st
     return float(np.mean(rel)), float(np.min(rel))
 
 
+def _evals(group: list[dict]) -> str:
+    """A search's evaluations: the searched ones, after a fit's cost in evaluations where it started from one."""
+    fit = [r.get("fit_evals") or 0 for r in group]
+    n = group[0]["evaluations"]
+    return f"{np.mean(fit):.0f} (fit) + {n}" if any(fit) else f"{n}"
+
+
 def _optimizer_share(group: list[dict]) -> str:
     """`` (opt. X s/eval)``: the optimizer's own ask + tell time per evaluation, when the runs recorded it."""
     per = [r["optimizer_s"] / r["evaluations"] for r in group if r.get("optimizer_s") is not None and r["evaluations"]]
@@ -82,7 +89,7 @@ def write_tables(results: list[dict], extras: dict[str, dict], args, zoo: ZooMan
             if rel[:, 0].mean() > best_evolved[0]:
                 best_evolved = (float(rel[:, 0].mean()), label)
             lines.append(
-                f"| **evolved: {label}** ({len(group)} seeds, {group[0]['evaluations']} evals{note}) | "
+                f"| **evolved: {label}** ({len(group)} seeds, {_evals(group)} evals{note}) | "
                 + " | ".join(f"{per[:, j].mean():.3f} ± {per[:, j].std():.3f}" for j in range(len(tasks)))
                 + f" | {rel[:, 0].mean():.3f} ± {rel[:, 0].std():.3f} | {rel[:, 1].mean():.3f} ± {rel[:, 1].std():.3f}"
                 + f" | {ev('evals_to_095_mean')} / {ev('evals_to_095_worst')} | {ev('evals_to_ta_best')}"
