@@ -187,11 +187,11 @@ def test_trust_region_design_and_proposals_lie_in_the_box_around_the_best():
     tell_all(opt, design)
     tr = opt.region()
     best = max(design, key=lambda c: score(c.genome)[0])
-    np.testing.assert_array_equal(tr["center"], best.genome)
+    np.testing.assert_array_equal(tr.center, best.genome)
     for _ in range(3):
         (c,) = opt.ask(1)
         assert c.meta["phase"] == "model"
-        lo, hi = opt._box(tr["center"], tr["length"], opt._lengthscales(opt._model(*opt._training_data())))
+        lo, hi = opt._box(tr.center, tr.length, opt._lengthscales(opt._model(*opt._training_data())))
         assert np.all(c.genome >= lo - 1e-9) and np.all(c.genome <= hi + 1e-9)
         assert np.all(hi - lo < 1.0)  # a box, not the whole space
         tell_all(opt, [c])
@@ -209,12 +209,12 @@ def test_trust_region_grows_on_successes_halves_on_failures_and_restarts():
     lengths = []
     for c, v in zip(opt.ask(len(values)), values, strict=True):
         opt.tell(Observation(c.id, objectives=[v]))
-        lengths.append(opt.region()["length"])
+        lengths.append(opt.region().length)
     # 0.1 sets the center; 0.2, 0.3: two successes double it; then two failures halve it each time, and
     # below tr_length_min (0.1 < 0.15) it restarts at tr_length
     assert lengths == [0.4, 0.4, 0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.4, 0.4]
     tr = opt.region()
-    assert tr["restarts"] == 1 and tr["best"] == 0.5 and tr["successes"] == 1 and tr["failures"] == 0
+    assert tr.restarts == 1 and tr.best == 0.5 and tr.successes == 1 and tr.failures == 0
 
 
 @pytest.mark.parametrize("options", [{"tr_length": 0.3}, {"tr_failures": 3}, {"nuts_warmup": 8},
@@ -234,6 +234,6 @@ def test_trust_region_state_round_trip_is_exact():
     fresh = bo(problem, seed=1, n_init=4, trust_region=True, tr_failures=1)
     fresh.load_state_dict(json.loads(json.dumps(a.state_dict())))
     for k in ("length", "successes", "failures", "restarts", "best"):
-        assert a.region()[k] == fresh.region()[k]
+        assert getattr(a.region(), k) == getattr(fresh.region(), k)
     for x, y in zip(a.ask(2), fresh.ask(2), strict=True):
         np.testing.assert_array_equal(x.genome, y.genome)

@@ -30,6 +30,7 @@ from linear_operator.utils.errors import NanError, NotPSDError
 from evomerge.config.optimizers import BoOptions
 from evomerge.errors import ConfigError, OptimizerError
 from evomerge.evaluation import Candidate
+from evomerge.optim import trust_region
 from evomerge.optim.base import BaseOptimizer, Told
 from evomerge.optim.state import frozen_array
 
@@ -184,61 +185,17 @@ class BoOptimizer(BaseOptimizer):
         return [np.clip(lo + row * (hi - lo), p.lower, p.upper) for row in u]
 
     # ------------------------------------------------------------------ trust region
-    def region(self) -> dict[str, Any]:
-        """The trust region after the told data, replayed in told order (a pure function of the state, so a
-        restored optimizer has the same one): ``center`` (the best successful genome under ``scalarize``, the
-        first of equals; the start point before any), side ``length`` (fraction of each gene's range), the counters and restarts.
-
-        TuRBO's rule (Eriksson et al. 2019), per told result as results arrive one by one: an improvement of
-        the best scalarized score by more than 1e-3 of its size is a success, anything else a failure
-        (failed candidates count for nothing); ``tr_successes`` successes in a row double the length (up to
-        ``tr_length_max``), ``tr_failures`` failures in a row halve it, and below ``tr_length_min`` it restarts
-        at ``tr_length`` around the same center."""
-        o = self.options
-        tol_fail = o.tr_failures if o.tr_failures is not None else min(max(4, self.problem.dim // 4), 10)
-        center, best = self.problem.x0, -np.inf
-        length, succ, fail, restarts = o.tr_length, 0, 0, 0
-        for _, g, y in self._data:
-            if y is None:
-                continue
-            v = float(self.scalarizer(y))
-            if not np.isfinite(best):  # the first success sets the center and counts as neither
-                best, center = v, g
-                continue
-            if v > best + 1e-3 * abs(best):
-                succ, fail = succ + 1, 0
-            else:
-                succ, fail = 0, fail + 1
-            if v > best:
-                best, center = v, g
-            if succ >= o.tr_successes:
-                length, succ = min(2.0 * length, o.tr_length_max), 0
-            if fail >= tol_fail:
-                length, fail = length / 2.0, 0
-                if length < o.tr_length_min:
-                    length, restarts = o.tr_length, restarts + 1
-        return {"center": center, "length": length, "successes": succ, "failures": fail, "restarts": restarts,
-                "best": best}
+    def region(self) -> trust_region.Region:
+        """The trust region after the told data (:func:`evomerge.optim.trust_region.replay`)."""
+        return trust_region.replay(((g, y) for _, g, y in self._data), self.scalarizer, self.problem.x0,
+                                   self.options, self.problem.dim)
 
     def _box(self, center: npt.NDArray[np.float64], length: float,
              lengthscale: npt.NDArray[np.float64] | None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """The box of side ``length`` (per gene: times its lengthscale over their geometric mean, TuRBO's
-        weighting) around ``center``, clipped to the bounds."""
-        p = self.problem
-        w = np.ones(p.dim)
-        if lengthscale is not None:
-            w = lengthscale / np.exp(np.mean(np.log(lengthscale)))
-        half = 0.5 * length * w * (p.upper - p.lower)
-        return np.maximum(center - half, p.lower), np.minimum(center + half, p.upper)
+        return trust_region.box(center, length, lengthscale, self.problem.lower, self.problem.upper)
 
     def _lengthscales(self, model: Any) -> npt.NDArray[np.float64] | None:
-        """The GP's ARD lengthscales (over a list of GPs or NUTS samples: their median), if it has them."""
-        found = [m.lengthscale.detach().reshape(-1, m.lengthscale.shape[-1])
-                 for m in model.modules() if getattr(m, "has_lengthscale", False)]
-        if not found:
-            return None
-        ls = torch.cat(found).median(dim=0).values.numpy().astype(np.float64)
-        return ls if ls.shape == (self.problem.dim,) and np.all(np.isfinite(ls)) and np.all(ls > 0) else None
+        return trust_region.ard_lengthscales(model, self.problem.dim)
 
     def _n_ok(self) -> int:
         return sum(y is not None for _, _, y in self._data)
@@ -273,7 +230,7 @@ class BoOptimizer(BaseOptimizer):
             bounds = self._bounds
             if o.trust_region:
                 tr = self.region()
-                lo, hi = self._box(tr["center"], tr["length"], self._lengthscales(model))
+                lo, hi = self._box(tr.center, tr.length, self._lengthscales(model))
                 bounds = torch.tensor(np.stack([lo, hi]), dtype=DTYPE)
             cand, _ = optimize_acqf(
                 acqf, bounds=bounds, q=q, num_restarts=o.num_restarts, raw_samples=o.raw_samples,
