@@ -231,3 +231,33 @@ def test_hf_stop_strings_on_the_real_tokenizer(real_zoo_test: RealManifest) -> N
         for stop in stops:
             theirs = theirs.split(stop)[0]
         assert text == theirs
+
+
+def test_likelihood_adamerging_teacher_forces_the_answer_as_the_bpe_model_completes_it(
+        real_zoo_test: RealManifest, tmp_path: Path) -> None:
+    """On the real tokenizer the reference answer is teacher-forced as the completion the model produces after
+    the prompt ids (``builtin:real``'s ``delimiter: " "``: " 68\\n", not "68\\n"), the same tokens as the joint
+    encoding of prompt + completion past the prompt; a fit over the real model lowers that loss."""
+    from evomerge.config import RunConfig
+    from evomerge.driver.adamerging import AdaMerging, AdaMergingConfig, calibration_inputs
+    from evomerge.driver.run import preflight
+    from evomerge.driver.worker import Worker
+
+    zoo = real_zoo_test
+    suite_path = _small_suite(tmp_path / "suite", 4)
+    cfg = RunConfig.model_validate({
+        "name": "ada-real", "output_dir": str(tmp_path / "runs"), "base_model": "base",
+        "sources": {"base": str(zoo.base), **{s: str(zoo.expert(s)) for s in zoo.skills}},
+        "space": {"template": "builtin:task-arithmetic-per-layer", "overrides": {"init": {"weight": 0.5}}},
+        "fitness": {"suite": str(suite_path), "batch_size": 12}, "resources": {"threads_per_worker": 1}})
+    worker = Worker(preflight(cfg).spec)
+    tok = worker.tokenizer
+    tasks = calibration_inputs(worker.suite, tok, answers=True)
+    for task, spec_task in zip(tasks, worker.suite.tasks, strict=True):
+        for prompt, answer, ex in zip(task.prompts, task.answers, spec_task.examples("calibration"), strict=True):
+            assert tok.decode(answer) == " " + ex.answer + "\n"
+            joint = tok(ex.prompt + " " + ex.answer + "\n", add_special_tokens=False)["input_ids"]
+            assert joint[:len(prompt)] == prompt and joint[len(prompt):] == answer
+    fit = AdaMerging(preflight(cfg).space, worker, AdaMergingConfig(objective="likelihood", steps=2, lr=0.05),
+                     seed=0, batch_size=12).fit()
+    assert fit.history[-1]["loss"] < fit.history[0]["loss"] and fit.cost.generation_passes == 0

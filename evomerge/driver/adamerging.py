@@ -25,10 +25,10 @@ Two objectives (``objective``):
 * ``perplexity`` tasks: the entropy at every position that predicts a text token.
 
 ``likelihood`` (the calibration set is labeled, so the merge can be fitted to its answers, as a search's
-fitness is): the mean negative log-likelihood of each ``generate`` example's reference answer followed by the
-task's first stop string (the text an exact-match completion is), teacher-forced after the same prompt ids the
-scorer generates from (few-shot prefix, chat template); of the text for ``perplexity`` tasks. Nothing is
-generated, so a step costs one forward+backward pass and no greedy pass.
+fitness is): the mean negative log-likelihood of each ``generate`` example's reference answer (after the task's
+``delimiter``) followed by the task's first stop string (the text an exact-match completion is),
+teacher-forced after the same prompt ids the scorer generates from (few-shot prefix, chat template); of the text
+for ``perplexity`` tasks. Nothing is generated, so a step costs one forward+backward pass and no greedy pass.
 
 Each task's mean loss (over its positions) weighs equally and the loss is their mean; with ``balance`` a
 task's weight is a softmax of its loss relative to its start (read at the previous step), a soft form of
@@ -206,7 +206,8 @@ def calibration_inputs(suite: Any, tokenizer: Any, answers: bool = False) -> lis
                       spec.max_new_tokens, tuple(spec.stop))
             if answers:
                 end = spec.stop[0] if spec.stop else ""
-                t.answers = [list(tokenizer(ex.answer + end, add_special_tokens=False)["input_ids"])
+                t.answers = [list(tokenizer(spec.delimiter + ex.answer + end, add_special_tokens=False)
+                                  ["input_ids"])
                              for ex in examples]
                 eos = tokenizer.eos_token_id
                 if not end and eos is not None:  # no stop string: the completion ends at EOS

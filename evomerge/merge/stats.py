@@ -68,9 +68,9 @@ def calibration_requests(suite: Any, tokenizer: Any, spec: DataSpec) -> list[Req
         for ex in examples:
             if isinstance(s, GenerateTask):
                 prefix = s.fewshot_prefix + "".join(
-                    f.prompt + f.answer + s.fewshot_separator for f in task.fewshot
+                    f.prompt + s.delimiter + f.answer + s.fewshot_separator for f in task.fewshot
                 )
-                context, target = prefix + ex.prompt, ex.answer
+                context, target = prefix + ex.prompt, s.delimiter + ex.answer
             elif isinstance(s, ChoiceTask):
                 context, target = s.fewshot_prefix + ex.prompt, s.delimiter + ex.options[ex.label]
             elif isinstance(s, PerplexityTask):

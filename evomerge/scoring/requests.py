@@ -68,7 +68,8 @@ def generation_prompts(
     tokenizer: Any, task: Task, spec: GenerateTask, examples: Sequence[Example]
 ) -> list[list[int]]:
     """Token ids of every example's prompt, with the task's few-shot prefix and chat template."""
-    prefix = spec.fewshot_prefix + "".join(s.prompt + s.answer + spec.fewshot_separator for s in task.fewshot)
+    prefix = spec.fewshot_prefix + "".join(s.prompt + spec.delimiter + s.answer + spec.fewshot_separator
+                                           for s in task.fewshot)
     prompts = []
     for ex in examples:
         text = prefix + ex.prompt

@@ -107,8 +107,13 @@ class GenerateTask(_TaskBase):
     tolerance: float = Field(default=0.0, ge=0)
     #: Literal text put before every prompt (e.g. an instruction or hand-written shots).
     fewshot_prefix: str = ""
+    #: What a completion puts between the prompt and the answer (e.g. ``" "`` after ``"Answer:"``): in every
+    #: few-shot shot, and before the reference answer wherever a completion is teacher-forced (the statistics
+    #: pass of data-informed merges, ``evomerge adamerge --objective likelihood``), so a BPE tokenizer sees the
+    #: answer's tokens as the model produces them. ``extract: strip`` ignores it when scoring.
+    delimiter: str = ""
     #: JSONL of shots (same format as the data); the first ``num_fewshot`` are put before every prompt,
-    #: each as ``prompt + answer + fewshot_separator``.
+    #: each as ``prompt + delimiter + answer + fewshot_separator``.
     fewshot_file: str | None = None
     num_fewshot: int = Field(default=0, ge=0)
     fewshot_separator: str = "\n"
