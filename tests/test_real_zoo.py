@@ -239,7 +239,8 @@ def test_likelihood_adamerging_teacher_forces_the_answer_as_the_bpe_model_comple
     the prompt ids (``builtin:real``'s ``delimiter: " "``: " 68\\n", not "68\\n"), the same tokens as the joint
     encoding of prompt + completion past the prompt; a fit over the real model lowers that loss."""
     from evomerge.config import RunConfig
-    from evomerge.driver.adamerging import AdaMerging, AdaMergingConfig, calibration_inputs
+    from evomerge.driver.adamerging import AdaMerging, AdaMergingConfig
+    from evomerge.driver.fit_objective import calibration_inputs
     from evomerge.driver.run import preflight
     from evomerge.driver.worker import Worker
 
