@@ -28,6 +28,7 @@ from evomerge.driver.adamerging import (
 from evomerge.driver.run import preflight
 from evomerge.driver.worker import Worker
 from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,3 +253,49 @@ def test_the_likelihood_objective_refuses_refresh(setup, tmp_path):
     assert res.exit_code == 0 and "likelihood" in res.output, res.output
     summary = json.loads((tmp_path / "runs" / "adamerging-ada" / "summary.json").read_text())
     assert summary["objective"] == "likelihood" and summary["loss"]["fitted"] < summary["loss"]["start"]
+
+
+def test_regmean_scales_fit_the_merge_a_candidate_gets(setup, tmp_path):
+    """``builtin:regmean-per-layer``: the fit over RegMean's task-vector scales builds the merge from the projected
+    task vectors (RegMean on the linear weights, the fallback elsewhere), which at any genome is the
+    materializer's merge of the decoded recipe; the likelihood fit lowers its loss; the command computes the
+    statistics into the fit's own folder; without statistics the fit is refused."""
+    import dataclasses
+
+    from evomerge.driver.adamerging import run_adamerging
+    from evomerge.driver.run import search_stats
+    from evomerge.merge.materialize import materialize_state_dict
+
+    overrides = {"init": {"scale": 1.5}, "fixed": {"alpha": 0.5},
+                 "data": {"suite": str(setup["suite"]), "examples": 8}}
+    cfg = _cfg(setup["zoo"], setup["suite"], tmp_path / "runs", template="builtin:regmean-per-layer",
+               overrides=overrides)
+    prep = preflight(cfg)
+    with pytest.raises(ConfigError, match="reads calibration statistics"):
+        AdaMerging(prep.space, Worker(prep.spec), AdaMergingConfig(objective="likelihood"), seed=0, batch_size=32)
+    worker = Worker(dataclasses.replace(prep.spec, stats_files=search_stats(prep, tmp_path / "stats")))
+    fitter = AdaMerging(prep.space, worker, AdaMergingConfig(objective="likelihood", steps=3, lr=0.05), seed=0,
+                        batch_size=32)
+    u = np.random.default_rng(1).random(prep.space.dim)
+    with torch.no_grad():
+        params = merged_tensors(fitter.wmap, worker.sources, fitter.targets, torch.tensor(u, dtype=torch.float64),
+                                fitter.rows, fitter.directions)
+    recipe = prep.space.decode(u)
+    sd = materialize_state_dict(recipe, cfg.sources, stats=worker.stats)
+    def over_n(v):  # scale s is task arithmetic at weight s / n where the Gram matrices are equal
+        return {k: over_n(x) for k, x in v.items()} if isinstance(v, dict) else (
+            [x / 2 for x in v] if isinstance(v, list | tuple) else v / 2)
+
+    ta = materialize_state_dict(Recipe(method="task_arithmetic", base_model="base", models=tuple(
+        {"model": m.model, "parameters": {"weight": over_n(m.parameters["scale"])}} for m in recipe.models)),
+        cfg.sources)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    for ckpt, name in fitter.targets.items():
+        torch.testing.assert_close(params[name], sd[ckpt], rtol=1e-4, atol=1e-5)
+    norm = "model.layers.0.input_layernorm.weight"  # the fallback (linear) of the scaled task vectors
+    torch.testing.assert_close(sd[norm], ta[norm], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sd[q], ta[q], atol=1e-4)  # on linear weights the Gram matrices act
+    res = fitter.fit()
+    assert res.history[-1]["loss"] < res.history[0]["loss"] and not np.array_equal(res.genome, res.x0)
+    out = run_adamerging(cfg, AdaMergingConfig(objective="likelihood", steps=1, lr=0.05), tmp_path / "fit", score=False)
+    assert (out / START_FILE).is_file() and list((out / "cache" / "stats").glob("stats-*.safetensors"))

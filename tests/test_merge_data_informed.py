@@ -66,6 +66,27 @@ def test_fisher_equal_fishers_is_weighted_average_and_weights_are_genes() -> Non
         fn(base, deltas, {"weight": [0.0, 0.0, 0.0]}, {}, stats={"fisher": f})
 
 
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_scale_with_equal_statistics_is_task_arithmetic(method: str) -> None:
+    """With equal statistics, scale s_i and data weights w_i give task arithmetic with weights s_i w_i / sum w."""
+    base, n = _rand(4, 6), 3
+    deltas = _rand(n, 4, 6)
+    w, s = [0.2, 0.5, 0.9], [2.0, 0.5, 1.5]
+    x = _rand(12, 6)
+    stats = {"gram": (x.T @ x).expand(n, 6, 6).clone()} if method == "regmean" else {
+        "fisher": _rand(4, 6).abs().expand(n, 4, 6).clone()}
+    gp = {"alpha": 0.6, "ridge": 0.0} if method == "regmean" else {}
+    fn = METHODS.get(method).fn
+    got = fn(base, deltas, {"weight": w, "scale": s}, gp, stats=stats)
+    ta = METHODS.get("task_arithmetic").fn(base, deltas, {"weight": [si * wi / sum(w) for si, wi in zip(s, w)]}, {})
+    torch.testing.assert_close(got, ta, rtol=1e-9, atol=1e-9)
+    # scale 1 is the paper's merge, and the merge is linear in the scales
+    paper = fn(base, deltas, {"weight": w}, gp, stats=stats)
+    torch.testing.assert_close(fn(base, deltas, {"weight": w, "scale": [1.0] * n}, gp, stats=stats), paper)
+    doubled = fn(base, deltas, {"weight": w, "scale": [2.0] * n}, gp, stats=stats)
+    torch.testing.assert_close(doubled - base, 2 * (paper - base))
+
+
 def test_aim_omega_zero_is_identity_and_salient_channels_move_least() -> None:
     base, merged = _rand(3, 4), _rand(3, 4)
     act = torch.tensor([0.5, 2.0, 0.0, 1.0])
@@ -168,6 +189,19 @@ def test_informed_merge_same_bits_on_disk_and_in_place(zoo_test, tmp_path: Path,
     q, norm = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"
     assert not torch.equal(plain[q], ta[q]) and not torch.equal(plain[q], disk[q])  # data and AIM both act
     assert torch.equal(plain[norm], ta[norm]) == (method == "regmean")  # regmean: the fallback (linear)
+    # scale: the fallback's tensors get the scaled task vectors too; disk and in place agree
+    scaled = recipe.model_copy(update={"models": tuple(m.model_copy(update={"parameters": {"scale": s}})
+                                                       for m, s in zip(recipe.models, (2.0, 1.5)))})
+    out2 = materialize_to_disk(scaled, tmp_path / "out2", stats=stats)
+    InPlaceMerger(ResidentSources.load(recipe.sources, "base", ["add", "rev"]), live, stats).apply(scaled)
+    disk2 = AutoModelForCausalLM.from_pretrained(out2, dtype=torch.float32).state_dict()
+    for name, t in live.state_dict().items():
+        assert torch.equal(t, disk2[name]), name
+    if method == "regmean":
+        sd = {m: AutoModelForCausalLM.from_pretrained(recipe.sources[m], dtype=torch.float32).state_dict()[norm]
+              for m in ("base", "add", "rev")}
+        want = sd["base"] + (2.0 * (sd["add"] - sd["base"]) + 1.5 * (sd["rev"] - sd["base"])) / 2
+        torch.testing.assert_close(disk2[norm], want)
 
 
 def test_informed_merge_bad_input(zoo_test, tmp_path: Path) -> None:

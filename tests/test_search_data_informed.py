@@ -32,7 +32,7 @@ def _computed(caplog) -> int:
     return sum("calibration statistics computed" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("template", ["builtin:regmean-global", "builtin:fisher-global"])
+@pytest.mark.parametrize("template", ["builtin:regmean-global", "builtin:fisher-global", "builtin:regmean-per-layer"])
 def test_a_search_over_a_data_informed_method_computes_the_statistics_once(zoo_test, tmp_path, caplog, template):
     caplog.set_level("INFO", logger="evomerge")
     run_dir = start_run(_cfg(zoo_test, tmp_path / "runs", template, data=DATA))

@@ -234,6 +234,8 @@ def test_user_errors_name_the_field():
         build({"kind": "params", "method": "ties", "search": ["normalize"]})
     with pytest.raises(ConfigError, match=r"fixed\.normalize: ties\.normalize takes true or false"):
         build({"kind": "params", "method": "ties", "init": {"weight": 1}, "fixed": {"normalize": 0.5}})
+    with pytest.raises(ConfigError, match=r"init\.density: 'density' is not searched.*set its value under fixed"):
+        build({"kind": "params", "method": "ties", "search": ["weight"], "init": {"weight": 1, "density": 0.5}})
     with pytest.raises(ConfigError, match=r"init\.weight.*no default"):
         build({"kind": "params", "method": "ties", "search": ["weight"]})
     with pytest.raises(ConfigError, match=r"models: method 'slerp' takes 1\.\.1"):

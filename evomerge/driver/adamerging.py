@@ -109,19 +109,27 @@ class WeightMap:
     genome (a log transform) is refused. ``lam`` and ``normalize`` are the recipe's fixed global parameters.
     """
 
-    def __init__(self, space: Any, roles: dict[str, Any], num_layers: int) -> None:
+    def __init__(self, space: Any, roles: dict[str, Any], num_layers: int, stats: Any = None) -> None:
         from evomerge.merge.materialize import MergePlan
         from evomerge.merge.tensor_params import tensor_params
 
         genes = space.param_genes
         if genes is None or getattr(space, "kind", "") != "params":
             raise ConfigError("space.template: adamerging fits a params space (e.g. builtin:task-arithmetic-per-layer)")
-        if genes.method.name != "task_arithmetic":
-            raise ConfigError(f"space.template: adamerging fits task_arithmetic weights; the space merges with "
-                              f"{genes.method.name!r}")
+        method = genes.method
+        scaled = bool(method.stats) and any(p.name == "scale" for p in method.params)
+        if method.name != "task_arithmetic" and not scaled:
+            raise ConfigError(f"space.template: adamerging fits task_arithmetic weights or the task-vector scales "
+                              f"of regmean / fisher; the space merges with {method.name!r}")
+        #: the fitted per-source parameter: task arithmetic's weight, or a data-informed method's scale
+        self.param = "scale" if scaled else "weight"
         searched = [p.spec.name for p in genes.searched]
-        if searched != ["weight"]:
-            raise ConfigError(f"space.template: search: adamerging fits only 'weight'; the space searches {searched}")
+        if searched != [self.param]:
+            raise ConfigError(f"space.template: search: adamerging fits only {self.param!r} of {method.name}; "
+                              f"the space searches {searched}")
+        if scaled and (genes.aim is not None or (space.decode(space.x0).data.aim or 0) > 0):
+            raise ConfigError("space.template: AIM's adjustment is not linear in the task-vector scales; "
+                              "adamerging fits the scales without it (drop aim)")
         self.space = space
         self.dim = int(space.dim)
         self.keys = sorted({(r.kind, r.layer) for r in roles.values()}, key=lambda k: (k[0], -1 if k[1] is None
@@ -130,13 +138,15 @@ class WeightMap:
         role_of = {(r.kind, r.layer): r for r in roles.values()}
         self._roles = [role_of[k] for k in self.keys]
         self._num_layers = num_layers
-        self._plan = MergePlan.build(space.decode(space.x0), num_layers)
+        if scaled and stats is None:
+            raise ConfigError("space: the fitted merge reads calibration statistics; the worker holds none")
+        self._plan = MergePlan.build(space.decode(space.x0), num_layers, stats)
         self.order = self._plan.order
         self._tensor_params = tensor_params
 
         def weights(u: np.ndarray) -> np.ndarray:
             recipe = space.decode(u)
-            return np.asarray([self._tensor_params(recipe, self._plan.method, r, num_layers, self.order).sp["weight"]
+            return np.asarray([self._tensor_params(recipe, self._plan.method, r, num_layers, self.order).sp[self.param]
                                for r in self._roles], dtype=np.float64)
 
         zero = np.zeros(self.dim)
@@ -152,8 +162,8 @@ class WeightMap:
                               "adamerging needs linear weight genes")
         gp = [self._tensor_params(self._plan.recipe, self._plan.method, r, num_layers, self.order).gp
               for r in self._roles]
-        self.lam = torch.tensor([float(g.get("lambda", 1.0)) for g in gp], dtype=torch.float64)
-        self.normalize = [bool(g.get("normalize", False)) for g in gp]
+        self.lam = torch.tensor([1.0 if scaled else float(g.get("lambda", 1.0)) for g in gp], dtype=torch.float64)
+        self.normalize = [False if scaled else bool(g.get("normalize", False)) for g in gp]
         self.a = torch.from_numpy(a)
         self.jac = torch.from_numpy(jac)
 
@@ -162,13 +172,56 @@ class WeightMap:
         return self.a.to(u) + self.jac.to(u) @ u
 
 
+def projected_task_vectors(recipe: Recipe, sources: Any, stats: Any, rows: torch.Tensor | None,
+                           names: list[str]) -> dict[str, torch.Tensor]:
+    """Per tensor, the stacked ``P_i`` of a data-informed merge linear in its task-vector scales ``s_i``:
+    ``merge(s) = base + sum_i s_i P_i`` (RegMean: ``P_i = d_i G~_i (sum_j G~_j)^-1`` on linear weights; Fisher:
+    ``P_i = w_i F_i d_i / sum_j w_j F_j``; the fallback's tensors: its merge of ``d_i`` alone). Each ``P_i`` is
+    the merge at the unit scales ``e_i`` minus the base, by the materializer itself (statistics, fallback), so
+    a fit over the scales is the merge a candidate gets; linearity is checked at random scales."""
+    from evomerge.merge.materialize import MergePlan, merge_tensor
+
+    plan0 = MergePlan.build(recipe, sources.num_layers, stats)
+
+    def at(scales: list[float]) -> MergePlan:
+        models = tuple(m.model_copy(update={"parameters": {**m.parameters, "scale": float(scales[plan0.order.index(m.model)])}})
+                       for m in recipe.models)
+        return MergePlan.build(recipe.model_copy(update={"models": models}), sources.num_layers, stats)
+
+    n = len(plan0.order)
+    plans = [at([1.0 if j == i else 0.0 for j in range(n)]) for i in range(n)]
+    probe_s = np.random.default_rng(0).uniform(0.5, 2.0, n).tolist()
+    probe = at(probe_s)
+    out: dict[str, torch.Tensor] = {}
+    for k, name in enumerate(names):
+        role = sources.roles[name]
+        base, deltas = sources.group(name, rows)
+        p = torch.stack([merge_tensor(pl, name, role, base, deltas).to(torch.float32) - base.to(torch.float32)
+                         for pl in plans])
+        if k % 8 == 0:  # the merge must be linear in the scales for the fit to be the candidates' merge
+            want = merge_tensor(probe, name, role, base, deltas).to(torch.float32) - base.to(torch.float32)
+            got = torch.tensordot(torch.tensor(probe_s, dtype=torch.float32), p, dims=1)
+            # up to the rounding of base + merged task vector in the tensor's dtype
+            tol = 1e-3 * float(want.abs().max()) + 4 * torch.finfo(base.dtype).eps * float(base.abs().max())
+            if float((got - want).abs().max()) > tol:
+                raise ConfigError(f"{name}: the {plan0.method.name} merge is not linear in the task-vector scales "
+                                  "here; adamerging cannot fit them")
+        out[name] = p
+    return out
+
+
 def merged_tensors(wmap: WeightMap, sources: Any, targets: dict[str, str], u: torch.Tensor,
-                   rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Live parameter name -> ``base + lambda * sum_i w_i d_i`` at genome ``u``; the graph reaches only ``u``."""
+                   rows: torch.Tensor | None, directions: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Live parameter name -> ``base + lambda * sum_i w_i d_i`` at genome ``u`` (with ``directions``, the
+    projected task vectors of :func:`projected_task_vectors`: ``base + sum_i s_i P_i``); the graph reaches only
+    ``u``."""
     w_all = wmap.weights(u)
     out: dict[str, torch.Tensor] = {}
     for name, live in targets.items():
         base, deltas = sources.group(name, rows)
+        if directions is not None:
+            deltas = directions[name]
         r = wmap.row[name]
         w = w_all[r].to(torch.float32)
         mixed = torch.tensordot(w.to(deltas.device), deltas.to(torch.float32), dims=1)
@@ -212,9 +265,14 @@ class AdaMerging:
         self.seed = seed
         self.batch_size = settings.batch_size or batch_size
         sources = worker.sources
-        self.wmap = WeightMap(space, {n: sources.roles[n] for n in worker.merger.targets}, sources.num_layers)
+        self.wmap = WeightMap(space, {n: sources.roles[n] for n in worker.merger.targets}, sources.num_layers,
+                              worker.stats)
         self.rows = sources.row_index(self.wmap._plan)
         self.targets = self._live_names(worker.model, worker.merger.targets)
+        self.directions = None
+        if self.wmap.param == "scale":
+            self.directions = projected_task_vectors(self.wmap._plan.recipe, sources, worker.stats, self.rows,
+                                                     list(self.targets))
         worker.model.requires_grad_(False)  # the live weights are replaced by the merged tensors in each forward
         self.tasks = calibration_inputs(worker.suite, worker.tokenizer, settings.objective == "likelihood")
         tok = worker.tokenizer
@@ -268,7 +326,8 @@ class AdaMerging:
             for b in range(0, len(order), self.batch_size):
                 part = order[b:b + self.batch_size]
                 with torch.set_grad_enabled(weights is not None):
-                    params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows)
+                    params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows,
+                                            self.directions)
                     h = loss_batch(self.worker.model, params, [seqs[j] for j in part],
                                     [starts[j] for j in part], self.pad, self.settings.objective) / positions
                 if not torch.isfinite(h):
@@ -356,7 +415,6 @@ def run_adamerging(config: str | Path | Any, settings: AdaMergingConfig, out_dir
 
     from evomerge.config import RunConfig, load_run_config
     from evomerge.driver.run import check_memory, preflight
-    from evomerge.driver.worker import Worker
 
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     prep = preflight(cfg)
@@ -364,7 +422,27 @@ def run_adamerging(config: str | Path | Any, settings: AdaMergingConfig, out_dir
     if out.exists():
         raise ConfigError(f"{out}: already exists; remove it or give another --out")
     check_memory(prep)
-    worker = Worker(prep.spec)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        return _fit_into(prep, settings, out, tmp, score, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fit_into(prep: Any, settings: AdaMergingConfig, out: Path, tmp: Path, score: bool,
+              progress: Callable[[dict[str, Any]], None] | None) -> Path:
+    import dataclasses
+    import os
+
+    from evomerge.driver.run import search_stats
+    from evomerge.driver.worker import Worker
+
+    cfg = prep.cfg
+    # a data-informed space's statistics, computed into the fit's own folder (cache/stats, as a run's)
+    worker = Worker(dataclasses.replace(prep.spec, stats_files=search_stats(prep, tmp)))
     fitter = AdaMerging(prep.space, worker, settings, seed=cfg.seed, batch_size=cfg.fitness.batch_size)
     result = fitter.fit(progress=progress)
     scores: dict[str, Any] = {}
@@ -380,15 +458,8 @@ def run_adamerging(config: str | Path | Any, settings: AdaMergingConfig, out_dir
             if label == "start":
                 result.cost.eval_s = time.perf_counter() - t0
         result.cost.evaluations = result.cost.fit_s / result.cost.eval_s if result.cost.eval_s else None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write_fit(tmp, result, settings, prep.space, scores)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_fit(tmp, result, settings, prep.space, scores)
+    os.replace(tmp, out)
     return out
 
 

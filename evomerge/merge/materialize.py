@@ -129,7 +129,8 @@ def _merge_informed(
     """Merge one tensor of a recipe that reads calibration statistics (eager; same on disk and in place).
 
     The method gets ``stats=`` stacked in ``plan.order``; a tensor some source lacks a statistic for is merged
-    by ``plan.fallback`` with the parameters it shares with the method (by name; its own defaults otherwise).
+    by ``plan.fallback`` with the parameters it shares with the method (by name; its own defaults otherwise),
+    on the task vectors times the method's per-source ``scale`` when the method has one and the fallback not.
     AIM (``data.aim > 0``) then adjusts every linear weight the base model has activations for.
     """
     assert plan.stats is not None and plan.recipe.data is not None
@@ -143,6 +144,9 @@ def _merge_informed(
             assert plan.fallback is not None
             method = plan.fallback
             own = {p.name: p.scope for p in method.params}
+            if "scale" in tp.sp and "scale" not in own:  # the method's task-vector scale holds for these too
+                scales = torch.tensor([float(v) for v in tp.sp["scale"]], dtype=deltas.dtype, device=deltas.device)
+                deltas = deltas * scales.reshape(-1, *([1] * (deltas.dim() - 1)))
             sp = {k: v for k, v in tp.sp.items() if own.get(k) == "source"}
             gp = {k: v for k, v in tp.gp.items() if own.get(k) == "global"}
     try:

@@ -138,6 +138,10 @@ class ParamGenes:
             names = [p.name for p in self.method.params
                      if p.scope == "source" and not p.is_bool and p.name not in s.fixed]
         specs = [self._spec(name, f"search[{i}]") for i, name in enumerate(names)]
+        for name in s.init:
+            if name not in names:  # a start value of a parameter no gene holds would be ignored
+                raise ConfigError(f"{self._field(f'init.{name}')}: {name!r} is not searched (search: {names}); "
+                                  "set its value under fixed")
         for i, spec in enumerate(specs):
             if spec.is_bool:
                 raise ConfigError(f"{self._field(f'search[{i}]')}: {spec.name!r} is a boolean; set it under fixed")

@@ -13,6 +13,12 @@ the tensor's mean Fisher so it does not depend on the loss's scale) keeps entrie
 ``w``-weighted task-vector average instead of 0/0. Equal Fishers give exactly the weighted average
 ``base + sum_i w_i d_i / sum_i w_i``; the result is unchanged when every ``w_i`` is scaled alike. As in the
 paper the base model itself is not averaged in (the sources are the fine-tuned models).
+
+``scale`` ``s_i`` (default 1: the paper's merge) multiplies model ``i``'s task vector before the average,
+``base + sum_i w_i F'_i s_i d_i / sum_i w_i F'_i``: the paper's average gives each task vector about ``1/n`` of
+its size, where merges of task vectors need them near full size (task arithmetic's ``lambda``). With equal
+Fishers the scaled merge is task arithmetic with weights ``s_i w_i / sum_j w_j``. The tensors merged by the
+fallback get the same scaled task vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ __all__ = ["fisher"]
     "fisher",
     params=[
         ParamSpec("weight", "source", 1.0, (0.0, 1.0), doc="this model's coefficient lambda_i (scale-free)"),
+        ParamSpec("scale", "source", 1.0, (0.0, 3.0), doc="coefficient of this model's task vector (1: the paper's)"),
         ParamSpec("floor", "global", 1e-6, (0.0, 1e-2),
                   doc="Fisher floor, relative to the tensor's mean Fisher (the paper's fisher_floor)"),
     ],
@@ -46,6 +53,7 @@ def fisher(base: torch.Tensor, deltas: torch.Tensor, args: Arguments, *,
     check_range("fisher", "weight", weights, 0.0, float("inf"))
     if sum(weights) <= 0:
         raise ConfigError(f"fisher: the weights {weights} sum to 0")
+    scales = args.floats("scale")
     floor = args.num("floor")
     check_range("fisher", "floor", [floor], 0.0, float("inf"))
     cd = work_dtype(base.dtype)
@@ -59,5 +67,6 @@ def fisher(base: torch.Tensor, deltas: torch.Tensor, args: Arguments, *,
     elif not bool((f.sum(0) > 0).all()):  # no floor to lean on: entries no Fisher sees take the plain average
         f = f + torch.finfo(cd).tiny
     wf = f.mul_(w)
-    merged = (wf * deltas.to(cd)).sum(0).div_(wf.sum(0))
+    s = torch.tensor(scales, dtype=cd, device=base.device).reshape(-1, *([1] * base.dim()))
+    merged = (wf * deltas.to(cd) * s).sum(0).div_(wf.sum(0))
     return merged.add_(base.to(cd)).to(base.dtype)
