@@ -78,7 +78,7 @@ def test_scale_with_equal_statistics_is_task_arithmetic(method: str) -> None:
     gp = {"alpha": 0.6, "ridge": 0.0} if method == "regmean" else {}
     fn = METHODS.get(method).fn
     got = fn(base, deltas, {"weight": w, "scale": s}, gp, stats=stats)
-    ta = METHODS.get("task_arithmetic").fn(base, deltas, {"weight": [si * wi / sum(w) for si, wi in zip(s, w)]}, {})
+    ta = METHODS.get("task_arithmetic").fn(base, deltas, {"weight": [si * wi / sum(w) for si, wi in zip(s, w, strict=True)]}, {})
     torch.testing.assert_close(got, ta, rtol=1e-9, atol=1e-9)
     # scale 1 is the paper's merge, and the merge is linear in the scales
     paper = fn(base, deltas, {"weight": w}, gp, stats=stats)
@@ -191,7 +191,7 @@ def test_informed_merge_same_bits_on_disk_and_in_place(zoo_test, tmp_path: Path,
     assert torch.equal(plain[norm], ta[norm]) == (method == "regmean")  # regmean: the fallback (linear)
     # scale: the fallback's tensors get the scaled task vectors too; disk and in place agree
     scaled = recipe.model_copy(update={"models": tuple(m.model_copy(update={"parameters": {"scale": s}})
-                                                       for m, s in zip(recipe.models, (2.0, 1.5)))})
+                                                       for m, s in zip(recipe.models, (2.0, 1.5), strict=True))})
     out2 = materialize_to_disk(scaled, tmp_path / "out2", stats=stats)
     InPlaceMerger(ResidentSources.load(recipe.sources, "base", ["add", "rev"]), live, stats).apply(scaled)
     disk2 = AutoModelForCausalLM.from_pretrained(out2, dtype=torch.float32).state_dict()
