@@ -14,7 +14,8 @@ names). Three kinds, chosen by ``kind``:
     search: [weight, density]    # method parameters searched (default: every float per-source one)
     ranges: {density: [0.05, 1]} # decoded ranges (default: the method's natural bounds)
     allow_negative: []           # parameters whose range may go below 0
-    init: {weight: 1/n, density: 0.5}   # x0: the hand-set merge (default: the method's defaults)
+    init: {weight: 1/n, density: 0.5}   # x0: the searched parameters' start (default: the method's defaults;
+                                        # an unsearched one is refused: set it under fixed)
     fixed: {lambda: 1.0}         # parameters set, not searched
 
 ``routing`` (layer routing / data flow): ``sources``, ``repeats``, ``max_layers``, ``scale``,
