@@ -8,10 +8,12 @@ model, per layer and module kind in ``builtin:regmean-per-layer``) multiplies th
 squares, and with equal Gram matrices scale ``s`` is task arithmetic at weight ``s/n``. Rows (held-out test split,
 relative to each task's expert): task arithmetic at the best λ of the study's grid (5 evaluations); the paper's
 RegMean (scale 1, α = 0.9); the calibration grid over α × scale (scale = n λ for the study's λ grid) and its best
-point by the calibration mean, and by the calibration worst task; CMA-ES (popsize 8, sigma0 0.1, x0 first) over
-``builtin:regmean-per-layer`` from the grid's best point against the same search over
-``builtin:task-arithmetic-per-layer`` from task arithmetic at its best λ (the study's warm search), each
-scalarized by the mean or by the worst task (``scalarize: worst``, picking the best worst task on calibration).
+point by the calibration mean, and by the calibration worst task; for each of ``builtin:regmean-per-layer``
+(from the grid's best worst-task point) and ``builtin:task-arithmetic-per-layer`` (from task arithmetic at its
+best λ): AdaMerging's likelihood fit (``--steps``, ``--lr``, ``--subset`` examples per task per step), CMA-ES
+(popsize 8, sigma0 0.1, x0 first) from the fit and from the start itself (for task arithmetic: the study's warm
+search), each scalarized by the mean or by the worst task (``scalarize: worst``, picking the best worst task on
+calibration).
 *cost* = calibration scoring passes (grid points, the search's evaluations) plus the statistics pass's wall time
 over one calibration scoring pass. Results: ``experiments/results/scaled_regmean.md``.
 """
