@@ -262,3 +262,42 @@ def test_likelihood_adamerging_teacher_forces_the_answer_as_the_bpe_model_comple
     fit = AdaMerging(preflight(cfg).space, worker, AdaMergingConfig(objective="likelihood", steps=2, lr=0.05),
                      seed=0, batch_size=12).fit()
     assert fit.history[-1]["loss"] < fit.history[0]["loss"] and fit.cost.generation_passes == 0
+
+
+def test_regmean_scale_fit_on_the_real_model_is_the_materialized_merge(real_zoo_test: RealManifest,
+                                                                      tmp_path: Path) -> None:
+    """``builtin:regmean-per-layer`` on the real model (tied embeddings, BPE prompts for the statistics): the
+    fit's functional merge at a random genome is the materializer's merge of the decoded recipe, tensor for
+    tensor (the tied embedding by the fallback), and a likelihood step lowers the loss."""
+    import dataclasses
+
+    import numpy as np
+
+    from evomerge.config import RunConfig
+    from evomerge.driver.adamerging import AdaMerging, AdaMergingConfig, merged_tensors
+    from evomerge.driver.run import preflight, search_stats
+    from evomerge.driver.worker import Worker
+    from evomerge.merge.materialize import materialize_state_dict
+
+    zoo = real_zoo_test
+    suite_path = _small_suite(tmp_path / "suite", 4)
+    cfg = RunConfig.model_validate({
+        "name": "rm-real", "output_dir": str(tmp_path / "runs"), "base_model": "base",
+        "sources": {"base": str(zoo.base), **{s: str(zoo.expert(s)) for s in zoo.skills}},
+        "space": {"template": "builtin:regmean-per-layer", "overrides": {
+            "init": {"scale": 1.5}, "fixed": {"alpha": 0.5}, "data": {"suite": str(suite_path), "examples": 4}}},
+        "fitness": {"suite": str(suite_path), "batch_size": 12}, "resources": {"threads_per_worker": 1}})
+    prep = preflight(cfg)
+    worker = Worker(dataclasses.replace(prep.spec, stats_files=search_stats(prep, tmp_path / "stats")))
+    fitter = AdaMerging(prep.space, worker, AdaMergingConfig(objective="likelihood", steps=1, lr=0.05), seed=0,
+                        batch_size=12)
+    u = np.random.default_rng(0).random(prep.space.dim)
+    with torch.no_grad():
+        params = merged_tensors(fitter.wmap, worker.sources, fitter.targets, torch.tensor(u, dtype=torch.float64),
+                                fitter.rows, fitter.directions)
+    sd = materialize_state_dict(prep.space.decode(u), cfg.sources, stats=worker.stats)
+    assert "model.embed_tokens.weight" in fitter.targets
+    for ckpt, name in fitter.targets.items():
+        torch.testing.assert_close(params[name].float(), sd[ckpt].float(), rtol=1e-3, atol=1e-4)
+    fit = fitter.fit()
+    assert fit.history[-1]["loss"] < fit.history[0]["loss"]
