@@ -91,6 +91,29 @@ def rel(means: dict[str, float], experts: dict[str, float]) -> dict[str, float]:
     return {t: means[t] / experts[t] for t in experts}
 
 
+def picked(res: RunResults, pick: str) -> Any:
+    """A finished search's pick: its best by the run's own scalarization (``mean``), or the candidate with the
+    best worst task relative to the experts on calibration, ties by the mean (``worst``)."""
+    if pick != "worst":
+        return res.best()
+
+    def key(r):
+        v = list(res.relative_to_expert(r.result.task_means()).values())
+        return (min(v), float(np.mean(v)))
+    return max(res.searched, key=key)
+
+
+def add_relative(rows: list[dict[str, Any]], expert_test: dict[str, float], expert_cal: dict[str, float]) -> None:
+    """Each row's scores relative to the experts: per task on test, and mean / worst per seed (test, calibration)."""
+    for r in rows:
+        runs = r.get("seeds", [r["scores"]])
+        r["test_rel"] = rel(r["scores"]["test"], expert_test)
+        r["cal_rel"] = rel(r["scores"]["calibration"], expert_cal)
+        r["test_worst"] = [min(rel(x["test"], expert_test).values()) for x in runs]
+        r["test_mean"] = [float(np.mean(list(rel(x["test"], expert_test).values()))) for x in runs]
+        r["cal_worst"] = [min(rel(x["calibration"], expert_cal).values()) for x in runs]
+
+
 def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argparse.Namespace,
                 out: Path) -> dict[str, Any]:
     slug = "-".join(experts)
@@ -148,13 +171,7 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
     for pick in ("mean", "worst") if args.search_evals else ():  # the study's warm search, on this zoo
         rows += search_rows(zoo, experts, suite, out, best_lam, None, pick, args, len(GRID),
                             f"CMA-ES from task arithmetic λ={best_lam} (the study's warm search)")
-    for r in rows:
-        r["test_rel"] = rel(r["scores"]["test"], expert_test)
-        r["cal_rel"] = rel(r["scores"]["calibration"], expert_cal)
-        r["test_worst"] = [min(rel(x["test"], expert_test).values()) for x in r.get("seeds", [r["scores"]])]
-        r["test_mean"] = [float(np.mean(list(rel(x["test"], expert_test).values())))
-                          for x in r.get("seeds", [r["scores"]])]
-        r["cal_worst"] = [min(rel(x["calibration"], expert_cal).values()) for x in r.get("seeds", [r["scores"]])]
+    add_relative(rows, expert_test, expert_cal)
     return {"problem": label, "experts": experts, "expert_test": expert_test, "expert_cal": expert_cal,
             "best_lambda": best_lam, "rows": rows}
 
@@ -175,13 +192,7 @@ def search_rows(zoo: Any, experts: list[str], suite: str, out: Path, init: float
         if not (run_dir / "checkpoint.json").exists():
             start_run(qcfg)
         res = RunResults(run_dir)
-        if pick == "worst":
-            def key(r, res=res):
-                v = list(res.relative_to_expert(r.result.task_means()).values())
-                return (min(v), float(np.mean(v)))
-            best = max(res.searched, key=key)
-        else:
-            best = res.best()
+        best = picked(res, pick)
         seeds.append({"calibration": best.result.task_means(), "test": res.test_scores(best.recipe_hash),
                       "evaluations": len(res.searched), "run_dir": str(run_dir)})
         log.info("%s, seed %d: test %s", label, seed, seeds[-1]["test"])

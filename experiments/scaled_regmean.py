@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from adamerging import GRID, PROBLEMS, REPO, pm, rel, score, score_folder
+from adamerging import GRID, PROBLEMS, REPO, add_relative, picked, pm, rel, score, score_folder
 
 from evomerge.config import RunConfig
 from evomerge.driver.adamerging import AdaMergingConfig, run_adamerging
@@ -87,13 +87,7 @@ def search(zoo: Any, experts: list[str], suite: str, out: Path, template: str, i
         if not (run_dir / "checkpoint.json").exists():
             start_run(cfg)
         res = RunResults(run_dir)
-        if pick == "worst":
-            def key(r, res=res):
-                v = list(res.relative_to_expert(r.result.task_means()).values())
-                return (min(v), float(np.mean(v)))
-            best = max(res.searched, key=key)
-        else:
-            best = res.best()
+        best = picked(res, pick)
         seeds.append({"calibration": best.result.task_means(), "test": res.test_scores(best.recipe_hash),
                       "evaluations": len(res.searched), "wall_s": time.perf_counter() - t0,
                       "run_dir": str(run_dir)})
@@ -175,12 +169,7 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
         for pick in ("mean", "worst") if args.search_evals else ():
             rows.append(search(zoo, experts, suite, out, template, init, pick, args, spent,
                                f"CMA-ES over {what}" + (" (the study's warm search)" if template == TA_SPACE else "")))
-    for r in rows:
-        r["test_rel"] = rel(r["scores"]["test"], expert_test)
-        r["test_worst"] = [min(rel(x["test"], expert_test).values()) for x in r.get("seeds", [r["scores"]])]
-        r["test_mean"] = [float(np.mean(list(rel(x["test"], expert_test).values())))
-                          for x in r.get("seeds", [r["scores"]])]
-        r["cal_worst"] = [min(rel(x["calibration"], expert_cal).values()) for x in r.get("seeds", [r["scores"]])]
+    add_relative(rows, expert_test, expert_cal)
     return {"problem": label, "experts": experts, "expert_test": expert_test, "expert_cal": expert_cal,
             "best_lambda": best_lam, "eval_s": eval_s, "stats_s": stats_s,
             "grid": {f"{a},{s}": v for (a, s), v in grid.items()}, "rows": rows}

@@ -95,7 +95,8 @@ def projected_task_vectors(recipe: Recipe, sources: Any, stats: Any, rows: torch
     ``merge(s) = base + sum_i s_i P_i`` (RegMean: ``P_i = d_i G~_i (sum_j G~_j)^-1`` on linear weights; Fisher:
     ``P_i = w_i F_i d_i / sum_j w_j F_j``; the fallback's tensors: its merge of ``d_i`` alone). Each ``P_i`` is
     the merge at the unit scales ``e_i`` minus the base, by the materializer itself (statistics, fallback), so
-    a fit over the scales is the merge a candidate gets; linearity is checked at random scales."""
+    a fit over the scales is the merge a candidate gets; linearity is checked at random scales. They are held
+    beside the resident task vectors for the fit's duration (as much memory again as the task vectors)."""
     from evomerge.merge.materialize import MergePlan, merge_tensor
 
     plan0 = MergePlan.build(recipe, sources.num_layers, stats)
@@ -136,9 +137,10 @@ def merged_tensors(wmap: WeightMap, sources: Any, targets: dict[str, str], u: to
     w_all = wmap.weights(u)
     out: dict[str, torch.Tensor] = {}
     for name, live in targets.items():
-        base, deltas = sources.group(name, rows)
-        if directions is not None:
-            deltas = directions[name]
+        if directions is None:
+            base, deltas = sources.group(name, rows)
+        else:  # the projected task vectors replace the deltas (no row gather per batch)
+            base, deltas = sources.base[name], directions[name]
         r = wmap.row[name]
         w = w_all[r].to(torch.float32)
         mixed = torch.tensordot(w.to(deltas.device), deltas.to(torch.float32), dims=1)
