@@ -95,6 +95,8 @@ class DataSpec(BaseModel):
     ``fallback`` merges the tensors a method has no statistics for (regmean: everything but linear weights;
     both: layers beyond ``max_gram_features``); it reads the recipe's parameters it declares. ``aim`` is
     AIM's ω (0: no adjustment), applied on top of the recipe's method (see :func:`evomerge.merge.stats.aim_adjust`).
+    ``model_tasks`` gives a model the tasks its own statistics come from (the RegMean and Fisher papers' setting:
+    each fine-tuned model's statistics on its own task's data); the models it leaves out read ``tasks``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -105,6 +107,7 @@ class DataSpec(BaseModel):
     max_gram_features: int = Field(default=4096, ge=1)
     fallback: str = "linear"
     aim: float = Field(default=0.0, ge=0.0, le=1.0)
+    model_tasks: dict[str, tuple[str, ...]] | None = None
 
     @field_validator("tasks")
     @classmethod
@@ -112,6 +115,22 @@ class DataSpec(BaseModel):
         if v is not None and not v:
             raise ValueError("tasks: empty list; omit it to use every task of the suite")
         return v
+
+    @field_validator("model_tasks")
+    @classmethod
+    def _model_tasks(cls, v: dict[str, tuple[str, ...]] | None) -> dict[str, tuple[str, ...]] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("model_tasks: empty mapping; omit it to give every model the same tasks")
+            for m, tasks in v.items():
+                if not tasks:
+                    raise ValueError(f"model_tasks.{m}: empty list of tasks")
+        return v
+
+    def for_model(self, model: str) -> DataSpec:
+        """The example set of ``model``'s statistics: ``model_tasks[model]`` when given, else ``tasks``."""
+        tasks = (self.model_tasks or {}).get(model)
+        return self if tasks is None else self.model_copy(update={"tasks": tasks, "model_tasks": None})
 
 
 class Recipe(BaseModel):
@@ -160,6 +179,10 @@ class Recipe(BaseModel):
                     raise ValueError(f"routing.steps[{i}].model {step.model!r} is not one of the recipe's models")
             if self.routing.frame not in known_r:
                 raise ValueError(f"routing.frame {self.routing.frame!r} is not one of the recipe's models")
+        if self.data is not None and self.data.model_tasks:
+            bad = sorted(set(self.data.model_tasks) - known)
+            if bad:
+                raise ValueError(f"data.model_tasks: {bad} are not models of the recipe ({sorted(known)})")
         return self
 
     # ----------------------------------------------------------------- identity
@@ -170,6 +193,8 @@ class Recipe(BaseModel):
             data.pop("pad_to_multiple_of", None)
         if data.get("data") is None:  # absent from recipes that read no calibration data
             data.pop("data", None)
+        elif data["data"].get("model_tasks") is None:  # absent from recipes written before it existed
+            data["data"].pop("model_tasks", None)
         return data
 
     @property

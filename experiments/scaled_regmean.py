@@ -52,14 +52,15 @@ RM_SPACE = "builtin:regmean-per-layer"
 
 
 def config(zoo: Any, experts: list[str], suite: str, name: str, out: Path, template: str, init: dict[str, float],
-           *, examples: int, seed: int = 0, search: dict[str, Any] | None = None, evals: int = 1,
-           start_from: Path | None = None) -> RunConfig:
+           *, examples: int, own_tasks: bool = False, seed: int = 0, search: dict[str, Any] | None = None,
+           evals: int = 1, start_from: Path | None = None) -> RunConfig:
     init = dict(init)
     overrides: dict[str, Any] = {"init": init}
     if "alpha" in init:
         overrides["fixed"] = {"alpha": init.pop("alpha")}
     if template == RM_SPACE:
-        overrides["data"] = {"suite": suite, "examples": examples}
+        overrides["data"] = {"suite": suite, "examples": examples,
+                             **({"model_tasks": {e: [e] for e in experts}} if own_tasks else {})}
     return RunConfig.model_validate({
         "name": name, "seed": seed, "output_dir": str(out / "runs"),
         "sources": {"base": str(zoo.base), **{e: str(zoo.expert(e)) for e in experts}}, "base_model": "base",
@@ -81,8 +82,9 @@ def search(zoo: Any, experts: list[str], suite: str, out: Path, template: str, i
         name = f"search-{slug}-{tag}-{pick}-s{seed}"
         run_dir = out / "runs" / name
         opts = {"popsize": 8, "sigma0": 0.1, "x0_first": True, **({"scalarize": "worst"} if pick == "worst" else {})}
-        cfg = config(zoo, experts, suite, name, out, template, init, examples=args.examples, seed=seed,
-                     search={"name": "cma_es", "options": opts}, evals=args.search_evals, start_from=start_from)
+        cfg = config(zoo, experts, suite, name, out, template, init, examples=args.examples,
+                     own_tasks=args.own_tasks, seed=seed, search={"name": "cma_es", "options": opts},
+                     evals=args.search_evals, start_from=start_from)
         t0 = time.perf_counter()
         if not (run_dir / "checkpoint.json").exists():
             start_run(cfg)
@@ -103,7 +105,7 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
                 out: Path) -> dict[str, Any]:
     slug, n = "-".join(experts), len(experts)
     first = config(zoo, experts, suite, f"grid-{slug}", out, RM_SPACE, {"scale": 1.0, "alpha": 0.9},
-                   examples=args.examples)
+                   examples=args.examples, own_tasks=args.own_tasks)
     prep = preflight(first)
     # every source's Gram matrices on the calibration prompts, computed afresh to time the pass a search runs
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,8 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
     expert_cal = {e: experts_[e]["calibration"][e] for e in experts}
 
     def decoded(template: str, init: dict[str, float]):
-        p = preflight(config(zoo, experts, suite, f"grid-{slug}", out, template, init, examples=args.examples))
+        p = preflight(config(zoo, experts, suite, f"grid-{slug}", out, template, init, examples=args.examples,
+                                     own_tasks=args.own_tasks))
         return p.space.decode(p.space.x0)
 
     ta = {lam: score(worker, decoded(TA_SPACE, {"weight": lam})) for lam in GRID}
@@ -157,8 +160,8 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
         if folder.exists() and json.loads((folder / "summary.json").read_text())["settings"] != settings.model_dump():
             raise SystemExit(f"{folder} holds another fit; move it away")
         if not folder.exists():
-            run_adamerging(config(zoo, experts, suite, f"fit-{slug}", out, template, init, examples=args.examples),
-                           settings, folder)
+            run_adamerging(config(zoo, experts, suite, f"fit-{slug}", out, template, init, examples=args.examples,
+                                  own_tasks=args.own_tasks), settings, folder)
         fit_cost = json.loads((folder / "summary.json").read_text())["cost"]["evaluations"]
         fitted = score(worker, Recipe.from_yaml((folder / "recipe.yaml").read_text()))[0]
         rows.append({"label": f"**likelihood fit** of {what} ({how})", "scores": fitted,
@@ -177,11 +180,12 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> str:
     cmd = "python experiments/scaled_regmean.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
         if v is not None and k not in ("zoo", "out") and v != DEFAULTS.get(k))
+    own = " (each expert's on its own task's: `data.model_tasks`)" if args.own_tasks else " (every expert's on all tasks)"
     lines = [f"Date {date.today()}, machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"zoo size `{zoo.size.name}` seed {zoo.seed}, statistics on {args.examples} calibration examples per "
-             f"task. Command: `{cmd}`.", ""]
+             f"task{own}. Command: `{cmd}`.", ""]
     for res in results:
         tasks = res["experts"]
         lines += [f"## {res['problem']}", "",
@@ -196,7 +200,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> 
     return "\n".join(lines)
 
 
-DEFAULTS = {"examples": 64, "seeds": 1, "search_evals": 150, "steps": 40, "lr": 0.03, "subset": 32, "balance": None}
+DEFAULTS = {"examples": 64, "seeds": 1, "search_evals": 150, "steps": 40, "lr": 0.03, "subset": 32, "balance": None,
+            "own_tasks": False}
 
 
 def main() -> None:
@@ -211,6 +216,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="likelihood fit: learning rate (genome units)")
     ap.add_argument("--subset", type=int, default=DEFAULTS["subset"], help="likelihood fit: examples per task per step")
     ap.add_argument("--balance", type=float, default=DEFAULTS["balance"], help="likelihood fit: task balance")
+    ap.add_argument("--own-tasks", action="store_true",
+                    help="each expert's Gram matrices on its own task's examples (data.model_tasks), not on all")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)

@@ -204,6 +204,44 @@ def test_informed_merge_same_bits_on_disk_and_in_place(zoo_test, tmp_path: Path,
         torch.testing.assert_close(disk2[norm], want)
 
 
+def test_model_tasks_give_each_model_its_own_examples(zoo_test, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.merge.stats import calibration_requests
+    from evomerge.recipe import DataSpec
+    from evomerge.scoring.suite import load_suite
+
+    shared = _recipe(zoo_test)
+    own = _recipe(zoo_test, model_tasks={"add": ["add"], "rev": ["rev"]})
+    assert own.hash != shared.hash
+    # a recipe without the field hashes as before it existed
+    assert "model_tasks" not in shared.canonical()["data"] and "model_tasks" in own.canonical()["data"]
+    stats, records = recipe_stats(own, own.sources, tmp_path)
+    assert stats is not None
+    suite, tok = load_suite("builtin:zoo-2"), AutoTokenizer.from_pretrained(zoo_test.base)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    for m in ("add", "rev"):
+        reqs = calibration_requests(suite, tok, DataSpec(suite="builtin:zoo-2", examples=3, tasks=(m,)))
+        assert len(reqs) == 3  # this model's task only
+        model = AutoModelForCausalLM.from_pretrained(zoo_test.expert(m), dtype=torch.float32)
+        want = collect(model, reqs, ("gram",))["gram"][q]
+        torch.testing.assert_close(stats.one("gram", q, m), want)
+    # only "add" is given its own task: "rev" reads the shared set (both tasks), the cache keeps both files
+    half = _recipe(zoo_test, model_tasks={"add": ["add"]})
+    shared_stats, _ = recipe_stats(shared, shared.sources, tmp_path)
+    mixed, recs = recipe_stats(half, half.sources, tmp_path)
+    assert torch.equal(mixed.one("gram", q, "add"), stats.one("gram", q, "add"))
+    assert torch.equal(mixed.one("gram", q, "rev"), shared_stats.one("gram", q, "rev"))
+    assert not torch.equal(mixed.one("gram", q, "rev"), stats.one("gram", q, "rev"))
+    assert [r.computed for r in recs] == [False, False]
+    with pytest.raises(ConfigError, match=r"data.model_tasks.add: \['sort'\] are not tasks of builtin:zoo-2"):
+        recipe_stats(_recipe(zoo_test, model_tasks={"add": ["sort"]}), shared.sources, tmp_path)
+    with pytest.raises(ValueError, match=r"data.model_tasks: \['nope'\] are not models of the recipe"):
+        _recipe(zoo_test, model_tasks={"nope": ["add"]})
+    with pytest.raises(ValueError, match="model_tasks.add: empty list"):
+        _recipe(zoo_test, model_tasks={"add": []})
+
+
 def test_informed_merge_bad_input(zoo_test, tmp_path: Path) -> None:
     from evomerge.merge.materialize import materialize_state_dict
     from evomerge.mergekit_compat import to_mergekit_yaml

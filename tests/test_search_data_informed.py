@@ -32,13 +32,25 @@ def _computed(caplog) -> int:
     return sum("calibration statistics computed" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("template", ["builtin:regmean-global", "builtin:fisher-global", "builtin:regmean-per-layer"])
-def test_a_search_over_a_data_informed_method_computes_the_statistics_once(zoo_test, tmp_path, caplog, template):
+OWN = {**DATA, "model_tasks": {"add": ["add"], "rev": ["rev"]}}  # each expert's statistics on its own task
+
+
+@pytest.mark.parametrize(("template", "data"), [("builtin:regmean-global", DATA), ("builtin:fisher-global", DATA),
+                                                ("builtin:regmean-per-layer", DATA),
+                                                ("builtin:fisher-per-layer", OWN)])
+def test_a_search_over_a_data_informed_method_computes_the_statistics_once(zoo_test, tmp_path, caplog, template,
+                                                                           data):
     caplog.set_level("INFO", logger="evomerge")
-    run_dir = start_run(_cfg(zoo_test, tmp_path / "runs", template, data=DATA))
+    run_dir = start_run(_cfg(zoo_test, tmp_path / "runs", template, data=data))
     assert _computed(caplog) == 2  # one file per merged source, computed before the search
     files = sorted((run_dir / "cache" / "stats").glob("stats-*.safetensors"))
     assert len(files) == 2
+    from safetensors import safe_open
+
+    per_model = 3 if "model_tasks" in data else 6  # its own task's examples, or both tasks'
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            assert fh.metadata()["examples"] == str(per_model), f
     rows = archive_rows(run_dir)
     scored = [r for r in rows if r[0] >= 0 and r[2] == "calibration"]
     assert len(scored) == 6
@@ -49,7 +61,7 @@ def test_a_search_over_a_data_informed_method_computes_the_statistics_once(zoo_t
     (again / "cache" / "stats").mkdir(parents=True)
     for f in files:
         (again / "cache" / "stats" / f.name).write_bytes(f.read_bytes())
-    run2 = start_run(_cfg(zoo_test, tmp_path / "runs2", template, data=DATA))
+    run2 = start_run(_cfg(zoo_test, tmp_path / "runs2", template, data=data))
     assert _computed(caplog) == 0
     assert sum("calibration statistics loaded" in r.getMessage() for r in caplog.records) == 2
     assert archive_rows(run2) == rows

@@ -238,6 +238,9 @@ def test_user_errors_name_the_field():
         build({"kind": "params", "method": "ties", "search": ["weight"], "init": {"weight": 1, "density": 0.5}})
     with pytest.raises(ConfigError, match=r"init\.weight.*no default"):
         build({"kind": "params", "method": "ties", "search": ["weight"]})
+    with pytest.raises(ConfigError, match=r"data\.model_tasks: \['c'\] are not source models \(base, a, b\)"):
+        build({"kind": "params", "method": "ties", "init": {"weight": 1, "density": 0.5},
+               "data": {"suite": "builtin:zoo", "model_tasks": {"a": ["add"], "c": ["rev"]}}})
     with pytest.raises(ConfigError, match=r"models: method 'slerp' takes 1\.\.1"):
         build({"kind": "params", "method": "slerp", "search": ["t"], "init": {"t": 0.5}})
     with pytest.raises(ConfigError, match="needs a base model"):

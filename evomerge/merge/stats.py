@@ -16,8 +16,11 @@ One pass of a source model over a suite's calibration examples collects what the
   (AIM on the base model, LEWIS on every model).
 
 Example set: the first-listed ``split`` (only ``calibration``: the test split is never used to fit a merge)
-of the tasks of ``suite`` (all, or ``tasks``), each cut to ``examples`` by
-:func:`~evomerge.scoring.suite.subset_examples` (seed 0). Chat templates are not applied: the prompts are
+of the tasks of ``suite`` (all, or ``tasks``; for a model named in ``model_tasks``, its own tasks), each cut
+to ``examples`` by :func:`~evomerge.scoring.suite.subset_examples` (seed 0). Giving each fine-tuned model its
+own task's examples is the RegMean and Fisher papers' setting: a model's Gram matrices then describe the
+inputs it must keep its outputs on, where one shared example set asks every model to keep them on every
+task's inputs (``experiments/results/scaled_regmean.md`` measures the difference). Chat templates are not applied: the prompts are
 the tasks' plain few-shot text.
 
 Cache: :func:`load_or_collect` keeps one safetensors file per (model, example set, kinds, bound) in a folder
@@ -329,11 +332,19 @@ def recipe_stats(
     suite = load_suite(recipe.data.suite)
     ref = Path(folders[recipe.reference_model])
     tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
-    reqs = calibration_requests(suite, tok, recipe.data)
+    for m, tasks in (recipe.data.model_tasks or {}).items():
+        missing = [t for t in tasks if t not in suite.names]
+        if missing:
+            raise ConfigError(f"data.model_tasks.{m}: {missing} are not tasks of {recipe.data.suite} "
+                              f"({', '.join(suite.names)})")
+    by_tasks: dict[tuple[str, ...] | None, list[Request]] = {}
     models: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     records = []
     for m, kinds in need.items():
-        models[m], rec = load_or_collect(folders[m], reqs, kinds, cache_dir,
+        spec = recipe.data.for_model(m)
+        if spec.tasks not in by_tasks:
+            by_tasks[spec.tasks] = calibration_requests(suite, tok, spec)
+        models[m], rec = load_or_collect(folders[m], by_tasks[spec.tasks], kinds, cache_dir,
                                          max_gram_features=recipe.data.max_gram_features, device=device)
         records.append(rec)
     return MergeStats(models), records

@@ -81,6 +81,10 @@ class ParamGenes:
         self.genes, self._x0 = self._layout()
         #: AIM's ω as the block's last gene (``aim:``), or None
         self.aim: Transform | None = None
+        unknown = sorted(set((section.data.model_tasks or {}) if section.data else ()) - set(models.names))
+        if unknown:
+            raise ConfigError(f"{self._field('data.model_tasks')}: {unknown} are not source models "
+                              f"({', '.join(models.names)})")
         if section.aim is not None:
             if section.data is None:
                 raise ConfigError(f"{self._field('aim')}: AIM adjusts the merge by the base's activations on "
