@@ -73,8 +73,14 @@ def load_recipe_file(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if isinstance(doc, dict) and "merge_method" in doc:
         return from_mergekit_yaml(text, base_dir=path.parent)
+    from pydantic import ValidationError
+
+    from evomerge.config.load import format_validation_error
+
     try:
         recipe = Recipe.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     # relative source paths are relative to the recipe file

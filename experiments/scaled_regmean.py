@@ -2,6 +2,8 @@
 
     python experiments/scaled_regmean.py --zoo ZOO --only 3            # 3 experts, 1 seed per search
     python experiments/scaled_regmean.py --zoo ZOO --only 3 --seeds 3
+    python experiments/scaled_regmean.py --zoo ZOO --only 3 --seeds 3 --own-tasks   # each expert's own task
+    python experiments/scaled_regmean.py --real REALZOO --own-tasks --search-evals 0   # SmolLM2-135M experts
 
 The paper's RegMean averages full models, so each task vector enters at about 1/n of its size; ``scale`` (per
 model, per layer and module kind in ``builtin:regmean-per-layer``) multiplies the task vectors before the least
@@ -49,6 +51,7 @@ log = logging.getLogger("scaled_regmean")
 ALPHAS = (0.2, 0.5, 0.9)
 TA_SPACE = "builtin:task-arithmetic-per-layer"
 RM_SPACE = "builtin:regmean-per-layer"
+REAL_PROBLEMS = {"real zoo, 3 experts (add, order, unit)": (["add", "order", "unit"], "builtin:real")}
 
 
 def config(zoo: Any, experts: list[str], suite: str, name: str, out: Path, template: str, init: dict[str, float],
@@ -206,7 +209,9 @@ DEFAULTS = {"examples": 64, "seeds": 1, "search_evals": 150, "steps": 40, "lr": 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (built if missing)")
+    ap.add_argument("--zoo", type=Path, default=None, help="demo zoo folder (built if missing)")
+    ap.add_argument("--real", type=Path, default=None,
+                    help="real zoo folder (SmolLM2-135M experts add / order / unit; `evomerge zoo build DIR --size real`)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--examples", type=int, default=DEFAULTS["examples"], help="calibration examples per task")
     ap.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds of each search")
@@ -222,14 +227,22 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     torch.set_num_threads(1)
-    zoo = build_zoo(args.zoo or REPO / "zoo" / "demo", size="demo", seed=0)
+    problems, stem = PROBLEMS, "scaled_regmean"
+    if args.real is not None:
+        from evomerge.testing.real import RealManifest
+
+        if not (args.real / "zoo.json").is_file():
+            raise SystemExit(f"--real: {args.real}/zoo.json not found (build it: evomerge zoo build DIR --size real)")
+        zoo, problems, stem = RealManifest.load(args.real), REAL_PROBLEMS, "scaled_regmean-real"
+    else:
+        zoo = build_zoo(args.zoo or REPO / "zoo" / "demo", size="demo", seed=0)
     out = args.out or REPO / "experiments" / "results" / "scaled_regmean"
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_problem(zoo, label, experts, suite, args, out) for label, (experts, suite) in PROBLEMS.items()
+    results = [run_problem(zoo, label, experts, suite, args, out) for label, (experts, suite) in problems.items()
                if args.only is None or str(len(experts)) == args.only]
     text = table(results, args, zoo)
-    (out / "scaled_regmean.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "scaled_regmean.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{stem}.md").write_text(text + "\n")
     print(text)
 
 

@@ -408,3 +408,17 @@ def test_a_subset_larger_than_some_splits_warns_and_scores_them_whole(good, tmp_
     warned = [r.getMessage() for r in caplog.records if "fidelity.subset" in r.getMessage()]
     assert len(warned) == 1 and "'letters' has 6 calibration examples" in warned[0], warned
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_recipe_file_gets_one_line_naming_the_field(good, tmp_path):
+    _root, fam, _suite = good
+    doc = {"method": "regmean", "base_model": "base", "models": [{"model": m} for m in fam if m != "base"],
+           "data": {"suite": "builtin:zoo-2", "model_tasks": {"nope": ["add"]}},
+           "sources": {k: str(v) for k, v in fam.items()}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = CliRunner().invoke(app, ["merge", str(path), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "r.yaml: data.model_tasks: ['nope'] are not models of the recipe" in lines[0]
+    assert not (tmp_path / "out").exists()

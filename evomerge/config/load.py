@@ -29,11 +29,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         parts = list(err["loc"])
         if parts[:1] == ["optimizer"] and len(parts) > 1 and parts[1] in OPTIMIZER_CONFIGS:
             del parts[1]  # the union's tag: the YAML path is optimizer.options.<field>
-        loc = ".".join(str(p) for p in parts) or "(top level)"
-        msg = err["msg"]
+        loc = ".".join(str(p) for p in parts)
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{loc}: {msg}")
+        lines.append(f"{loc}: {msg}" if loc else msg)  # a model check names its own fields
     return f"{source}: " + "; ".join(lines)
 
 
