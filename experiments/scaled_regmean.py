@@ -159,15 +159,23 @@ def run_problem(zoo: Any, label: str, experts: list[str], suite: str, args: argp
                f"regmean-per-layer from α={by_worst[0]}, scale={by_worst[1]}"),
               (TA_SPACE, {"weight": best_lam}, float(len(GRID)), f"task-arithmetic-per-layer from λ={best_lam}")]
     for template, init, spent, what in starts:
-        folder = out / f"fit-{slug}-{'rm' if template == RM_SPACE else 'ta'}"
-        if folder.exists() and json.loads((folder / "summary.json").read_text())["settings"] != settings.model_dump():
-            raise SystemExit(f"{folder} holds another fit; move it away")
-        if not folder.exists():
-            run_adamerging(config(zoo, experts, suite, f"fit-{slug}", out, template, init, examples=args.examples,
-                                  own_tasks=args.own_tasks), settings, folder)
-        fit_cost = json.loads((folder / "summary.json").read_text())["cost"]["evaluations"]
-        fitted = score(worker, Recipe.from_yaml((folder / "recipe.yaml").read_text()))[0]
-        rows.append({"label": f"**likelihood fit** of {what} ({how})", "scores": fitted,
+        fits = []
+        for fs in range(args.fit_seeds):  # the fit's example draws are seeded by the run's seed
+            folder = out / (f"fit-{slug}-{'rm' if template == RM_SPACE else 'ta'}" + (f"-s{fs}" if fs else ""))
+            if folder.exists() and json.loads((folder / "summary.json").read_text())["settings"] != settings.model_dump():
+                raise SystemExit(f"{folder} holds another fit; move it away")
+            if not folder.exists():
+                run_adamerging(config(zoo, experts, suite, f"fit-{slug}", out, template, init, examples=args.examples,
+                                      own_tasks=args.own_tasks, seed=fs), settings, folder)
+            fitted = score(worker, Recipe.from_yaml((folder / "recipe.yaml").read_text()))[0]
+            fits.append({**fitted, "evaluations": json.loads((folder / "summary.json").read_text())["cost"]["evaluations"],
+                         "folder": str(folder)})
+        folder = Path(fits[0]["folder"])  # the searches start from the first fit
+        fit_cost = float(np.mean([f["evaluations"] for f in fits]))
+        mean = {split: {t: float(np.mean([f[split][t] for f in fits])) for t in experts}
+                for split in ("calibration", "test")}
+        n = f", {args.fit_seeds} seeds" if args.fit_seeds > 1 else ""
+        rows.append({"label": f"**likelihood fit** of {what} ({how}{n})", "scores": mean, "seeds": fits,
                      "cost_evals": spent + fit_cost, "folder": str(folder)})
         for pick in ("mean", "worst") if args.search_evals else ():
             rows.append(search(zoo, experts, suite, out, template, init, pick, args, spent + fit_cost,
@@ -204,7 +212,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, zoo: Any) -> 
 
 
 DEFAULTS = {"examples": 64, "seeds": 1, "search_evals": 150, "steps": 40, "lr": 0.03, "subset": 32, "balance": None,
-            "own_tasks": False}
+            "own_tasks": False, "fit_seeds": 1}
 
 
 def main() -> None:
@@ -221,6 +229,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="likelihood fit: learning rate (genome units)")
     ap.add_argument("--subset", type=int, default=DEFAULTS["subset"], help="likelihood fit: examples per task per step")
     ap.add_argument("--balance", type=float, default=DEFAULTS["balance"], help="likelihood fit: task balance")
+    ap.add_argument("--fit-seeds", type=int, default=DEFAULTS["fit_seeds"], help="seeds of each likelihood fit")
     ap.add_argument("--own-tasks", action="store_true",
                     help="each expert's Gram matrices on its own task's examples (data.model_tasks), not on all")
     args = ap.parse_args()

@@ -266,8 +266,8 @@ def test_likelihood_adamerging_teacher_forces_the_answer_as_the_bpe_model_comple
 
 def test_regmean_scale_fit_on_the_real_model_is_the_materialized_merge(real_zoo_test: RealManifest,
                                                                       tmp_path: Path) -> None:
-    """``builtin:regmean-per-layer`` on the real model (tied embeddings, BPE prompts for the statistics): the
-    fit's functional merge at a random genome is the materializer's merge of the decoded recipe, tensor for
+    """``builtin:regmean-per-layer`` on the real model (tied embeddings, BPE prompts for the statistics, each
+    expert's on its own task): the fit's functional merge at a random genome is the materializer's merge of the decoded recipe, tensor for
     tensor (the tied embedding by the fallback), and a likelihood step lowers the loss."""
     import dataclasses
 
@@ -285,10 +285,17 @@ def test_regmean_scale_fit_on_the_real_model_is_the_materialized_merge(real_zoo_
         "name": "rm-real", "output_dir": str(tmp_path / "runs"), "base_model": "base",
         "sources": {"base": str(zoo.base), **{s: str(zoo.expert(s)) for s in zoo.skills}},
         "space": {"template": "builtin:regmean-per-layer", "overrides": {
-            "init": {"scale": 1.5}, "fixed": {"alpha": 0.5}, "data": {"suite": str(suite_path), "examples": 4}}},
+            "init": {"scale": 1.5}, "fixed": {"alpha": 0.5},
+            "data": {"suite": str(suite_path), "examples": 4, "model_tasks": {s: [s] for s in zoo.skills}}}},
         "fitness": {"suite": str(suite_path), "batch_size": 12}, "resources": {"threads_per_worker": 1}})
     prep = preflight(cfg)
-    worker = Worker(dataclasses.replace(prep.spec, stats_files=search_stats(prep, tmp_path / "stats")))
+    files = search_stats(prep, tmp_path / "stats")
+    from safetensors import safe_open
+
+    for m, (path, _) in files.items():  # each expert's Gram matrices on its own task's 4 prompts
+        with safe_open(path, "pt") as fh:
+            assert fh.metadata()["examples"] == "4", m
+    worker = Worker(dataclasses.replace(prep.spec, stats_files=files))
     fitter = AdaMerging(prep.space, worker, AdaMergingConfig(objective="likelihood", steps=1, lr=0.05), seed=0,
                         batch_size=12)
     u = np.random.default_rng(0).random(prep.space.dim)
