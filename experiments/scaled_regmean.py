@@ -17,7 +17,10 @@ best λ): AdaMerging's likelihood fit (``--steps``, ``--lr``, ``--subset`` examp
 search), each scalarized by the mean or by the worst task (``scalarize: worst``, picking the best worst task on
 calibration).
 *cost* = calibration scoring passes (grid points, the search's evaluations) plus the statistics pass's wall time
-over one calibration scoring pass. Results: ``experiments/results/scaled_regmean.md``.
+over one calibration scoring pass. ``--own-tasks``: each expert's Gram matrices on its own task's calibration
+examples (``data.model_tasks``, the paper's setting), else every expert's on all tasks' examples; ``--fit-seeds``
+repeats each fit with other example draws (the searches start from the first). Results:
+``experiments/results/scaled_regmean{,-own,-real-own}.{md,json}`` (the files the runs write: ``--out``).
 """
 
 from __future__ import annotations
@@ -245,6 +248,7 @@ def main() -> None:
         zoo, problems, stem = RealManifest.load(args.real), REAL_PROBLEMS, "scaled_regmean-real"
     else:
         zoo = build_zoo(args.zoo or REPO / "zoo" / "demo", size="demo", seed=0)
+    stem += "-own" if args.own_tasks else ""
     out = args.out or REPO / "experiments" / "results" / "scaled_regmean"
     out.mkdir(parents=True, exist_ok=True)
     results = [run_problem(zoo, label, experts, suite, args, out) for label, (experts, suite) in problems.items()
