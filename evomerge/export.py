@@ -56,15 +56,19 @@ def export_run(run_dir: str | Path, *, pick: str = "best", out: str | Path | Non
 
 
 def _export(res: RunResults, picked: list[Any], out_root: Path) -> list[Path]:
+    from evomerge.driver.run import CACHE_DIR, STATS_DIR
     from evomerge.io import ModelFolder, tensor_role
     from evomerge.merge.materialize import materialize_to_disk
+    from evomerge.merge.stats import recipe_stats
     from evomerge.mergekit_compat import to_mergekit_yaml
 
     written = []
     for rec in picked:
         target = out_root if len(picked) == 1 else out_root / f"candidate-{rec.candidate_id}"
         recipe = rec.recipe.model_copy(update={"sources": dict(res.cfg.sources)})
-        path = materialize_to_disk(recipe, target, overwrite=True, card_extra=_card(res, rec))
+        # a data-informed recipe reads the statistics its search computed: loaded from the run's cache
+        stats, _ = recipe_stats(recipe, res.cfg.sources, res.run_dir / CACHE_DIR / STATS_DIR)
+        path = materialize_to_disk(recipe, target, overwrite=True, card_extra=_card(res, rec), stats=stats)
         (path / "recipe.yaml").write_text(recipe.to_yaml())
         folder = ModelFolder.open(Path(res.cfg.sources[recipe.reference_model]))
         tensors = [(n, tensor_role(n, folder.model_type)) for n in folder.tensor_names]

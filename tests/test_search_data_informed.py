@@ -8,10 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from evomerge.config import RunConfig
 from evomerge.driver.run import preflight, resume_run, start_run
 from evomerge.errors import ConfigError
+from evomerge.export import export_run
+from evomerge.merge.materialize import materialize_state_dict
+from evomerge.merge.stats import MergeStats
+from evomerge.merge.stats import load_file as load_stats
+from evomerge.results import RunResults
 from evomerge.testing.runs import archive_rows, decided_state
 
 DATA = {"suite": "builtin:zoo-2", "examples": 3}
@@ -45,8 +53,6 @@ def test_a_search_over_a_data_informed_method_computes_the_statistics_once(zoo_t
     assert _computed(caplog) == 2  # one file per merged source, computed before the search
     files = sorted((run_dir / "cache" / "stats").glob("stats-*.safetensors"))
     assert len(files) == 2
-    from safetensors import safe_open
-
     per_model = 3 if "model_tasks" in data else 6  # its own task's examples, or both tasks'
     for f in files:
         with safe_open(str(f), "pt") as fh:
@@ -54,6 +60,19 @@ def test_a_search_over_a_data_informed_method_computes_the_statistics_once(zoo_t
     rows = archive_rows(run_dir)
     scored = [r for r in rows if r[0] >= 0 and r[2] == "calibration"]
     assert len(scored) == 6
+    # the export merges the best recipe with the statistics the search computed (read from the run's cache)
+    (out,) = export_run(run_dir)
+    assert sorted((run_dir / "cache" / "stats").glob("stats-*.safetensors")) == files
+    res = RunResults(run_dir)
+    names = {v: k for k, v in res.cfg.sources.items()}
+    kinds = ("fisher",) if "fisher" in template else ("gram",)
+    by_model = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            by_model[names[fh.metadata()["model"]]] = load_stats(f, kinds)
+    want = materialize_state_dict(res.best().recipe, res.cfg.sources, stats=MergeStats(by_model))
+    got = {k: v for shard in out.glob("*.safetensors") for k, v in load_file(str(shard)).items()}
+    assert got and all(torch.equal(t, want[name]) for name, t in got.items())
     # the same run again into a new folder with the cache copied: loads, computes nothing, same archive
     caplog.clear()
     again = tmp_path / "runs2" / "s"
