@@ -26,15 +26,12 @@ FIELD = "space.lewis_start"
 
 def lewis_start_point(cfg: Any, space: Any, x0: Any, stats_dir: Path) -> np.ndarray:
     """The genome of LEWIS's recipe in ``space`` (``x0``: the template's start genome, kept for other genes)."""
-    from transformers import AutoTokenizer
-
     from evomerge.io.arch import tensor_role
     from evomerge.merge.lewis import lewis_recipe
     from evomerge.merge.methods.base import METHODS
-    from evomerge.merge.stats import MergeStats, calibration_requests, load_or_collect
+    from evomerge.merge.stats import MergeStats, models_stats
     from evomerge.merge.tensor_params import delta_models, evaluate
     from evomerge.recipe import DataSpec
-    from evomerge.scoring.suite import load_suite
 
     ls = cfg.space.lewis_start
     block = space.param_genes
@@ -59,16 +56,9 @@ def lewis_start_point(cfg: Any, space: Any, x0: Any, stats_dir: Path) -> np.ndar
                 if "density" in e.parameters]
         density = float(np.mean(vals)) if vals else 0.5
     spec = DataSpec(suite=ls.suite, tasks=tuple(ls.tasks) if ls.tasks else None, examples=ls.examples)
-    suite = load_suite(spec.suite)
-    if spec.tasks:
-        missing = sorted(set(spec.tasks) - set(suite.names))
-        if missing:
-            raise ConfigError(f"{FIELD}.tasks: {missing} are not tasks of {spec.suite} ({list(suite.names)})")
-    tok = AutoTokenizer.from_pretrained(Path(cfg.sources[start.reference_model]), trust_remote_code=False)
-    requests = calibration_requests(suite, tok, spec)
-    acts = {}
-    for m in dict.fromkeys(models):
-        acts[m], rec = load_or_collect(cfg.sources[m], requests, ("act",), stats_dir)
+    acts, records = models_stats(spec, cfg.sources, {m: ("act",) for m in dict.fromkeys(models)}, stats_dir,
+                                 tokenizer=cfg.sources[start.reference_model], where=FIELD)
+    for m, rec in zip(acts, records, strict=True):
         log.info("%s: activations of %s %s (%.1fs)", FIELD, m, "computed" if rec.computed else "loaded", rec.seconds)
     recipe = lewis_recipe(start, MergeStats(acts), block.num_layers, density=density, spread=ls.spread,
                           low=ls.low, high=ls.high)

@@ -325,29 +325,41 @@ def recipe_stats(
     if recipe.data is None:
         raise ConfigError(f"data: method {recipe.method!r} needs statistics; give the recipe a 'data:' block "
                           "naming the suite whose calibration examples they come from")
+    models, records = models_stats(recipe.data, folders, need, cache_dir, tokenizer=folders[recipe.reference_model],
+                                   device=device)
+    return MergeStats(models), records
+
+
+def models_stats(
+    spec: DataSpec, folders: Mapping[str, str | Path], need: Mapping[str, Iterable[str]], cache_dir: str | Path, *,
+    tokenizer: str | Path, device: str = "cpu", where: str = "data",
+) -> tuple[dict[str, dict[str, dict[str, torch.Tensor]]], list[PassRecord]]:
+    """The statistics of kinds ``need[m]`` of every model ``m`` on ``spec``'s example set (its own tasks' for a
+    model of ``spec.model_tasks``), each from ``cache_dir`` or computed and cached; one record per model.
+    The prompts are encoded with the tokenizer in folder ``tokenizer``; ``where`` names the block in errors."""
     from transformers import AutoTokenizer
 
     from evomerge.scoring.suite import load_suite
 
-    suite = load_suite(recipe.data.suite)
-    ref = Path(folders[recipe.reference_model])
-    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
-    for m, tasks in (recipe.data.model_tasks or {}).items():
+    suite = load_suite(spec.suite)
+    named = {f"{where}.tasks": spec.tasks or ()} | {f"{where}.model_tasks.{m}": t
+                                                    for m, t in (spec.model_tasks or {}).items()}
+    for field_, tasks in named.items():
         missing = [t for t in tasks if t not in suite.names]
         if missing:
-            raise ConfigError(f"data.model_tasks.{m}: {missing} are not tasks of {recipe.data.suite} "
-                              f"({', '.join(suite.names)})")
+            raise ConfigError(f"{field_}: {missing} are not tasks of {spec.suite} ({', '.join(suite.names)})")
+    tok = AutoTokenizer.from_pretrained(Path(tokenizer), trust_remote_code=False)
     by_tasks: dict[tuple[str, ...] | None, list[Request]] = {}
     models: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     records = []
     for m, kinds in need.items():
-        spec = recipe.data.for_model(m)
-        if spec.tasks not in by_tasks:
-            by_tasks[spec.tasks] = calibration_requests(suite, tok, spec)
-        models[m], rec = load_or_collect(folders[m], by_tasks[spec.tasks], kinds, cache_dir,
-                                         max_gram_features=recipe.data.max_gram_features, device=device)
+        own = spec.for_model(m)
+        if own.tasks not in by_tasks:
+            by_tasks[own.tasks] = calibration_requests(suite, tok, own)
+        models[m], rec = load_or_collect(folders[m], by_tasks[own.tasks], kinds, cache_dir,
+                                         max_gram_features=spec.max_gram_features, device=device)
         records.append(rec)
-    return MergeStats(models), records
+    return models, records
 
 
 def aim_adjust(base: torch.Tensor, merged: torch.Tensor, act: torch.Tensor, omega: float) -> torch.Tensor:
@@ -378,6 +390,7 @@ __all__ = [
     "linear_weights",
     "load_file",
     "load_or_collect",
+    "models_stats",
     "recipe_kinds",
     "recipe_stats",
     "stats_bytes",
