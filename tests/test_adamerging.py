@@ -22,7 +22,6 @@ from evomerge.driver.adamerging import (
     AdaMerging,
     AdaMergingConfig,
     load_start,
-    merged_tensors,
     write_fit,
 )
 from evomerge.driver.run import preflight
@@ -120,8 +119,7 @@ def test_the_functional_model_is_the_recipes_model(setup, fitted):
 
     fitter = _fitter(setup, steps=0)
     with torch.no_grad():
-        params = merged_tensors(fitter.wmap, setup["worker"].sources, fitter.targets,
-                                torch.tensor(fitted.genome, dtype=torch.float64), fitter.rows)
+        params = fitter.merged(torch.tensor(fitted.genome, dtype=torch.float64))
     sd = materialize_state_dict(fitted.recipe, setup["cfg"].sources)
     live = dict(setup["worker"].model.named_parameters())
     for ckpt, name in fitter.targets.items():
@@ -278,8 +276,7 @@ def test_regmean_scales_fit_the_merge_a_candidate_gets(setup, tmp_path):
                         batch_size=32)
     u = np.random.default_rng(1).random(prep.space.dim)
     with torch.no_grad():
-        params = merged_tensors(fitter.wmap, worker.sources, fitter.targets, torch.tensor(u, dtype=torch.float64),
-                                fitter.rows, fitter.directions)
+        params = fitter.merged(torch.tensor(u, dtype=torch.float64))
     recipe = prep.space.decode(u)
     sd = materialize_state_dict(recipe, cfg.sources, stats=worker.stats)
     def over_n(v):  # scale s is task arithmetic at weight s / n where the Gram matrices are equal

@@ -274,7 +274,7 @@ def test_regmean_scale_fit_on_the_real_model_is_the_materialized_merge(real_zoo_
     import numpy as np
 
     from evomerge.config import RunConfig
-    from evomerge.driver.adamerging import AdaMerging, AdaMergingConfig, merged_tensors
+    from evomerge.driver.adamerging import AdaMerging, AdaMergingConfig
     from evomerge.driver.run import preflight, search_stats
     from evomerge.driver.worker import Worker
     from evomerge.merge.materialize import materialize_state_dict
@@ -300,8 +300,7 @@ def test_regmean_scale_fit_on_the_real_model_is_the_materialized_merge(real_zoo_
                         batch_size=12)
     u = np.random.default_rng(0).random(prep.space.dim)
     with torch.no_grad():
-        params = merged_tensors(fitter.wmap, worker.sources, fitter.targets, torch.tensor(u, dtype=torch.float64),
-                                fitter.rows, fitter.directions)
+        params = fitter.merged(torch.tensor(u, dtype=torch.float64))
     sd = materialize_state_dict(prep.space.decode(u), cfg.sources, stats=worker.stats)
     assert "model.embed_tokens.weight" in fitter.targets
     for ckpt, name in fitter.targets.items():

@@ -183,6 +183,11 @@ class AdaMerging:
             return ([task.prompts[i] + task.continuations[i] for i in idx], [len(task.prompts[i]) for i in idx])
         return [task.prompts[i] for i in idx], [1] * len(idx)
 
+    def merged(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The merged tensors at genome ``u`` (float64, unit scale), keyed by the live model's parameter names:
+        the functional merge the fit differentiates (the materializer's merge of ``space.decode(u)``)."""
+        return merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows, self.directions)
+
     def task_losses(self, u: torch.Tensor, drawn: list[list[int]], weights: np.ndarray | None = None
                     ) -> list[float]:
         """Each task's mean loss (entropy or NLL, per ``objective``) at genome ``u``; with ``weights`` (one per
@@ -197,9 +202,7 @@ class AdaMerging:
             for b in range(0, len(order), self.batch_size):
                 part = order[b:b + self.batch_size]
                 with torch.set_grad_enabled(weights is not None):
-                    params = merged_tensors(self.wmap, self.worker.sources, self.targets, u, self.rows,
-                                            self.directions)
-                    h = loss_batch(self.worker.model, params, [seqs[j] for j in part],
+                    h = loss_batch(self.worker.model, self.merged(u), [seqs[j] for j in part],
                                     [starts[j] for j in part], self.pad, self.settings.objective) / positions
                 if not torch.isfinite(h):
                     raise ConfigError(f"task {task.name!r}: the merged model's {self.settings.objective} is not "
